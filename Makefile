@@ -1,0 +1,60 @@
+# Switchboard: `make run` starts the whole stack, `make test` passes the tests.
+# Every target does its own set-up (virtualenv, dependencies, generated code).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard protos/switchboard/v1/*.proto)
+USER   ?= dev
+
+.PHONY: help venv protos check-protos run test test-fast lint bench token client clean
+
+help:
+	@echo "make run      start the whole stack (NATS, the four services), print a URL and a token"
+	@echo "make test     lint, check generated code, run the whole test suite"
+	@echo "make client   PROMPT='...' stream one generation through the gateway"
+	@echo "make token    USER=alice print a development token"
+	@echo "make bench    measure latency and throughput beside the bare transports"
+	@echo "make protos   regenerate switchboard/v1 from protos/"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Generated code is committed; `make protos` rewrites it from scratch.
+protos: $(STAMP)
+	$(PY) -m tools.genprotos
+
+check-protos: $(STAMP)
+	$(PY) -m tools.genprotos --check
+
+run: $(STAMP) check-protos
+	$(PY) -m tools.stack
+
+test: $(STAMP) check-protos lint
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+bench: $(STAMP) check-protos
+	$(PY) -m tools.bench
+
+token: $(STAMP)
+	@$(PY) -m gateway_svc.tokens $(USER)
+
+client: $(STAMP)
+	$(PY) -m gateway_svc.client $(if $(PROMPT),"$(PROMPT)",)
+
+clean:
+	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

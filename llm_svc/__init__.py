@@ -1,0 +1,1 @@
+"""llm_svc: streams generations from LLM providers and the built-in local model."""

@@ -1,0 +1,1 @@
+"""persistence_svc: writes history from JetStream lifecycle events; serves it over gRPC."""

@@ -1,0 +1,87 @@
+"""The NATS connection and the JetStream layout that task_svc and persistence_svc share.
+
+Layout (DESIGN.md, decisions): jobs live on a work-queue stream (`switchboard.jobs.<queue>`,
+message id = task id, so Submit is idempotent through JetStream's duplicate window);
+lifecycle events on a limits stream (`switchboard.tasks.<task_id>.<kind>`, message id
+`<task_id>:<seq>`) that persistence_svc consumes with a durable consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+
+MIN_SERVER_VERSION = (2, 11)
+
+JOBS_STREAM = "SB_JOBS"
+JOBS_SUBJECT_PREFIX = "switchboard.jobs"
+TASK_EVENTS_STREAM = "SB_TASK_EVENTS"
+TASK_EVENTS_SUBJECT_PREFIX = "switchboard.tasks"
+
+# Submit retries within this window are deduplicated by JetStream on the message id.
+DUPLICATE_WINDOW_S = 24 * 3600.0
+
+
+def jobs_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=JOBS_STREAM,
+        subjects=[f"{JOBS_SUBJECT_PREFIX}.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+def task_events_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=TASK_EVENTS_STREAM,
+        subjects=[f"{TASK_EVENTS_SUBJECT_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=7 * 24 * 3600.0,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+class NatsVersionError(RuntimeError):
+    pass
+
+
+async def connect_nats(url: str, name: str) -> Client:
+    """Connect, retrying the first connection too, and refuse a server older than 2.11
+    (older servers silently ignore settings we rely on)."""
+    nc = await nats.connect(
+        url,
+        name=name,
+        connect_timeout=5,
+        reconnect_time_wait=1,
+        max_reconnect_attempts=-1,
+        retry_on_failed_connect=True,
+    )
+    version = nc.connected_server_version
+    if (version.major, version.minor) < MIN_SERVER_VERSION:
+        await nc.close()
+        raise NatsVersionError(
+            f"nats-server {version} at {url} is too old: 2.11 or newer is required"
+        )
+    log.info("nats connected", extra={"url": url, "server_version": str(version)})
+    return nc
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream, or update it to `config` if it exists."""
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        log.info("stream created", extra={"stream": config.name})
+    else:
+        await js.update_stream(config)

