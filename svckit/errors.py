@@ -22,7 +22,7 @@ class ErrorKind:
     retryable: bool
 
 
-ERRORS: dict[int, ErrorKind] = {
+ERRORS: dict[common_pb2.ErrorCode.ValueType, ErrorKind] = {
     Code.ERROR_CODE_UNSPECIFIED: ErrorKind(grpc.StatusCode.UNKNOWN, "internal", False),
     Code.ERROR_CODE_INTERNAL: ErrorKind(grpc.StatusCode.INTERNAL, "internal", False),
     Code.ERROR_CODE_AUTH: ErrorKind(grpc.StatusCode.UNAUTHENTICATED, "provider_auth", False),
@@ -50,7 +50,7 @@ ERRORS: dict[int, ErrorKind] = {
 }
 
 # For a status that arrives without our metadata (a proxy, a crashed peer).
-_FROM_STATUS: dict[grpc.StatusCode, int] = {
+_FROM_STATUS: dict[grpc.StatusCode, common_pb2.ErrorCode.ValueType] = {
     grpc.StatusCode.INVALID_ARGUMENT: Code.ERROR_CODE_INVALID_REQUEST,
     grpc.StatusCode.NOT_FOUND: Code.ERROR_CODE_NOT_FOUND,
     grpc.StatusCode.PERMISSION_DENIED: Code.ERROR_CODE_FORBIDDEN,

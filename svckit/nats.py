@@ -8,10 +8,12 @@ lifecycle events on a limits stream (`switchboard.tasks.<task_id>.<kind>`, messa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats
 from nats.aio.client import Client
+from nats.errors import NoServersError
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -54,17 +56,27 @@ class NatsVersionError(RuntimeError):
     pass
 
 
-async def connect_nats(url: str, name: str) -> Client:
-    """Connect, retrying the first connection too, and refuse a server older than 2.11
-    (older servers silently ignore settings we rely on)."""
-    nc = await nats.connect(
-        url,
-        name=name,
-        connect_timeout=5,
-        reconnect_time_wait=1,
-        max_reconnect_attempts=-1,
-        retry_on_failed_connect=True,
-    )
+async def connect_nats(url: str, name: str, first_connect_timeout: float = 30.0) -> Client:
+    """Connect, retrying the first connection for `first_connect_timeout` seconds (services
+    may start before NATS), and refuse a server older than 2.11 (older servers silently
+    ignore settings we rely on). Once connected, the client reconnects forever."""
+    deadline = asyncio.get_running_loop().time() + first_connect_timeout
+    while True:
+        try:
+            nc = await nats.connect(
+                url,
+                name=name,
+                connect_timeout=2,
+                reconnect_time_wait=1,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+            )
+            break
+        except (OSError, NoServersError) as error:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ConnectionError(f"cannot reach NATS at {url}") from error
+            log.warning("nats not reachable yet", extra={"url": url})
+            await asyncio.sleep(0.5)
     version = nc.connected_server_version
     if (version.major, version.minor) < MIN_SERVER_VERSION:
         await nc.close()

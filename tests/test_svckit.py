@@ -1,0 +1,63 @@
+"""The shared bootstrap: NATS layout, typed errors across a real gRPC hop, health."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from svckit.errors import ERRORS, ServiceError
+from svckit.grpc_server import GrpcServer, insecure_channel
+from svckit.nats import connect_nats, ensure_stream, jobs_stream_config
+from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+
+Code = common_pb2.ErrorCode
+
+
+def test_every_error_code_has_a_row() -> None:
+    assert set(ERRORS) == set(Code.values())
+
+
+async def test_nats_connect_checks_version_and_streams_are_idempotent(nats_url: str) -> None:
+    nc = await connect_nats(nats_url, "test")
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, jobs_stream_config())
+        await ensure_stream(js, jobs_stream_config())
+        info = await js.stream_info("SB_JOBS")
+        assert info.config.subjects == ["switchboard.jobs.>"]
+    finally:
+        await nc.close()
+
+
+class _Refusing(tasks_pb2_grpc.TaskServiceServicer):
+    async def Get(self, request, context):  # type: ignore[no-untyped-def]
+        await ServiceError(Code.ERROR_CODE_RATE_LIMITED, "slow down", retry_after_ms=1500).abort(
+            context
+        )
+
+
+async def test_typed_error_survives_a_grpc_hop_and_health_reports_serving() -> None:
+    server = GrpcServer(
+        "127.0.0.1:0",
+        lambda s: tasks_pb2_grpc.add_TaskServiceServicer_to_server(_Refusing(), s),
+        ["switchboard.v1.TaskService"],
+    )
+    await server.start()
+    try:
+        async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await tasks_pb2_grpc.TaskServiceStub(channel).Get(
+                    tasks_pb2.GetTaskRequest(task_id="t")
+                )
+            error = ServiceError.from_rpc_error(caught.value)
+            assert error.code == Code.ERROR_CODE_RATE_LIMITED
+            assert error.retry_after_ms == 1500 and error.retryable
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(
+                health_pb2.HealthCheckRequest(service="switchboard.v1.TaskService")
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(0)
