@@ -1,0 +1,111 @@
+"""Assembling task_svc from its parts, with one ordered, idempotent shutdown.
+
+`TaskApp.start(settings)` opens NATS, ensures both streams, starts the lifecycle publisher,
+the job engine and the gRPC server; `shutdown()` reports NOT_SERVING, stops intake, lets
+running tasks finish for the grace period, cancels the rest (their jobs are redelivered),
+then closes the gRPC server, the publisher, the LLM channel and NATS. Tests use it too.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2
+from nats.aio.client import Client
+
+from svckit.grpc_server import GrpcServer, insecure_channel
+from svckit.nats import connect_nats, ensure_stream, jobs_stream_config, task_events_stream_config
+from switchboard.v1 import llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from task_svc.config import Settings
+from task_svc.events import LifecyclePublisher
+from task_svc.jobs import EngineConfig, JobEngine
+from task_svc.service import ModelCatalog, TaskService
+from task_svc.worker import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        concurrency=settings.task_concurrency,
+        ack_wait_s=settings.task_job_ack_wait_s,
+        max_ack_pending=settings.task_max_ack_pending,
+        consumer=settings.task_consumer,
+        watcher_limit=settings.task_watcher_queue,
+        retain_s=settings.task_retain_finished_s,
+        max_restarts=settings.task_max_restarts,
+        restart_period_s=settings.task_restart_period_s,
+    )
+
+
+class TaskApp:
+    def __init__(
+        self,
+        settings: Settings,
+        nc: Client,
+        llm_channel: grpc.aio.Channel,
+        publisher: LifecyclePublisher,
+        engine: JobEngine,
+        grpc_server: GrpcServer,
+    ) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.llm_channel = llm_channel
+        self.publisher = publisher
+        self.engine = engine
+        self.grpc_server = grpc_server
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        return self.grpc_server.port
+
+    @classmethod
+    async def start(cls, settings: Settings, retry_policy: RetryPolicy | None = None) -> TaskApp:
+        nc = await connect_nats(settings.nats_url, "task_svc")
+        js = nc.jetstream()
+        await ensure_stream(js, jobs_stream_config())
+        await ensure_stream(js, task_events_stream_config())
+        llm_channel = insecure_channel(settings.llm_svc_addr)
+        llm = llm_pb2_grpc.LlmServiceStub(llm_channel)
+        publisher = LifecyclePublisher(js)
+        publisher.start()
+        engine = JobEngine(js, publisher, llm, engine_config(settings), retry_policy)
+        service = TaskService(
+            engine,
+            ModelCatalog(llm, settings.task_models_cache_s),
+            max_prompt_chars=settings.task_max_prompt_chars,
+        )
+        grpc_server = GrpcServer(
+            settings.task_svc_listen,
+            lambda server: tasks_pb2_grpc.add_TaskServiceServicer_to_server(service, server),
+            [SERVICE_NAME],
+        )
+        app = cls(settings, nc, llm_channel, publisher, engine, grpc_server)
+        try:
+            await engine.start()
+            await grpc_server.start()
+        except BaseException:
+            await app.shutdown()
+            raise
+        return app
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        grace = self.settings.task_shutdown_grace_s
+        for name in ["", SERVICE_NAME]:
+            await self.grpc_server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.engine.shutdown(grace)
+        # Watch streams of finished tasks have ended; what is left gets a short grace.
+        await self.grpc_server.stop(1.0)
+        # Lifecycle events are never given up lightly: at least a few seconds to go out.
+        await self.publisher.close(max(grace, 5.0))
+        await self.llm_channel.close()
+        if not self.nc.is_closed:
+            await self.nc.drain()
+        log.info("task_svc stopped")

@@ -1,0 +1,123 @@
+"""Publishing lifecycle events (events.proto LifecycleEvent) to JetStream.
+
+Subject `switchboard.tasks.<task_id>.<kind>`, message id `<task_id>:<seq>` (JetStream drops a
+re-publish of the same id within the stream's duplicate window, so retrying is safe). Events of
+one task are published in order, awaiting each PubAck, on one of a few lanes chosen by the task
+id; tasks on different lanes do not wait for each other. If NATS is briefly unavailable the
+lane retries with backoff rather than lose the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from dataclasses import dataclass
+
+import nats.errors
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX
+from switchboard.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+Kind = events_pb2.LifecycleKind
+
+
+def subject(event: events_pb2.LifecycleEvent) -> str:
+    kind = Kind.Name(event.kind).removeprefix("LIFECYCLE_KIND_").lower()
+    return f"{TASK_EVENTS_SUBJECT_PREFIX}.{event.task_id}.{kind}"
+
+
+def msg_id(event: events_pb2.LifecycleEvent) -> str:
+    return f"{event.task_id}:{event.seq}"
+
+
+@dataclass
+class _Item:
+    event: events_pb2.LifecycleEvent
+    done: asyncio.Future[None]
+
+
+class LifecyclePublisher:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        lanes: int = 8,
+        publish_timeout_s: float = 5.0,
+        max_backoff_s: float = 2.0,
+    ) -> None:
+        self.js = js
+        self.publish_timeout_s = publish_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self._queues: list[asyncio.Queue[_Item]] = [asyncio.Queue() for _ in range(lanes)]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._lane(q), name=f"lifecycle-lane-{i}")
+            for i, q in enumerate(self._queues)
+        ]
+
+    def publish(self, event: events_pb2.LifecycleEvent) -> asyncio.Future[None]:
+        """Queue `event`; the future resolves once JetStream has acknowledged it."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lane = zlib.crc32(event.task_id.encode()) % len(self._queues)
+        self._queues[lane].put_nowait(_Item(event, done))
+        return done
+
+    @property
+    def pending(self) -> int:
+        return sum(q.qsize() for q in self._queues)
+
+    async def _lane(self, queue: asyncio.Queue[_Item]) -> None:
+        while True:
+            item = await queue.get()
+            await self._publish_until_acked(item.event)
+            if not item.done.done():
+                item.done.set_result(None)
+            queue.task_done()
+
+    async def _publish_until_acked(self, event: events_pb2.LifecycleEvent) -> None:
+        data = event.SerializeToString()
+        headers = {"Nats-Msg-Id": msg_id(event)}
+        backoff = 0.05
+        while True:
+            try:
+                await self.js.publish(
+                    subject(event), data, timeout=self.publish_timeout_s, headers=headers
+                )
+                return
+            except (nats.errors.Error, OSError, TimeoutError) as error:
+                log.warning(
+                    "lifecycle publish failed, retrying",
+                    extra={"task_id": event.task_id, "seq": event.seq, "error": repr(error)},
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def close(self, grace_s: float) -> None:
+        """Let queued events go out for up to `grace_s` seconds, then stop (idempotent)."""
+        if self._tasks:
+            drained = asyncio.gather(*(q.join() for q in self._queues))
+            try:
+                await asyncio.wait_for(drained, grace_s)
+            except TimeoutError:
+                log.warning("lifecycle events left unpublished", extra={"count": self.pending})
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+
+async def last_lifecycle(js: JetStreamContext, task_id: str) -> events_pb2.LifecycleEvent | None:
+    """The last lifecycle event published for a task (JetStream's last-by-subject lookup
+    accepts a wildcard), or None if none is stored."""
+    try:
+        raw = await js.get_last_msg(TASK_EVENTS_STREAM, f"{TASK_EVENTS_SUBJECT_PREFIX}.{task_id}.>")
+    except NotFoundError:
+        return None
+    return events_pb2.LifecycleEvent.FromString(raw.data or b"")

@@ -1,0 +1,206 @@
+"""The TaskService servicer (tasks.proto): validation, then the job engine and the actors."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from svckit.errors import ServiceError
+from switchboard.v1 import common_pb2, llm_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from task_svc.jobs import JobEngine
+from task_svc.registry import forbidden
+from task_svc.task_server import DROPPED, TaskServer
+from task_svc.task_state import TaskSpec, Transition, now_ns
+
+log = logging.getLogger(__name__)
+
+Code = common_pb2.ErrorCode
+_QUEUE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def invalid(message: str) -> ServiceError:
+    return ServiceError(Code.ERROR_CODE_INVALID_REQUEST, message)
+
+
+def check_task_id(task_id: str) -> None:
+    # The id becomes a NATS subject token: only the canonical 8-4-4-4-12 form is accepted.
+    try:
+        valid = len(task_id) == 36 and uuid.UUID(task_id) is not None
+    except ValueError:
+        valid = False
+    if not valid:
+        raise invalid("task_id must be a UUID")
+
+
+def check_user(user_id: str) -> None:
+    if not user_id:
+        raise invalid("user_id is required")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    model: str
+    queue: str
+
+
+class ModelCatalog:
+    """The models llm_svc serves (ListModels), cached for `ttl_s` seconds."""
+
+    def __init__(self, llm: llm_pb2_grpc.LlmServiceStub, ttl_s: float = 10.0) -> None:
+        self.llm = llm
+        self.ttl_s = ttl_s
+        self._models: list[llm_pb2.ModelInfo] | None = None
+        self._fetched_at = 0.0
+
+    async def _list(self) -> list[llm_pb2.ModelInfo] | None:
+        if self._models is not None and time.monotonic() - self._fetched_at < self.ttl_s:
+            return self._models
+        try:
+            reply = await self.llm.ListModels(llm_pb2.ListModelsRequest(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            # Intake stays open while llm_svc is away (a stale list, or none): the task is
+            # stored and fails later with a typed error if its model is unknown.
+            log.warning("ListModels failed", extra={"code": error.code().name})
+            return self._models
+        self._models = list(reply.models)
+        self._fetched_at = time.monotonic()
+        return self._models
+
+    async def resolve(self, model: str) -> ResolvedModel:
+        models = await self._list()
+        if not models:
+            return ResolvedModel(model, "default")
+        if not model:
+            chosen = next((m for m in models if m.is_default), models[0])
+        else:
+            found = next((m for m in models if m.id == model), None)
+            if found is None:
+                raise ServiceError(Code.ERROR_CODE_MODEL_NOT_FOUND, f"unknown model {model!r}")
+            chosen = found
+        queue = _QUEUE_UNSAFE.sub("_", chosen.queue) or "default"
+        return ResolvedModel(chosen.id, queue)
+
+
+class TaskService(tasks_pb2_grpc.TaskServiceServicer):
+    def __init__(
+        self, engine: JobEngine, catalog: ModelCatalog, *, max_prompt_chars: int = 32_000
+    ) -> None:
+        self.engine = engine
+        self.catalog = catalog
+        self.max_prompt_chars = max_prompt_chars
+
+    async def Submit(
+        self, request: tasks_pb2.SubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tasks_pb2.SubmitResponse:
+        try:
+            check_task_id(request.task_id)
+            check_user(request.user_id)
+            if not request.prompt.strip():
+                raise invalid("prompt is empty")
+            if len(request.prompt) > self.max_prompt_chars:
+                raise invalid(f"prompt is longer than {self.max_prompt_chars} characters")
+            if not 0 <= request.priority <= 9:
+                raise invalid("priority must be between 0 and 9")
+            resolved = await self.catalog.resolve(request.model)
+            spec = TaskSpec(
+                task_id=request.task_id,
+                user_id=request.user_id,
+                prompt=request.prompt,
+                model=resolved.model,
+                priority=request.priority,
+                queue=resolved.queue,
+                options=request.options,
+                submitted_ns=now_ns(),
+            )
+            state, duplicate = await self.engine.submit(spec)
+        except ServiceError as error:
+            await error.abort(context)
+        return tasks_pb2.SubmitResponse(state=state, duplicate=duplicate)
+
+    async def Watch(
+        self, request: tasks_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[tasks_pb2.WatchResponse]:
+        try:
+            async for response in self._watch(request):
+                yield response
+        except ServiceError as error:
+            await error.abort(context)
+
+    async def _watch(
+        self, request: tasks_pb2.WatchRequest
+    ) -> AsyncIterator[tasks_pb2.WatchResponse]:
+        check_task_id(request.task_id)
+        check_user(request.user_id)
+        registry = self.engine.registry
+        server = await self.engine.find(request.task_id)
+        send_state = True
+        if server is None:
+            # Not submitted yet: the watcher's user claims the id and waits for the submit.
+            claim = registry.claim(request.task_id, request.user_id)
+            try:
+                new = common_pb2.TaskState(task_id=request.task_id, user_id=request.user_id)
+                yield tasks_pb2.WatchResponse(state=new)
+                server = await claim.submitted
+            finally:
+                registry.release(claim)
+            send_state = False
+        if server.user_id != request.user_id:
+            raise forbidden(request.task_id)
+        async for response in self._follow(server, request.after_seq, send_state):
+            yield response
+
+    async def _follow(
+        self, server: TaskServer, after_seq: int, send_state: bool
+    ) -> AsyncIterator[tasks_pb2.WatchResponse]:
+        watcher, state, backlog = await server.subscribe(after_seq)
+        try:
+            if send_state:
+                yield tasks_pb2.WatchResponse(state=state)
+            for event in backlog:
+                yield tasks_pb2.WatchResponse(event=event)
+                if Transition(event).terminal:
+                    return
+            if watcher is None:
+                return
+            while True:
+                item = await watcher.get()
+                if item is DROPPED or not isinstance(item, tasks_pb2.TaskEvent):
+                    raise ServiceError(
+                        Code.ERROR_CODE_OVERLOADED,
+                        "watcher fell behind; watch again with the last seq",
+                    )
+                yield tasks_pb2.WatchResponse(event=item)
+                if Transition(item).terminal:
+                    return
+        finally:
+            if watcher is not None:
+                server.unsubscribe(watcher)
+
+    async def Cancel(
+        self, request: tasks_pb2.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tasks_pb2.CancelResponse:
+        try:
+            check_task_id(request.task_id)
+            check_user(request.user_id)
+            state = await self.engine.cancel(request.task_id, request.user_id)
+        except ServiceError as error:
+            await error.abort(context)
+        return tasks_pb2.CancelResponse(state=state)
+
+    async def Get(
+        self, request: tasks_pb2.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tasks_pb2.GetTaskResponse:
+        try:
+            check_task_id(request.task_id)
+            check_user(request.user_id)
+            state = await self.engine.state(request.task_id, request.user_id)
+        except ServiceError as error:
+            await error.abort(context)
+        return tasks_pb2.GetTaskResponse(state=state)

@@ -1,0 +1,225 @@
+"""Crashes and restarts: a crashing TaskServer among many, a supervisor giving up, and a job
+left unacked by a stopped engine that a new engine runs to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+from nats.aio.client import Client
+
+from svckit.grpc_server import insecure_channel
+from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from task_svc.task_state import TaskCore, TaskSpec
+from tests.conftest import timeout
+from tests.task.conftest import (
+    AppFactory,
+    FakeLlm,
+    Kind,
+    Status,
+    events_of,
+    kind,
+    lifecycle_until_terminal,
+    new_id,
+    submit,
+    watch_all,
+)
+
+
+def boom(core: TaskCore) -> None:
+    raise RuntimeError(f"injected crash in {core.task_id}")
+
+
+async def test_a_crashing_task_server_is_restarted_and_others_are_unaffected(
+    make_app: AppFactory, fake_llm: FakeLlm
+) -> None:
+    app = await make_app()
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        ids = [new_id() for _ in range(6)]
+        for task_id in ids:
+            await submit(stub, task_id, prompt=f"hold task {task_id[:8]}")
+        for task_id in ids:
+            await fake_llm.started[task_id].wait()
+        victim = app.engine.registry.get(ids[2])
+        assert victim is not None
+        with pytest.raises(RuntimeError, match="injected crash"):
+            await victim.call(boom)
+        # The restarted actor answers from the state it had.
+        state = await victim.call(lambda core: core.snapshot())
+        assert state.status == Status.TASK_STATUS_PROCESSING and state.content == "hold"
+        assert app.engine.supervisor.restarts(ids[2]) == 1
+        assert all(app.engine.supervisor.restarts(t) == 0 for t in ids if t != ids[2])
+        for task_id in ids:
+            fake_llm.release(task_id)
+        for task_id in ids:
+            events = events_of(await watch_all(stub, task_id))
+            assert [e.seq for e in events] == list(range(1, len(events) + 1))
+            assert events[-1].completed.content == f"hold task {task_id[:8]}"
+
+
+async def test_a_task_server_crashing_too_often_fails_its_task_only(
+    make_app: AppFactory, fake_llm: FakeLlm, nc: Client
+) -> None:
+    app = await make_app(task_max_restarts=1, task_restart_period_s=60)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        victim_id, other_id = new_id(), new_id()
+        await submit(stub, victim_id, prompt="hold victim")
+        await submit(stub, other_id, prompt="hold other")
+        await fake_llm.started[victim_id].wait()
+        victim = app.engine.registry.get(victim_id)
+        assert victim is not None
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                await victim.call(boom)
+        async with asyncio.timeout(timeout(10)):
+            await fake_llm.cancelled[victim_id].wait()  # its generation was stopped
+        events = events_of(await watch_all(stub, victim_id))
+        assert kind(events[-1]) == "error"
+        assert events[-1].error.code == common_pb2.ERROR_CODE_INTERNAL
+        assert "crashed" in events[-1].error.message
+        lifecycle = await lifecycle_until_terminal(nc.jetstream(), victim_id)
+        assert lifecycle[-1][0].kind == Kind.LIFECYCLE_KIND_FAILED
+        reply = await stub.Get(tasks_pb2.GetTaskRequest(task_id=victim_id, user_id="alice"))
+        assert reply.state.status == Status.TASK_STATUS_FAILED
+        fake_llm.release(other_id)
+        other = events_of(await watch_all(stub, other_id))
+        assert other[-1].completed.content == "hold other"
+
+
+async def test_a_job_left_by_a_stopped_engine_is_redelivered_and_completes(
+    make_app: AppFactory, fake_llm: FakeLlm, nc: Client
+) -> None:
+    first = await make_app(task_shutdown_grace_s=0.0)
+    task_id = new_id()
+    async with insecure_channel(f"127.0.0.1:{first.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        await submit(stub, task_id, prompt="hold across restarts")
+        await fake_llm.started[task_id].wait()
+    await first.shutdown()  # grace 0: the running task is cancelled, its job not acked
+    async with asyncio.timeout(timeout(10)):
+        await fake_llm.cancelled[task_id].wait()
+    info = await nc.jetstream().stream_info("SB_JOBS")
+    assert info.state.messages == 1  # still on the work queue
+
+    fake_llm.release(task_id)
+    second = await make_app()
+    async with insecure_channel(f"127.0.0.1:{second.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        responses = await watch_all(stub, task_id)
+    events = events_of(responses)
+    assert events[-1].completed.content == "hold across restarts"
+    assert fake_llm.order == [task_id, task_id]
+    lifecycle = [e for e, _ in await lifecycle_until_terminal(nc.jetstream(), task_id)]
+    kinds = [e.kind for e in lifecycle]
+    assert kinds == [
+        Kind.LIFECYCLE_KIND_QUEUED,
+        Kind.LIFECYCLE_KIND_STARTED,
+        Kind.LIFECYCLE_KIND_QUEUED,
+        Kind.LIFECYCLE_KIND_STARTED,
+        Kind.LIFECYCLE_KIND_COMPLETED,
+    ]
+    seqs = [e.seq for e in lifecycle]
+    assert seqs == sorted(set(seqs))  # the rebuilt task continues the seq
+    assert lifecycle[-1].attempt == 2
+    assert (await nc.jetstream().stream_info("SB_JOBS")).state.messages == 0
+
+
+async def test_a_redelivered_job_of_a_finished_task_is_only_acked(
+    make_app: AppFactory, fake_llm: FakeLlm, nc: Client
+) -> None:
+    # A task finished and its terminal event was published, but the job ack was lost (the
+    # process died in between): a new engine must not run it again.
+    first = await make_app()
+    task_id = new_id()
+    async with insecure_channel(f"127.0.0.1:{first.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        await submit(stub, task_id, prompt="done once")
+        await watch_all(stub, task_id)
+    await lifecycle_until_terminal(nc.jetstream(), task_id)
+    await first.shutdown()
+    # Put the job back as if it had never been acked (a fresh message id: not a duplicate).
+    spec = TaskSpec(task_id, "alice", "done once", "fake-small", 0)
+    await nc.jetstream().publish("switchboard.jobs.default", spec.to_job().SerializeToString())
+    second = await make_app()
+    async with insecure_channel(f"127.0.0.1:{second.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        responses = await watch_all(stub, task_id)
+        reply = await stub.Get(tasks_pb2.GetTaskRequest(task_id=task_id, user_id="alice"))
+    # Whether the watcher came before or after the job, it never sees the task run again.
+    assert all(kind(e) not in ("queued", "processing") for e in events_of(responses))
+    assert reply.state.status == Status.TASK_STATUS_COMPLETED
+    assert reply.state.content == "done once"
+    assert fake_llm.order == [task_id]
+
+
+async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
+    nats_url: str, make_app: AppFactory, fake_llm: FakeLlm, nc: Client, port: int
+) -> None:
+    env = dict(
+        os.environ,
+        NATS_URL=nats_url,
+        LLM_SVC_ADDR=fake_llm.address,
+        TASK_SVC_LISTEN=f"127.0.0.1:{port}",
+        TASK_JOB_ACK_WAIT_S="1",
+        LOG_LEVEL="WARNING",
+    )
+    process = subprocess.Popen([sys.executable, "-m", "task_svc"], env=env)
+    task_id = new_id()
+    try:
+        async with insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = tasks_pb2_grpc.TaskServiceStub(channel)
+            request = tasks_pb2.SubmitRequest(task_id=task_id, user_id="alice", prompt="hold on")
+            await stub.Submit(request, timeout=timeout(20), wait_for_ready=True)
+            async with asyncio.timeout(timeout(10)):
+                await fake_llm.started[task_id].wait()
+        process.kill()  # kill -9: no shutdown, no nak
+        process.wait(timeout=timeout(10))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    fake_llm.release(task_id)
+    # Binds the same durable consumer and gets the job once its ack_wait has run out.
+    app = await make_app(task_job_ack_wait_s=1.0)
+    info = await nc.jetstream().consumer_info("SB_JOBS", "task_svc")
+    assert info.config.max_ack_pending == 100_000 and info.config.ack_wait == 1
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        events = events_of(await watch_all(stub, task_id))
+    assert events[-1].completed.content == "hold on"
+    assert fake_llm.order == [task_id, task_id]
+
+
+async def test_submit_after_a_restart_is_still_idempotent(
+    make_app: AppFactory, fake_llm: FakeLlm
+) -> None:
+    first = await make_app()
+    task_id = new_id()
+    async with insecure_channel(f"127.0.0.1:{first.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        await submit(stub, task_id, prompt="only once")
+        done = events_of(await watch_all(stub, task_id))
+    await first.shutdown()
+    second = await make_app()  # knows nothing in memory; JetStream remembers the id
+    async with insecure_channel(f"127.0.0.1:{second.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await submit(stub, task_id, user="bob", prompt="only once")
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # A finished task is answerable after the restart, from its last lifecycle event.
+        watched = await watch_all(stub, task_id)
+        assert [r.WhichOneof("kind") for r in watched] == ["state"]
+        assert watched[0].state.status == Status.TASK_STATUS_COMPLETED
+        assert watched[0].state.content == "only once"
+        got = await stub.Get(tasks_pb2.GetTaskRequest(task_id=task_id, user_id="alice"))
+        assert got.state.seq == done[-1].seq
+        reply = await submit(stub, task_id, prompt="only once")
+    assert reply.duplicate and reply.state.status == Status.TASK_STATUS_COMPLETED
+    assert reply.state.content == "only once" and reply.state.seq == done[-1].seq
+    assert fake_llm.order == [task_id]

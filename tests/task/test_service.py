@@ -1,0 +1,311 @@
+"""TaskService over real gRPC, with a real nats-server and a fake LlmService."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from nats.aio.client import Client
+
+from svckit.errors import ServiceError
+from svckit.grpc_server import insecure_channel
+from switchboard.v1 import common_pb2, events_pb2, tasks_pb2, tasks_pb2_grpc
+from task_svc.app import TaskApp
+from tests.conftest import timeout
+from tests.task.conftest import (
+    AppFactory,
+    FakeLlm,
+    Kind,
+    Observed,
+    Status,
+    events_of,
+    kind,
+    lifecycle_until_terminal,
+    new_id,
+    submit,
+    watch_all,
+)
+
+Code = common_pb2.ErrorCode
+
+
+async def error_of(awaitable) -> ServiceError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await awaitable
+    return ServiceError.from_rpc_error(caught.value)
+
+
+async def test_submit_replies_after_the_job_is_stored_in_jetstream(
+    stub, fake_llm: FakeLlm, nc: Client
+) -> None:
+    task_id = new_id()
+    reply = await submit(stub, task_id, prompt="hold the line")
+    assert not reply.duplicate
+    assert reply.state.status == Status.TASK_STATUS_QUEUED
+    assert reply.state.seq == 1 and reply.state.queue_position == 1
+    assert reply.state.model == "fake-small"  # the default model, resolved
+    # The job is on the work queue (held unacked while the fake holds the generation).
+    stored = await nc.jetstream().get_last_msg("SB_JOBS", "switchboard.jobs.default")
+    job = events_pb2.Job.FromString(stored.data or b"")
+    assert job.task_id == task_id and job.user_id == "alice" and job.prompt == "hold the line"
+    assert (stored.headers or {}).get("Nats-Msg-Id") == task_id
+    fake_llm.release(task_id)
+    events = events_of(await watch_all(stub, task_id))
+    assert kind(events[-1]) == "completed"
+
+
+async def test_submit_fails_when_the_job_cannot_be_stored(stub, nc: Client, fake_llm) -> None:
+    await nc.jetstream().delete_stream("SB_JOBS")
+    error = await error_of(submit(stub))
+    assert error.code == Code.ERROR_CODE_OVERLOADED and error.retryable
+    assert fake_llm.order == []
+
+
+async def test_watch_gets_state_then_every_event_in_order_through_completed(stub) -> None:
+    task_id = new_id()
+    await submit(stub, task_id, prompt="one two three")
+    responses = await watch_all(stub, task_id)
+    assert responses[0].WhichOneof("kind") == "state"
+    assert responses[0].state.task_id == task_id
+    events = events_of(responses)
+    assert len(events) == len(responses) - 1
+    seqs = [e.seq for e in events]
+    # state.seq may already be past the first events: the replay starts after seq 0 anyway.
+    assert seqs == list(range(1, len(events) + 1))
+    kinds = [kind(e) for e in events]
+    assert kinds[:2] == ["queued", "processing"]
+    assert kinds[-1] == "completed"
+    assert "".join(e.chunk.delta for e in events if kind(e) == "chunk") == "one two three"
+    completed = events[-1].completed
+    assert completed.content == "one two three" and completed.model == "fake-small"
+    assert completed.finish_reason == "stop" and completed.usage.total_tokens == 6
+    progress = [e.progress.progress for e in events if kind(e) == "processing"]
+    assert progress == sorted(progress)
+
+
+async def test_watch_before_submit_claims_the_id_and_waits_for_it(stub) -> None:
+    task_id = new_id()
+    request = tasks_pb2.WatchRequest(task_id=task_id, user_id="alice")
+    stream = stub.Watch(request, timeout=timeout(10))
+    first = await stream.read()
+    assert first.state.status == Status.TASK_STATUS_UNSPECIFIED
+    # The watcher owns the id now.
+    error = await error_of(submit(stub, task_id, user="bob"))
+    assert error.code == Code.ERROR_CODE_FORBIDDEN
+    await submit(stub, task_id, prompt="late but here")
+    events = []
+    while (message := await stream.read()) != grpc.aio.EOF:
+        events.append(message.event)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].completed.content == "late but here"
+
+
+async def test_watch_after_seq_gets_exactly_the_missed_events(stub, fake_llm: FakeLlm) -> None:
+    task_id = new_id()
+    await submit(stub, task_id, prompt="hold a b c d")
+    # A first watcher reads up to the first chunk, then goes away.
+    stream = stub.Watch(tasks_pb2.WatchRequest(task_id=task_id, user_id="alice"))
+    seen: list[tasks_pb2.TaskEvent] = []
+    assert (await stream.read()).WhichOneof("kind") == "state"
+    while not seen or kind(seen[-1]) != "chunk":
+        seen.append((await stream.read()).event)
+    stream.cancel()
+    last_seq = seen[-1].seq
+    fake_llm.release(task_id)
+    resumed = events_of(await watch_all(stub, task_id, after_seq=last_seq))
+    full = events_of(await watch_all(stub, task_id))
+    assert [e.seq for e in resumed] == list(range(last_seq + 1, full[-1].seq + 1))
+    assert [e.seq for e in seen] + [e.seq for e in resumed] == [e.seq for e in full]
+    # Nothing after the terminal event: a watcher that saw everything gets only the state.
+    tail = await watch_all(stub, task_id, after_seq=full[-1].seq)
+    assert [r.WhichOneof("kind") for r in tail] == ["state"]
+    assert tail[0].state.status == Status.TASK_STATUS_COMPLETED
+    assert tail[0].state.content == "hold a b c d"
+
+
+async def test_duplicate_submit_is_idempotent(stub, fake_llm: FakeLlm, nc: Client) -> None:
+    task_id = new_id()
+    first = await submit(stub, task_id, prompt="hold once")
+    again = await submit(stub, task_id, prompt="hold once")
+    assert again.duplicate and again.state.task_id == task_id
+    assert again.state.status in (Status.TASK_STATUS_QUEUED, Status.TASK_STATUS_PROCESSING)
+    assert again.state.created_at == first.state.created_at
+    info = await nc.jetstream().stream_info("SB_JOBS")
+    assert info.state.messages == 1
+    fake_llm.release(task_id)
+    await watch_all(stub, task_id)
+    after = await submit(stub, task_id, prompt="hold once")
+    assert after.duplicate and after.state.status == Status.TASK_STATUS_COMPLETED
+    assert fake_llm.order == [task_id]
+
+
+async def test_another_users_task_is_forbidden_everywhere(stub) -> None:
+    task_id = new_id()
+    await submit(stub, task_id)
+    for call in (
+        submit(stub, task_id, user="bob"),
+        stub.Get(tasks_pb2.GetTaskRequest(task_id=task_id, user_id="bob")),
+        stub.Cancel(tasks_pb2.CancelRequest(task_id=task_id, user_id="bob")),
+        watch_all(stub, task_id, user="bob"),
+    ):
+        error = await error_of(call)
+        assert error.code == Code.ERROR_CODE_FORBIDDEN
+    reply = await stub.Get(tasks_pb2.GetTaskRequest(task_id=task_id, user_id="alice"))
+    assert reply.state.task_id == task_id
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"task_id": "not-a-uuid"}, Code.ERROR_CODE_INVALID_REQUEST),
+        ({"prompt": "   "}, Code.ERROR_CODE_INVALID_REQUEST),
+        ({"prompt": "x" * 101}, Code.ERROR_CODE_INVALID_REQUEST),
+        ({"priority": 10}, Code.ERROR_CODE_INVALID_REQUEST),
+        ({"user_id": ""}, Code.ERROR_CODE_INVALID_REQUEST),
+        ({"model": "no-such-model"}, Code.ERROR_CODE_MODEL_NOT_FOUND),
+    ],
+)
+async def test_bad_submits_get_typed_errors(make_app: AppFactory, fields, code) -> None:
+    app = await make_app(task_max_prompt_chars=100)
+    request: dict[str, Any] = {"task_id": new_id(), "user_id": "alice", "prompt": "hi"}
+    request.update(fields)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        error = await error_of(stub.Submit(tasks_pb2.SubmitRequest(**request)))
+    assert error.code == code
+
+
+async def test_unknown_task_is_not_found(stub) -> None:
+    for call in (
+        stub.Get(tasks_pb2.GetTaskRequest(task_id=new_id(), user_id="alice")),
+        stub.Cancel(tasks_pb2.CancelRequest(task_id=new_id(), user_id="alice")),
+    ):
+        assert (await error_of(call)).code == Code.ERROR_CODE_NOT_FOUND
+
+
+async def test_priorities_run_highest_first_and_fifo_within_one(
+    make_app: AppFactory, fake_llm: FakeLlm
+) -> None:
+    app = await make_app(task_concurrency=1)
+    observed = Observed(app)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        blocker = new_id()
+        await submit(stub, blocker, prompt="hold the slot", priority=5)
+        await fake_llm.started[blocker].wait()
+        plan = [("low", 9), ("urgent-1", 0), ("mid", 5), ("urgent-2", 0), ("high", 1)]
+        ids = {}
+        positions = []
+        for name, priority in plan:
+            ids[name] = new_id()
+            reply = await submit(stub, ids[name], prompt=f"{name} job", priority=priority)
+            positions.append(reply.state.queue_position)
+            await observed.wait("scheduled", ids[name])
+        assert positions[0] == 1 and positions[1] == 1  # urgent goes before low
+        fake_llm.release(blocker)
+        await observed.wait("finished", ids["low"])
+    expected = [blocker] + [ids[n] for n in ("urgent-1", "urgent-2", "high", "mid", "low")]
+    assert fake_llm.order == expected
+
+
+async def test_cancel_a_queued_task(make_app: AppFactory, fake_llm: FakeLlm, nc: Client) -> None:
+    app = await make_app(task_concurrency=1)
+    observed = Observed(app)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        blocker, queued = new_id(), new_id()
+        await submit(stub, blocker, prompt="hold the slot")
+        await fake_llm.started[blocker].wait()
+        await submit(stub, queued, prompt="never runs")
+        await observed.wait("scheduled", queued)
+        reply = await stub.Cancel(tasks_pb2.CancelRequest(task_id=queued, user_id="alice"))
+        assert reply.state.status == Status.TASK_STATUS_CANCELLED
+        # Its job was acked: only the blocker's job is left on the work queue.
+        assert (await nc.jetstream().stream_info("SB_JOBS")).state.messages == 1
+        events = events_of(await watch_all(stub, queued))
+        assert [kind(e) for e in events] == ["queued", "cancelled"]
+        fake_llm.release(blocker)
+        await watch_all(stub, blocker)
+        again = await stub.Cancel(tasks_pb2.CancelRequest(task_id=queued, user_id="alice"))
+        assert again.state.status == Status.TASK_STATUS_CANCELLED
+    assert queued not in fake_llm.order
+    lifecycle = await lifecycle_until_terminal(nc.jetstream(), queued)
+    assert [e.kind for e, _ in lifecycle] == [
+        Kind.LIFECYCLE_KIND_QUEUED,
+        Kind.LIFECYCLE_KIND_CANCELLED,
+    ]
+
+
+async def test_cancel_a_running_task_cancels_the_generation(
+    stub, fake_llm: FakeLlm, nc: Client
+) -> None:
+    task_id = new_id()
+    await submit(stub, task_id, prompt="hold forever")
+    stream = stub.Watch(tasks_pb2.WatchRequest(task_id=task_id, user_id="alice"))
+    assert (await stream.read()).WhichOneof("kind") == "state"
+    events = [(await stream.read()).event]
+    while kind(events[-1]) != "chunk":  # the generation is under way
+        events.append((await stream.read()).event)
+    reply = await stub.Cancel(tasks_pb2.CancelRequest(task_id=task_id, user_id="alice"))
+    assert reply.state.status == Status.TASK_STATUS_CANCELLED
+    assert reply.state.content == "hold"  # what had been streamed stays
+    async with asyncio.timeout(timeout(10)):
+        await fake_llm.cancelled[task_id].wait()
+        while (message := await stream.read()) != grpc.aio.EOF:
+            events.append(message.event)
+    assert kind(events[-1]) == "cancelled"
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert (await nc.jetstream().stream_info("SB_JOBS")).state.messages == 0
+    lifecycle = await lifecycle_until_terminal(nc.jetstream(), task_id)
+    assert lifecycle[-1][0].kind == Kind.LIFECYCLE_KIND_CANCELLED
+    assert lifecycle[-1][0].error.code == Code.ERROR_CODE_CANCELLED
+    # A finished task's Cancel returns its state.
+    again = await stub.Cancel(tasks_pb2.CancelRequest(task_id=task_id, user_id="alice"))
+    assert again.state.status == Status.TASK_STATUS_CANCELLED
+
+
+async def test_lifecycle_events_on_jetstream_carry_seq_kind_and_fields(stub, nc: Client) -> None:
+    task_id = new_id()
+    await submit(stub, task_id, prompt="alpha beta", priority=3)
+    events = events_of(await watch_all(stub, task_id))
+    lifecycle = await lifecycle_until_terminal(nc.jetstream(), task_id)
+    kinds = [e.kind for e, _ in lifecycle]
+    assert kinds == [
+        Kind.LIFECYCLE_KIND_QUEUED,
+        Kind.LIFECYCLE_KIND_STARTED,
+        Kind.LIFECYCLE_KIND_COMPLETED,
+    ]
+    assert [e.seq for e, _ in lifecycle] == [1, 2, events[-1].seq]
+    assert [msg_id for _, msg_id in lifecycle] == [f"{task_id}:{e.seq}" for e, _ in lifecycle]
+    for event, _ in lifecycle:
+        assert event.task_id == task_id and event.user_id == "alice"
+        assert event.prompt == "alpha beta" and event.priority == 3 and event.model == "fake-small"
+    completed = lifecycle[-1][0]
+    assert completed.status == Status.TASK_STATUS_COMPLETED and completed.attempt == 1
+    assert completed.content == "alpha beta" and completed.usage.total_tokens == 4
+    assert completed.finish_reason == "stop" and completed.progress == 1.0
+
+
+async def test_an_llm_error_fails_the_task_with_a_typed_error(stub, nc: Client) -> None:
+    task_id = new_id()
+    await submit(stub, task_id, prompt="fail please")
+    events = events_of(await watch_all(stub, task_id))
+    assert kind(events[-1]) == "error"
+    assert events[-1].error.code == Code.ERROR_CODE_CONTENT_FILTERED
+    lifecycle = await lifecycle_until_terminal(nc.jetstream(), task_id)
+    assert lifecycle[-1][0].kind == Kind.LIFECYCLE_KIND_FAILED
+    assert lifecycle[-1][0].error.message == "refused by fake"
+
+
+async def test_an_unreachable_llm_svc_fails_the_task(make_app: AppFactory, port: int) -> None:
+    app: TaskApp = await make_app(llm_svc_addr=f"127.0.0.1:{port}")  # nothing listens there
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        task_id = new_id()
+        reply = await submit(stub, task_id)  # accepted: intake does not need llm_svc
+        assert reply.state.status == Status.TASK_STATUS_QUEUED
+        events = events_of(await watch_all(stub, task_id))
+    assert events[-1].error.code == Code.ERROR_CODE_NETWORK
+    assert events[-1].error.retryable
