@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/switchboard/v1/*.proto)
 USER   ?= dev
 
+# gRPC's C core logs transport chatter at INFO; our services log for themselves.
+export GRPC_VERBOSITY ?= ERROR
+
 .PHONY: help venv protos check-protos run test test-fast lint bench token client clean
 
 help:

@@ -1,0 +1,296 @@
+"""Run the whole stack: an embedded nats-server (unless NATS_URL is set) and the four
+services as separate processes with prefixed logs. `make run` uses `main()`; the end-to-end
+tests and the benchmark use `Stack` with free ports and a scratch folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+import orjson
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from svckit.grpc_server import insecure_channel
+from tools.natsserver import NatsServer, free_port, start_nats
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("llm_svc", "persistence_svc", "task_svc", "gateway_svc")
+COLOURS = {"nats": 90, "llm_svc": 35, "persistence_svc": 34, "task_svc": 33, "gateway_svc": 36}
+EMBEDDED_NATS_PORT = 4223  # not 4222: machines here may run their own (older) NATS there
+
+
+@dataclass
+class StackConfig:
+    var_dir: Path = ROOT / "var"
+    gateway_port: int = 4000
+    grpc_ports: dict[str, int] = field(
+        default_factory=lambda: {
+            "gateway_svc": 50050,
+            "task_svc": 50051,
+            "llm_svc": 50052,
+            "persistence_svc": 50053,
+        }
+    )
+    nats_url: str | None = None  # None: start an embedded nats-server
+    nats_port: int = EMBEDDED_NATS_PORT
+    database_url: str | None = None  # None: SQLite under var_dir
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_to_files: bool = False  # tests keep each service's log in var_dir/logs/
+
+    @classmethod
+    def on_free_ports(cls, var_dir: Path, **kwargs: object) -> StackConfig:
+        ports = {name: free_port() for name in SERVICES}
+        return cls(
+            var_dir=var_dir,
+            gateway_port=free_port(),
+            grpc_ports=ports,
+            nats_port=free_port(),
+            log_to_files=True,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def address(self, service: str) -> str:
+        return f"127.0.0.1:{self.grpc_ports[service]}"
+
+    @property
+    def socket_url(self) -> str:
+        return f"ws://127.0.0.1:{self.gateway_port}/socket/websocket"
+
+
+class Stack:
+    """Owns the processes of one running stack; `stop()` is idempotent."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.nats: NatsServer | None = None
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self._pumps: list[asyncio.Task[None]] = []
+        self._log_files: list[IO[bytes]] = []
+
+    @property
+    def nats_url(self) -> str:
+        if self.config.nats_url:
+            return self.config.nats_url
+        assert self.nats is not None, "start() first"
+        return self.nats.url
+
+    @property
+    def database_url(self) -> str:
+        sqlite_file = self.config.var_dir / "switchboard.db"
+        return self.config.database_url or f"sqlite+aiosqlite:///{sqlite_file}"
+
+    def env(self) -> dict[str, str]:
+        c = self.config
+        env = dict(os.environ)
+        env.update(
+            {
+                "NATS_URL": self.nats_url,
+                "DATABASE_URL": self.database_url,
+                "GATEWAY_PORT": str(c.gateway_port),
+                "GATEWAY_GRPC_LISTEN": c.address("gateway_svc"),
+                "TASK_SVC_LISTEN": c.address("task_svc"),
+                "TASK_SVC_ADDR": c.address("task_svc"),
+                "LLM_SVC_LISTEN": c.address("llm_svc"),
+                "LLM_SVC_ADDR": c.address("llm_svc"),
+                "HISTORY_SVC_LISTEN": c.address("persistence_svc"),
+                "HISTORY_SVC_ADDR": c.address("persistence_svc"),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(c.extra_env)
+        return env
+
+    async def start(self, timeout: float = 60.0) -> None:
+        self.config.var_dir.mkdir(parents=True, exist_ok=True)
+        if not self.config.nats_url:
+            self.nats = await start_nats(
+                self.config.var_dir / "nats",
+                self.config.nats_port,
+                log_file=self.config.var_dir / "nats.log",
+            )
+        for name in SERVICES:
+            await self.start_service(name)
+        await self.wait_healthy(timeout)
+
+    async def start_service(self, name: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            name,
+            cwd=ROOT,
+            env=self.env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self.processes[name] = process
+        assert process.stdout is not None
+        sink = self._sink(name)
+        self._pumps.append(asyncio.create_task(_pump(name, process.stdout, sink)))
+
+    def _sink(self, name: str) -> IO[bytes] | None:
+        if not self.config.log_to_files:
+            return None
+        logs = self.config.var_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        sink = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._log_files.append(sink)
+        return sink
+
+    async def wait_healthy(self, timeout: float = 60.0, names: tuple[str, ...] = SERVICES) -> None:
+        deadline = time.monotonic() + timeout
+        for name in names:
+            await self._wait_serving(name, deadline)
+
+    async def _wait_serving(self, name: str, deadline: float) -> None:
+        request = health_pb2.HealthCheckRequest(service="")
+        async with insecure_channel(self.config.address(name)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                process = self.processes[name]
+                if process.returncode is not None:
+                    raise RuntimeError(f"{name} exited with {process.returncode}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{name} did not become healthy")
+                try:
+                    # wait_for_ready blocks until the server listens; the short timeout lets
+                    # us notice a process that died meanwhile.
+                    reply = await stub.Check(
+                        request, timeout=min(remaining, 1.0), wait_for_ready=True
+                    )
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        await asyncio.sleep(0.1)
+                    continue
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                await asyncio.sleep(0.1)
+
+    async def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Stop one service with `sig` (SIGKILL to simulate a crash); returns its exit code."""
+        process = self.processes[name]
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        assert process.returncode is not None
+        return process.returncode
+
+    async def restart_service(self, name: str, sig: int = signal.SIGTERM) -> None:
+        await self.stop_service(name, sig)
+        await self.start_service(name)
+        await self.wait_healthy(names=(name,))
+
+    async def stop(self) -> dict[str, int]:
+        """SIGTERM the services, gateway first so clients are told to come back later."""
+        codes = {}
+        for name in reversed(SERVICES):
+            if name in self.processes:
+                codes[name] = await self.stop_service(name)
+        for pump in self._pumps:
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        self._pumps.clear()
+        if self.nats:
+            self.nats.stop()
+        for sink in self._log_files:
+            sink.close()
+        self._log_files.clear()
+        return codes
+
+
+async def _pump(name: str, stream: asyncio.StreamReader, sink: IO[bytes] | None) -> None:
+    while line := await stream.readline():
+        if sink is not None:
+            sink.write(line)
+            sink.flush()
+        else:
+            sys.stdout.write(format_line(name, line))
+            sys.stdout.flush()
+
+
+def format_line(name: str, line: bytes) -> str:
+    """One service log line for people: `name | hh:mm:ss level msg key=value ...`."""
+    prefix = f"\x1b[{COLOURS.get(name, 0)}m{name:>15} |\x1b[0m "
+    try:
+        entry = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return prefix + line.decode(errors="replace").rstrip() + "\n"
+    if not isinstance(entry, Mapping):
+        return prefix + line.decode(errors="replace").rstrip() + "\n"
+    ts = str(entry.get("ts", ""))[11:19]
+    level, msg = entry.get("level", ""), entry.get("msg", "")
+    skip = {"ts", "level", "msg", "service", "logger", "exc"}
+    fields = " ".join(f"{k}={v}" for k, v in entry.items() if k not in skip)
+    text = f"{prefix}{ts} {level:<7} {msg} {fields}".rstrip() + "\n"
+    if "exc" in entry:
+        text += "".join(f"{prefix}{row}\n" for row in str(entry["exc"]).splitlines())
+    return text
+
+
+def dev_token(user: str) -> str:
+    """A development token, minted the way `make token` does."""
+    from gateway_svc.tokens import mint_dev_token
+
+    return mint_dev_token(user)
+
+
+async def run_until_stopped() -> None:
+    config = StackConfig(
+        nats_url=os.environ.get("NATS_URL") or None,
+        database_url=os.environ.get("DATABASE_URL") or None,
+        gateway_port=int(os.environ.get("GATEWAY_PORT", "4000")),
+    )
+    stack = Stack(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stack.start()
+        token = dev_token(os.environ.get("SB_USER", "dev"))
+        print(
+            "\n\x1b[1mSwitchboard is up.\x1b[0m\n"
+            f"  WebSocket: {config.socket_url.removesuffix('/websocket')} "
+            f"(path /socket/websocket, vsn=2.0.0)\n"
+            f"  NATS:      {stack.nats_url}\n"
+            f"  Database:  {stack.database_url}\n"
+            f"  Token (user {os.environ.get('SB_USER', 'dev')}): {token}\n"
+            f'  Try:       make client PROMPT="Tell me about switchboards"\n'
+            "  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        died = [asyncio.create_task(p.wait()) for p in stack.processes.values()]
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopper, *died], return_when=asyncio.FIRST_COMPLETED)
+        for task in [stopper, *died]:
+            task.cancel()
+        for name, process in stack.processes.items():
+            if process.returncode is not None and not stop.is_set():
+                print(f"{name} exited with {process.returncode}; stopping", file=sys.stderr)
+    finally:
+        print("stopping...", flush=True)
+        await stack.stop()
+
+
+def main() -> None:
+    asyncio.run(run_until_stopped())
+
+
+if __name__ == "__main__":
+    main()
