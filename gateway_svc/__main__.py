@@ -1,0 +1,53 @@
+"""`python -m gateway_svc`: settings → gRPC channel to task_svc → health server → WebSocket
+server → wait for SIGTERM → NOT_SERVING, close sockets with 1001, close the channel."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from grpc_health.v1 import health_pb2
+
+from gateway_svc.config import Settings
+from gateway_svc.server import Gateway
+from gateway_svc.tokens import SecretConfigError, secret_from
+from svckit.grpc_server import GrpcServer, insecure_channel
+from svckit.lifecycle import run_service
+from switchboard.v1 import tasks_pb2_grpc
+
+log = logging.getLogger("gateway_svc")
+
+SERVICE_NAME = "switchboard.gateway"  # what the health check reports on; no gRPC API
+
+
+async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
+    channel = insecure_channel(settings.task_svc_addr)  # one channel for every socket
+    health = GrpcServer(settings.gateway_grpc_listen, lambda _server: None, [SERVICE_NAME])
+    gateway = Gateway(settings, secret, tasks_pb2_grpc.TaskServiceStub(channel))
+    try:
+        await health.start()
+        await gateway.start()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        # Ordered and idempotent: NOT_SERVING first, then every socket closed with 1001,
+        # then the health server and the channel to task_svc.
+        for name in ("", SERVICE_NAME):
+            await health.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await gateway.stop()
+        await health.stop(0)
+        await channel.close()
+
+
+def main() -> None:
+    settings = Settings()
+    try:
+        secret = secret_from(settings)
+    except SecretConfigError as error:
+        sys.exit(f"gateway_svc: {error}")
+    run_service("gateway_svc", lambda stop: serve(settings, secret, stop), settings.log_level)
+
+
+if __name__ == "__main__":
+    main()

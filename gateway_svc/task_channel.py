@@ -1,0 +1,205 @@
+"""The `task:<uuid>` channel: channel events become TaskService calls, and the task's Watch
+stream becomes pushes.
+
+Ordering (PHOENIX_PROTOCOL.md): the join reply goes out before any push; the events of one
+channel are handled one at a time, in arrival order; pushes and replies of one channel go
+out in the order they were produced. The `_out` lock is what makes the `llm_generate` ack
+precede the `queued` progress push that the same Submit causes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from gateway_svc import task_payloads as tp
+from gateway_svc.phoenix import Message, reply
+from svckit.errors import ServiceError
+from svckit.lifecycle import cancel_and_wait
+from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Code = common_pb2.ErrorCode
+SendFn = Callable[[Message], Awaitable[None]]
+CrashFn = Callable[["TaskChannel"], Awaitable[None]]
+
+
+class TaskChannel:
+    """One joined `task:<uuid>` topic of one socket.
+
+    Lifecycle: `await join(params)` → the I/O layer sends the join reply → `start()` →
+    `deliver(message)` for each client event → `await close()`. A Watch stream that breaks
+    before the task's terminal event reports `on_crash` (the socket then sends phx_error and
+    the client rejoins with `last_seq`).
+    """
+
+    def __init__(
+        self,
+        stub: tasks_pb2_grpc.TaskServiceStub,
+        user: str,
+        topic: str,
+        task_id: str,
+        join_ref: str | None,
+        send: SendFn,
+        on_crash: CrashFn,
+        join_timeout: float = 10.0,
+    ) -> None:
+        self.stub = stub
+        self.user = user
+        self.topic = topic
+        self.task_id = task_id
+        self.join_ref = join_ref
+        self._send = send
+        self._on_crash = on_crash
+        self._join_timeout = join_timeout
+        self._watch: Any = None  # the Watch call (grpc.aio.UnaryStreamCall)
+        self._terminal = False
+        self._closed = False
+        self._out = asyncio.Lock()
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._pump: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    # -- join -------------------------------------------------------------------------------
+
+    async def join(self, params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """Open Watch(after_seq=last_seq); its first message is the join reply's response."""
+        try:
+            after_seq = tp.last_seq_of(params)
+        except tp.InvalidRequest as error:
+            return False, {"reason": "invalid_request", "message": str(error)}
+        request = tasks_pb2.WatchRequest(
+            task_id=self.task_id, user_id=self.user, after_seq=after_seq
+        )
+        self._watch = self.stub.Watch(request)
+        try:
+            first = await asyncio.wait_for(self._watch.read(), self._join_timeout)
+        except grpc.aio.AioRpcError as rpc_error:
+            self._watch.cancel()
+            refusal = ServiceError.from_rpc_error(rpc_error)
+            if refusal.code == Code.ERROR_CODE_FORBIDDEN:
+                return False, {"reason": "unauthorized"}
+            log.warning("join failed", extra={"topic": self.topic, "error": repr(refusal)})
+            return False, tp.error_reply(refusal)
+        except TimeoutError:
+            self._watch.cancel()
+            log.warning("join timed out", extra={"topic": self.topic})
+            return False, {"reason": "timeout", "message": "the task service did not answer"}
+        if first is grpc.aio.EOF or not first.HasField("state"):
+            self._watch.cancel()
+            log.error("watch began without a state", extra={"topic": self.topic})
+            return False, {"reason": "internal", "message": "no task state"}
+        self._terminal = first.state.status in tp.TERMINAL
+        return True, tp.state_payload(first.state)
+
+    def start(self) -> None:
+        """Begin pushing the task's events; call after the join reply has been sent."""
+        self._pump = asyncio.create_task(self._pump_events(), name=f"pump {self.topic}")
+
+    async def _pump_events(self) -> None:
+        try:
+            while True:
+                message = await self._watch.read()
+                if message is grpc.aio.EOF:
+                    break
+                if not message.HasField("event"):
+                    continue
+                event = message.event
+                self._terminal = self._terminal or tp.is_terminal(event)
+                push = tp.event_push(event)
+                if push is not None:
+                    async with self._out:
+                        await self._send(Message(self.join_ref, None, self.topic, *push))
+        except grpc.aio.AioRpcError as error:
+            if self._closed:
+                return
+            log.warning(
+                "watch stream broke",
+                extra={"topic": self.topic, "code": error.code().name, "details": error.details()},
+            )
+        except Exception:
+            if self._closed:
+                return
+            log.exception("watch pump failed", extra={"topic": self.topic})
+        if not self._terminal and not self._closed:
+            # The stream ended early (task_svc restarted or drained): phx_error makes the
+            # client rejoin with last_seq and catch up from the new stream.
+            await self._on_crash(self)
+
+    # -- client events ----------------------------------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        """Queue a client event; events are handled one at a time, in order."""
+        self._inbox.append(message)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain(), name=f"inbox {self.topic}")
+
+    async def _drain(self) -> None:
+        while self._inbox:
+            message = self._inbox.popleft()
+            try:
+                await self._handle(message)
+            except Exception:
+                log.exception("channel event failed", extra={"topic": self.topic})
+                await self._on_crash(self)
+                return
+
+    async def _reply(self, ref: str | None, status: str, response: dict[str, Any]) -> None:
+        await self._send(reply(self.join_ref, ref, self.topic, status, response))
+
+    async def _handle(self, message: Message) -> None:
+        match message.event:
+            case "llm_generate":
+                await self._generate(message)
+            case "cancel":
+                await self._cancel(message)
+            case _:
+                log.info("unknown event", extra={"topic": self.topic, "event": message.event})
+                await self._reply(message.ref, "error", {"reason": "unknown event"})
+
+    async def _generate(self, message: Message) -> None:
+        try:
+            request = tp.submit_request(self.task_id, self.user, message.payload)
+        except tp.InvalidRequest as error:
+            await self._reply(
+                message.ref, "error", {"reason": "invalid_request", "message": str(error)}
+            )
+            return
+        # Holding `_out` keeps the pushes this Submit causes behind its reply.
+        async with self._out:
+            try:
+                response = await self.stub.Submit(request)
+            except grpc.aio.AioRpcError as rpc_error:
+                refusal = ServiceError.from_rpc_error(rpc_error)
+                log.info("submit refused", extra={"topic": self.topic, "error": repr(refusal)})
+                await self._reply(message.ref, "error", tp.error_reply(refusal))
+                return
+            await self._reply(message.ref, "ok", tp.submit_reply(self.task_id, response))
+
+    async def _cancel(self, message: Message) -> None:
+        async with self._out:
+            try:
+                response = await self.stub.Cancel(
+                    tasks_pb2.CancelRequest(task_id=self.task_id, user_id=self.user)
+                )
+            except grpc.aio.AioRpcError as rpc_error:
+                refusal = ServiceError.from_rpc_error(rpc_error)
+                await self._reply(message.ref, "error", tp.error_reply(refusal))
+                return
+            await self._reply(message.ref, "ok", tp.state_payload(response.state))
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop pushing and handling; idempotent. Safe to call from the channel's own tasks."""
+        self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+        me = asyncio.current_task()
+        await cancel_and_wait(*(t for t in (self._pump, self._worker) if t is not me))

@@ -1,0 +1,192 @@
+"""Translation between socket payloads (JSON objects) and TaskService messages, pure.
+
+Socket shapes follow DESIGN.md ("Messages on the socket") and PHOENIX_PROTOCOL.md
+("Switchboard's channel"): the join reply holds the task's state; pushes are `progress`,
+`chunk`, `llm_response` and `error`, each with the task's `seq`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from svckit.errors import ServiceError
+from switchboard.v1 import common_pb2, tasks_pb2
+
+Status = common_pb2.TaskStatus
+TOPIC_PREFIX = "task:"
+TERMINAL = frozenset(
+    {Status.TASK_STATUS_COMPLETED, Status.TASK_STATUS_FAILED, Status.TASK_STATUS_CANCELLED}
+)
+MAX_PRIORITY = 9
+
+
+class InvalidRequest(ValueError):
+    """A client payload with a wrong shape; replied with reason `invalid_request`."""
+
+
+def task_id_of(topic: str) -> str | None:
+    """The task id of a `task:<uuid>` topic (canonical lowercase), or None if the topic is
+    not one (the join is then refused with `unmatched topic`)."""
+    if not topic.startswith(TOPIC_PREFIX):
+        return None
+    raw = topic[len(TOPIC_PREFIX) :]
+    # Only the hyphenated 36-character form: uuid.UUID would also take braces and URNs.
+    if len(raw) != 36:
+        return None
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        return None
+
+
+def status_name(status: common_pb2.TaskStatus.ValueType) -> str:
+    if status == Status.TASK_STATUS_UNSPECIFIED:
+        return "new"
+    return common_pb2.TaskStatus.Name(status).removeprefix("TASK_STATUS_").lower()
+
+
+def usage_payload(usage: common_pb2.Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def error_payload(error: common_pb2.Error) -> dict[str, Any]:
+    typed = ServiceError.from_proto(error)
+    return {"code": typed.reason, "message": typed.message, "retryable": typed.retryable}
+
+
+def state_payload(state: common_pb2.TaskState) -> dict[str, Any]:
+    """The join reply's response: `{"status": "new"}` for a task not submitted yet, else the
+    task's state with the text so far (or the final text)."""
+    if state.status == Status.TASK_STATUS_UNSPECIFIED:
+        return {"status": "new"}
+    payload: dict[str, Any] = {
+        "status": status_name(state.status),
+        "progress": state.progress,
+        "seq": state.seq,
+        "content": state.content,
+        "model": state.model,
+    }
+    if state.status == Status.TASK_STATUS_QUEUED:
+        payload["position"] = state.queue_position
+        payload["eta_ms"] = state.eta_ms
+    elif state.status == Status.TASK_STATUS_COMPLETED:
+        payload["usage"] = usage_payload(state.usage)
+        payload["finish_reason"] = state.finish_reason
+    elif state.status == Status.TASK_STATUS_FAILED:
+        payload["error"] = error_payload(state.error)
+    return payload
+
+
+def event_push(event: tasks_pb2.TaskEvent) -> tuple[str, dict[str, Any]] | None:
+    """A TaskEvent → (socket event, payload); None for an event of an unknown kind."""
+    kind = event.WhichOneof("kind")
+    if kind == "progress":
+        p = event.progress
+        payload: dict[str, Any] = {
+            "progress": p.progress,
+            "status": status_name(p.status),
+            "seq": event.seq,
+        }
+        if p.status == Status.TASK_STATUS_QUEUED:
+            payload["position"] = p.queue_position
+            payload["eta_ms"] = p.eta_ms
+        return "progress", payload
+    if kind == "chunk":
+        return "chunk", {"delta": event.chunk.delta, "seq": event.seq}
+    if kind == "completed":
+        c = event.completed
+        return "llm_response", {
+            "content": c.content,
+            "model": c.model,
+            "usage": usage_payload(c.usage),
+            "finish_reason": c.finish_reason,
+            "seq": event.seq,
+        }
+    if kind == "error":
+        return "error", {**error_payload(event.error), "seq": event.seq}
+    return None
+
+
+def is_terminal(event: tasks_pb2.TaskEvent) -> bool:
+    kind = event.WhichOneof("kind")
+    return kind in ("completed", "error") or (
+        kind == "progress" and event.progress.status in TERMINAL
+    )
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def last_seq_of(params: dict[str, Any]) -> int:
+    """`last_seq` from join params: absent or null → 0."""
+    value = params.get("last_seq")
+    if value is None:
+        return 0
+    if not _int(value) or not 0 <= value < 2**63:
+        raise InvalidRequest("last_seq must be a non-negative integer")
+    return int(value)
+
+
+def submit_request(task_id: str, user: str, payload: dict[str, Any]) -> tasks_pb2.SubmitRequest:
+    """`llm_generate` {prompt, model?, priority?, options?{max_tokens, temperature, system}}
+    → SubmitRequest; InvalidRequest names the first wrong field."""
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequest("prompt must be a non-empty string")
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("model must be a string")
+    priority = payload.get("priority")
+    if priority is not None and (not _int(priority) or not 0 <= priority <= MAX_PRIORITY):
+        raise InvalidRequest(f"priority must be an integer from 0 to {MAX_PRIORITY}")
+    request = tasks_pb2.SubmitRequest(
+        task_id=task_id, user_id=user, prompt=prompt, model=model or "", priority=priority or 0
+    )
+    options = payload.get("options")
+    if options is None:
+        return request
+    if not isinstance(options, dict):
+        raise InvalidRequest("options must be an object")
+    max_tokens = options.get("max_tokens")
+    if max_tokens is not None:
+        if not _int(max_tokens) or not 0 <= max_tokens < 2**31:
+            raise InvalidRequest("options.max_tokens must be a non-negative integer")
+        request.options.max_tokens = max_tokens
+    temperature = options.get("temperature")
+    if temperature is not None:
+        if not isinstance(temperature, int | float) or isinstance(temperature, bool):
+            raise InvalidRequest("options.temperature must be a number")
+        if not 0.0 <= temperature <= 2.0:
+            raise InvalidRequest("options.temperature must be between 0 and 2")
+        request.options.temperature = float(temperature)
+    system = options.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise InvalidRequest("options.system must be a string")
+        request.options.system = system
+    return request
+
+
+def error_reply(error: ServiceError) -> dict[str, Any]:
+    """The response of an error reply: `{"reason", "message", "retry_after_ms"?}`."""
+    response: dict[str, Any] = {"reason": error.reason, "message": error.message}
+    if error.retry_after_ms > 0:
+        response["retry_after_ms"] = error.retry_after_ms
+    return response
+
+
+def submit_reply(task_id: str, response: tasks_pb2.SubmitResponse) -> dict[str, Any]:
+    state = response.state
+    status = state.status if state.status != Status.TASK_STATUS_UNSPECIFIED else None
+    return {
+        "task_id": task_id,
+        "status": status_name(status) if status is not None else "queued",
+        "position": state.queue_position,
+        "eta_ms": state.eta_ms,
+    }

@@ -1,0 +1,156 @@
+"""A small in-memory TaskService with the task semantics of the shared brief, for tests of the
+gateway over a real gRPC server. Tests drive it: `run(task_id)` plays a short generation,
+`break_streams()` aborts every Watch as a task_svc restart would."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+
+from svckit.errors import ServiceError
+from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+
+Status = common_pb2.TaskStatus
+Code = common_pb2.ErrorCode
+TERMINAL = {Status.TASK_STATUS_COMPLETED, Status.TASK_STATUS_FAILED, Status.TASK_STATUS_CANCELLED}
+
+
+@dataclass
+class FakeTask:
+    state: common_pb2.TaskState
+    events: list[tasks_pb2.TaskEvent] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    breaks: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.status in TERMINAL
+
+    async def emit(self, **kind: object) -> tasks_pb2.TaskEvent:
+        self.state.seq += 1
+        event = tasks_pb2.TaskEvent(task_id=self.state.task_id, seq=self.state.seq, **kind)  # type: ignore[arg-type]
+        which = event.WhichOneof("kind")
+        if which == "progress":
+            self.state.status = event.progress.status
+            self.state.progress = max(self.state.progress, event.progress.progress)
+        elif which == "chunk":
+            self.state.content += event.chunk.delta
+        elif which == "completed":
+            self.state.status = Status.TASK_STATUS_COMPLETED
+            self.state.content = event.completed.content
+            self.state.model = event.completed.model
+            self.state.usage.CopyFrom(event.completed.usage)
+            self.state.finish_reason = event.completed.finish_reason
+            self.state.progress = 1.0
+        elif which == "error":
+            self.state.status = Status.TASK_STATUS_FAILED
+            self.state.error.CopyFrom(event.error)
+        self.events.append(event)
+        async with self.changed:
+            self.changed.notify_all()
+        return event
+
+
+class FakeTasks(tasks_pb2_grpc.TaskServiceServicer):
+    def __init__(self) -> None:
+        self.tasks: dict[str, FakeTask] = {}
+        self.submits: list[tasks_pb2.SubmitRequest] = []
+        self.watches: list[tasks_pb2.WatchRequest] = []
+        self.refuse_submit: ServiceError | None = None
+        self.auto_run = False  # play the generation right after each Submit
+        self.runs: set[asyncio.Task[None]] = set()  # owned: the test fixture cancels them
+
+    def _owned(self, task_id: str, user: str) -> FakeTask:
+        task = self.tasks.get(task_id)
+        if task is None:
+            # The first watcher or submitter owns the task id.
+            task = FakeTask(common_pb2.TaskState(task_id=task_id, user_id=user))
+            self.tasks[task_id] = task
+        return task
+
+    async def _check(self, task: FakeTask, user: str, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        if task.state.user_id != user:
+            await ServiceError(Code.ERROR_CODE_FORBIDDEN, "another user's task").abort(context)
+
+    async def Submit(self, request, context):  # type: ignore[no-untyped-def]
+        if self.refuse_submit is not None:
+            await self.refuse_submit.abort(context)
+        task = self._owned(request.task_id, request.user_id)
+        await self._check(task, request.user_id, context)
+        self.submits.append(request)
+        if task.state.status != Status.TASK_STATUS_UNSPECIFIED:
+            return tasks_pb2.SubmitResponse(state=task.state, duplicate=True)
+        task.state.prompt = request.prompt
+        task.state.model = request.model or "local-small"
+        task.state.queue_position = 1
+        task.state.eta_ms = 250
+        # The queued event is emitted before Submit returns: the gateway must still put the
+        # ack first on the socket.
+        await task.emit(
+            progress=tasks_pb2.Progress(
+                status=Status.TASK_STATUS_QUEUED, queue_position=1, eta_ms=250
+            )
+        )
+        if self.auto_run:
+            run = asyncio.create_task(self.run(request.task_id))
+            self.runs.add(run)
+            run.add_done_callback(self.runs.discard)
+        return tasks_pb2.SubmitResponse(state=task.state)
+
+    async def Watch(self, request, context):  # type: ignore[no-untyped-def]
+        self.watches.append(request)
+        task = self._owned(request.task_id, request.user_id)
+        await self._check(task, request.user_id, context)
+        breaks = task.breaks
+        yield tasks_pb2.WatchResponse(state=task.state)
+        seq = request.after_seq
+        while True:
+            pending = [event for event in task.events if event.seq > seq]
+            for event in pending:
+                seq = event.seq
+                yield tasks_pb2.WatchResponse(event=event)
+            if pending:
+                continue  # more may have arrived while yielding
+            if task.terminal:
+                return
+            seen = seq
+
+            def moved() -> bool:
+                return task.breaks != breaks or task.state.seq > seen  # noqa: B023
+
+            async with task.changed:
+                await task.changed.wait_for(moved)
+            if task.breaks != breaks:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "task service restarting")
+
+    async def Cancel(self, request, context):  # type: ignore[no-untyped-def]
+        task = self.tasks.get(request.task_id)
+        if task is None:
+            await ServiceError(Code.ERROR_CODE_NOT_FOUND, "no such task").abort(context)
+        await self._check(task, request.user_id, context)
+        if not task.terminal:
+            await task.emit(progress=tasks_pb2.Progress(status=Status.TASK_STATUS_CANCELLED))
+        return tasks_pb2.CancelResponse(state=task.state)
+
+    async def run(self, task_id: str, deltas: tuple[str, ...] = ("Hello", ", world")) -> None:
+        """Play a generation: started, one chunk per delta, completed."""
+        task = self.tasks[task_id]
+        await task.emit(progress=tasks_pb2.Progress(status=Status.TASK_STATUS_PROCESSING))
+        for delta in deltas:
+            await task.emit(chunk=tasks_pb2.Chunk(delta=delta))
+        await task.emit(
+            completed=tasks_pb2.Completed(
+                content="".join(deltas),
+                model=task.state.model,
+                usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5),
+                finish_reason="stop",
+            )
+        )
+
+    async def break_streams(self, task_id: str) -> None:
+        task = self.tasks[task_id]
+        task.breaks += 1
+        async with task.changed:
+            task.changed.notify_all()

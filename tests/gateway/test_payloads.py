@@ -1,0 +1,141 @@
+"""TaskService messages ↔ socket payloads."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway_svc import task_payloads as tp
+from switchboard.v1 import common_pb2, tasks_pb2
+
+Status = common_pb2.TaskStatus
+ID = "0b7e2a4e-3c1f-4f57-9a7e-0e6f1f0c9a11"
+
+
+@pytest.mark.parametrize(
+    ("topic", "task_id"),
+    [
+        (f"task:{ID}", ID),
+        (f"task:{ID.upper()}", ID),
+        ("task:not-a-uuid", None),
+        (f"task:{{{ID}}}", None),
+        (f"task:{ID.replace('-', '')}", None),
+        (f"tasks:{ID}", None),
+        ("phoenix", None),
+    ],
+)
+def test_task_topics(topic: str, task_id: str | None) -> None:
+    assert tp.task_id_of(topic) == task_id
+
+
+def test_state_of_a_new_task() -> None:
+    assert tp.state_payload(common_pb2.TaskState(task_id=ID)) == {"status": "new"}
+
+
+def test_state_of_a_failed_task_carries_the_error() -> None:
+    state = common_pb2.TaskState(
+        status=Status.TASK_STATUS_FAILED,
+        seq=4,
+        content="par",
+        model="m",
+        progress=0.5,
+        error=common_pb2.Error(code=common_pb2.ErrorCode.ERROR_CODE_RATE_LIMITED, message="slow"),
+    )
+    assert tp.state_payload(state) == {
+        "status": "failed",
+        "progress": 0.5,
+        "seq": 4,
+        "content": "par",
+        "model": "m",
+        "error": {"code": "rate_limited", "message": "slow", "retryable": False},
+    }
+
+
+def test_event_pushes() -> None:
+    queued = tasks_pb2.TaskEvent(
+        seq=1,
+        progress=tasks_pb2.Progress(status=Status.TASK_STATUS_QUEUED, queue_position=3, eta_ms=90),
+    )
+    assert tp.event_push(queued) == (
+        "progress",
+        {"progress": 0.0, "status": "queued", "seq": 1, "position": 3, "eta_ms": 90},
+    )
+    assert tp.event_push(tasks_pb2.TaskEvent(seq=2, chunk=tasks_pb2.Chunk(delta="hi"))) == (
+        "chunk",
+        {"delta": "hi", "seq": 2},
+    )
+    done = tasks_pb2.TaskEvent(
+        seq=3,
+        completed=tasks_pb2.Completed(
+            content="hi",
+            model="m",
+            usage=common_pb2.Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3),
+            finish_reason="stop",
+        ),
+    )
+    assert tp.event_push(done) == (
+        "llm_response",
+        {
+            "content": "hi",
+            "model": "m",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            "finish_reason": "stop",
+            "seq": 3,
+        },
+    )
+    assert tp.is_terminal(done) and not tp.is_terminal(queued)
+    failed = tasks_pb2.TaskEvent(
+        seq=4,
+        error=common_pb2.Error(
+            code=common_pb2.ErrorCode.ERROR_CODE_TIMEOUT, message="late", retryable=True
+        ),
+    )
+    assert tp.event_push(failed) == (
+        "error",
+        {"code": "timeout", "message": "late", "retryable": True, "seq": 4},
+    )
+
+
+def test_llm_generate_validation() -> None:
+    request = tp.submit_request(
+        ID,
+        "alice",
+        {
+            "prompt": "hi",
+            "model": "m",
+            "priority": 3,
+            "options": {"max_tokens": 10, "temperature": 0.5, "system": "be brief"},
+        },
+    )
+    assert (request.prompt, request.model, request.priority, request.user_id) == (
+        "hi",
+        "m",
+        3,
+        "alice",
+    )
+    assert request.options.temperature == 0.5 and request.options.max_tokens == 10
+    assert not tp.submit_request(ID, "a", {"prompt": "x"}).options.HasField("temperature")
+    for bad in (
+        {},
+        {"prompt": ""},
+        {"prompt": 5},
+        {"prompt": "x", "model": 1},
+        {"prompt": "x", "priority": 10},
+        {"prompt": "x", "priority": True},
+        {"prompt": "x", "priority": "1"},
+        {"prompt": "x", "options": []},
+        {"prompt": "x", "options": {"max_tokens": -1}},
+        {"prompt": "x", "options": {"temperature": "hot"}},
+        {"prompt": "x", "options": {"temperature": 9}},
+        {"prompt": "x", "options": {"system": 1}},
+    ):
+        with pytest.raises(tp.InvalidRequest):
+            tp.submit_request(ID, "a", bad)
+
+
+def test_last_seq() -> None:
+    assert tp.last_seq_of({}) == 0
+    assert tp.last_seq_of({"last_seq": None}) == 0
+    assert tp.last_seq_of({"last_seq": 7}) == 7
+    for bad in (-1, "7", 1.5, True):
+        with pytest.raises(tp.InvalidRequest):
+            tp.last_seq_of({"last_seq": bad})

@@ -1,0 +1,355 @@
+"""The real gateway over real WebSockets, against a fake TaskService on a real gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from rich.console import Console
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway_svc import client as client_cmd
+from gateway_svc import tokens
+from gateway_svc.config import Settings
+from gateway_svc.phoenix_client import (
+    JoinRefused,
+    PhoenixClient,
+    auth_token_subprotocols,
+)
+from gateway_svc.server import Gateway, token_from_subprotocols
+from svckit.errors import ServiceError
+from svckit.grpc_server import GrpcServer, insecure_channel
+from svckit.lifecycle import cancel_and_wait
+from switchboard.v1 import common_pb2, tasks_pb2_grpc
+from tests.conftest import timeout
+from tests.gateway.fake_tasks import FakeTasks
+
+KEY = b"test-secret-of-at-least-32-bytes!!"
+
+
+@dataclass
+class Stack:
+    fake: FakeTasks
+    gateway: Gateway
+    base: str  # ws://127.0.0.1:<port>/socket
+
+    def token(self, user: str = "alice") -> str:
+        return tokens.mint(user, KEY, ttl=60)
+
+    def url(self, user: str = "alice", vsn: str | None = "2.0.0") -> str:
+        query = f"token={self.token(user)}" + (f"&vsn={vsn}" if vsn else "")
+        return f"{self.base}/websocket?{query}"
+
+
+@pytest.fixture
+async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    fake = FakeTasks()
+    grpc_server = GrpcServer(
+        "127.0.0.1:0",
+        lambda s: tasks_pb2_grpc.add_TaskServiceServicer_to_server(fake, s),
+        ["switchboard.v1.TaskService"],
+    )
+    await grpc_server.start()
+    channel = insecure_channel(f"127.0.0.1:{grpc_server.port}")
+    overrides = getattr(request, "param", {})
+    settings = Settings(gateway_port=0, gateway_shutdown_grace_s=timeout(5), **overrides)
+    gateway = Gateway(settings, KEY, tasks_pb2_grpc.TaskServiceStub(channel))
+    await gateway.start()
+    try:
+        yield Stack(fake, gateway, f"ws://127.0.0.1:{gateway.port}/socket")
+    finally:
+        await cancel_and_wait(*fake.runs)
+        await gateway.stop()
+        await channel.close()
+        await grpc_server.stop(0)
+
+
+async def recv(ws: ClientConnection) -> list[Any]:
+    async with asyncio.timeout(timeout(5)):
+        return orjson.loads(await ws.recv())  # type: ignore[no-any-return]
+
+
+async def send(ws: ClientConnection, frame: list[Any]) -> None:
+    await ws.send(orjson.dumps(frame).decode())
+
+
+def topic() -> str:
+    return f"task:{uuid.uuid4()}"
+
+
+async def test_connect_refused_with_403_before_upgrade(stack: Stack) -> None:
+    expired = tokens.mint("alice", KEY, ttl=-1)
+    for url in (
+        f"{stack.base}/websocket?vsn=2.0.0",
+        f"{stack.base}/websocket?vsn=2.0.0&token=forged.token",
+        f"{stack.base}/websocket?vsn=2.0.0&token={expired}",
+        f"{stack.base}/websocket?vsn=3.0.0&token={stack.token()}",
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url)
+        assert refused.value.response.status_code == 403
+        assert refused.value.response.body == b""
+    with pytest.raises(InvalidStatus) as missing:
+        await connect(f"ws://127.0.0.1:{stack.gateway.port}/other?token={stack.token()}")
+    assert missing.value.response.status_code == 404
+    assert stack.gateway.stats.connections == 0
+
+
+async def test_token_as_subprotocol_is_answered_with_phoenix(stack: Stack) -> None:
+    client = await PhoenixClient.connect(
+        stack.base, subprotocols=auth_token_subprotocols(stack.token())
+    )
+    async with client:
+        assert client.ws.subprotocol == "phoenix"
+        assert (await client.heartbeat()).ok
+
+
+async def test_join_replies_with_state_then_generate_acks_before_pushes(stack: Stack) -> None:
+    t = topic()
+    async with connect(stack.url()) as ws:
+        await send(ws, ["1", "1", t, "phx_join", {}])
+        assert await recv(ws) == [
+            "1",
+            "1",
+            t,
+            "phx_reply",
+            {"status": "ok", "response": {"status": "new"}},
+        ]
+        await send(ws, ["1", "2", t, "llm_generate", {"prompt": "hi", "priority": 2}])
+        task_id = t.removeprefix("task:")
+        assert await recv(ws) == [
+            "1",
+            "2",
+            t,
+            "phx_reply",
+            {
+                "status": "ok",
+                "response": {"task_id": task_id, "status": "queued", "position": 1, "eta_ms": 250},
+            },
+        ]
+        assert await recv(ws) == [
+            "1",
+            None,
+            t,
+            "progress",
+            {"progress": 0.0, "status": "queued", "seq": 1, "position": 1, "eta_ms": 250},
+        ]
+        await stack.fake.run(task_id)
+        pushes = [await recv(ws) for _ in range(4)]
+        assert [(p[0], p[1], p[3], p[4]["seq"]) for p in pushes] == [
+            ("1", None, "progress", 2),
+            ("1", None, "chunk", 3),
+            ("1", None, "chunk", 4),
+            ("1", None, "llm_response", 5),
+        ]
+        assert pushes[1][4]["delta"] == "Hello"
+        assert pushes[3][4] == {
+            "content": "Hello, world",
+            "model": "local-small",
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            "finish_reason": "stop",
+            "seq": 5,
+        }
+        assert stack.fake.submits[0].user_id == "alice"
+        assert stack.fake.submits[0].priority == 2
+
+
+async def test_rejoin_after_completion_reports_the_final_state(stack: Stack) -> None:
+    t = topic()
+    async with await PhoenixClient.connect(stack.base, token=stack.token()) as client:
+        channel = await client.join(t)
+        assert (await channel.push("llm_generate", {"prompt": "hi"})).ok
+        await stack.fake.run(t.removeprefix("task:"))
+        events = [m.event async for m in _until(channel.messages(), "llm_response")]
+        assert events == ["progress", "progress", "chunk", "chunk", "llm_response"]
+        again = await client.join(t, {"last_seq": 5})
+        assert again.join_response["status"] == "completed"
+        assert again.join_response["content"] == "Hello, world"
+        assert again.join_response["seq"] == 5
+        assert again.join_response["usage"]["total_tokens"] == 5
+        # The old join is closed after the new join's reply.
+        assert [m.event async for m in _until(channel.messages(), "phx_close")] == ["phx_close"]
+
+
+async def test_cancel_replies_with_the_cancelled_state(stack: Stack) -> None:
+    t = topic()
+    async with await PhoenixClient.connect(stack.base, token=stack.token()) as client:
+        channel = await client.join(t)
+        assert (await channel.push("llm_generate", {"prompt": "hi"})).ok
+        reply = await channel.push("cancel", {})
+        assert reply.ok and reply.response["status"] == "cancelled"
+        pushes = [m async for m in _until(channel.messages(), "progress", "cancelled")]
+        assert [p.payload["status"] for p in pushes] == ["queued", "cancelled"]
+
+
+async def test_another_users_task_is_unauthorized(stack: Stack) -> None:
+    t = topic()
+    async with await PhoenixClient.connect(stack.base, token=stack.token("alice")) as alice:
+        await alice.join(t)
+        async with await PhoenixClient.connect(stack.base, token=stack.token("bob")) as bob:
+            with pytest.raises(JoinRefused) as refused:
+                await bob.join(t)
+            assert refused.value.response == {"reason": "unauthorized"}
+
+
+async def test_errors_are_replied_with_reasons(stack: Stack) -> None:
+    t = topic()
+    async with await PhoenixClient.connect(stack.base, token=stack.token()) as client:
+        channel = await client.join(t)
+        bad = await channel.push("llm_generate", {"prompt": 42})
+        assert not bad.ok and bad.response["reason"] == "invalid_request"
+        assert "prompt" in bad.response["message"]
+        unknown = await channel.push("dance", {})
+        assert unknown.response == {"reason": "unknown event"}
+        stack.fake.refuse_submit = ServiceError(
+            common_pb2.ErrorCode.ERROR_CODE_RATE_LIMITED, "slow down", retry_after_ms=1500
+        )
+        limited = await channel.push("llm_generate", {"prompt": "hi"})
+        assert limited.status == "error"
+        assert limited.response == {
+            "reason": "rate_limited",
+            "message": "slow down",
+            "retry_after_ms": 1500,
+        }
+        with pytest.raises(JoinRefused) as refused:
+            await client.join(topic(), {"last_seq": "x"})
+        assert refused.value.response["reason"] == "invalid_request"
+
+
+async def test_broken_watch_sends_phx_error_and_rejoin_catches_up(stack: Stack) -> None:
+    t = topic()
+    task_id = t.removeprefix("task:")
+    async with await PhoenixClient.connect(stack.base, token=stack.token()) as client:
+        channel = await client.join(t)
+        assert (await channel.push("llm_generate", {"prompt": "hi"})).ok
+        first = [m async for m in _until(channel.messages(), "progress")]
+        assert first[-1].payload["seq"] == 1
+        await stack.fake.break_streams(task_id)
+        assert [m.event async for m in _until(channel.messages(), "phx_error")] == ["phx_error"]
+        await stack.fake.run(task_id)  # progresses while the client is away
+        rejoined = await client.join(t, {"last_seq": 1})
+        assert rejoined.join_response["status"] == "completed"
+        seqs = [m.payload["seq"] async for m in _until(rejoined.messages(), "llm_response")]
+        assert seqs == [2, 3, 4, 5]
+        assert stack.fake.watches[-1].after_seq == 1
+
+
+async def _until(
+    messages: AsyncIterator[Any], event: str, status: str | None = None
+) -> AsyncIterator[Any]:
+    """The channel's pushes up to the first `event` (with that `status`), bounded in time."""
+    async with asyncio.timeout(timeout(5)):
+        async for message in messages:
+            yield message
+            if message.event == event and status in (None, message.payload.get("status")):
+                return
+
+
+async def test_malformed_frame_closes_only_its_connection(stack: Stack) -> None:
+    async with await PhoenixClient.connect(stack.base, token=stack.token()) as good:
+        async with connect(stack.url()) as bad:
+            await bad.send("this is not a phoenix frame")
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(timeout(5)):
+                    await bad.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+        assert (await good.heartbeat()).ok
+        assert stack.gateway.stats.bad_frames == 1
+
+
+async def test_v1_frames_when_vsn_is_missing(stack: Stack) -> None:
+    t = topic()
+    async with connect(stack.url(vsn=None)) as ws:
+        await ws.send(
+            orjson.dumps(
+                {"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "1"}
+            ).decode()
+        )
+        assert await recv_v1(ws) == {
+            "topic": "phoenix",
+            "event": "phx_reply",
+            "payload": {"status": "ok", "response": {}},
+            "ref": "1",
+        }
+        await ws.send(
+            orjson.dumps({"topic": t, "event": "phx_join", "payload": {}, "ref": "2"}).decode()
+        )
+        assert await recv_v1(ws) == {
+            "topic": t,
+            "event": "phx_reply",
+            "payload": {"status": "ok", "response": {"status": "new"}},
+            "ref": "2",
+        }
+
+
+async def recv_v1(ws: ClientConnection) -> Any:
+    async with asyncio.timeout(timeout(5)):
+        return orjson.loads(await ws.recv())
+
+
+@pytest.mark.parametrize("stack", [{"gateway_idle_timeout_s": 0.3}], indirect=True)
+async def test_idle_connection_is_closed_with_1001(stack: Stack) -> None:
+    async with connect(stack.url()) as ws:
+        async with asyncio.timeout(timeout(5)):
+            await ws.wait_closed()
+        assert ws.close_code == 1001
+
+
+@pytest.mark.parametrize("stack", [{"gateway_max_frame_bytes": 1024}], indirect=True)
+async def test_oversized_frame_closes_with_1009(stack: Stack) -> None:
+    async with connect(stack.url()) as ws:
+        await send(ws, [None, "1", "phoenix", "heartbeat", {"pad": "x" * 2000}])
+        async with asyncio.timeout(timeout(5)):
+            await ws.wait_closed()
+        assert ws.close_code == 1009
+
+
+async def test_shutdown_closes_sockets_with_1001(stack: Stack) -> None:
+    async with await PhoenixClient.connect(stack.base, token=stack.token()) as client:
+        await client.join(topic())
+        await stack.gateway.stop()
+        async with asyncio.timeout(timeout(5)):
+            assert await client.wait_closed() == 1001
+
+
+async def test_client_command_streams_to_the_end(stack: Stack) -> None:
+    stack.fake.auto_run = True
+    out = io.StringIO()
+    args = client_cmd.parse_args(["Say hi", "--url", stack.base, "--token", stack.token()])
+    async with asyncio.timeout(timeout(10)):
+        await client_cmd.run(args, Console(file=out, width=100))
+    assert "Hello, world" in out.getvalue()
+    assert "5 total" in out.getvalue() and "local-small" in out.getvalue()
+
+
+async def test_client_command_fails_clearly(stack: Stack) -> None:
+    bad_token = client_cmd.parse_args(["hi", "--url", stack.base, "--token", "x.y"])
+    with pytest.raises(client_cmd.Failed) as refused:
+        await client_cmd.run(bad_token, Console(file=io.StringIO()))
+    assert refused.value.status == 2 and "403" in str(refused.value)
+    stack.fake.refuse_submit = ServiceError(common_pb2.ErrorCode.ERROR_CODE_OVERLOADED, "busy")
+    args = client_cmd.parse_args(["hi", "--url", stack.base, "--token", stack.token()])
+    with pytest.raises(client_cmd.Failed) as failed:
+        await client_cmd.run(args, Console(file=io.StringIO()))
+    assert failed.value.status == 3 and "overloaded: busy" in str(failed.value)
+
+
+def test_token_from_subprotocol_accepts_both_base64_alphabets() -> None:
+    # phoenix.js's own test: authToken "1234" is offered as "base64url.bearer.phx.MTIzNA".
+    headers = Headers([("Sec-WebSocket-Protocol", "phoenix, base64url.bearer.phx.MTIzNA")])
+    assert token_from_subprotocols(headers) == "1234"
+    token = "a?>b"  # btoa gives "YT8+Yg", the URL-safe alphabet "YT8-Yg"
+    for encoded in ("YT8+Yg", "YT8-Yg"):
+        offered = Headers([("Sec-WebSocket-Protocol", f"phoenix, base64url.bearer.phx.{encoded}")])
+        assert token_from_subprotocols(offered) == token
+    assert token_from_subprotocols(Headers([("Sec-WebSocket-Protocol", "phoenix")])) is None
+    bad = Headers([("Sec-WebSocket-Protocol", "base64url.bearer.phx.%%%")])
+    assert token_from_subprotocols(bad) is None
