@@ -6,6 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/switchboard/v1/*.proto)
+JS     := tests/js/node_modules/.package-lock.json
 USER   ?= dev
 
 # gRPC's C core logs transport chatter at INFO; our services log for themselves.
@@ -29,6 +30,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The official npm `phoenix` client drives the gateway in tests/e2e/test_js_client.py.
+$(JS): tests/js/package.json tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+
 # Generated code is committed; `make protos` rewrites it from scratch.
 protos: $(STAMP)
 	$(PY) -m tools.genprotos
@@ -39,7 +44,7 @@ check-protos: $(STAMP)
 run: $(STAMP) check-protos
 	$(PY) -m tools.stack
 
-test: $(STAMP) check-protos lint
+test: $(STAMP) $(JS) check-protos lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

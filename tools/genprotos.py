@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,8 @@ def generate(out: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE).glob("*.proto"))
     well_known = Path(protoc.__file__).parent / "_proto"
     args = [
+        sys.executable,
+        "-m",
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
@@ -37,8 +40,10 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *protos,
     ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    # A subprocess, so the plugins' chatter ("Writing mypy to ...") shows only on failure.
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"protoc failed:\n{result.stdout}{result.stderr}")
     for package in (out / "switchboard", out / PACKAGE):
         (package / "__init__.py").write_text(INIT_TEXT)
         (package / "py.typed").write_text("")

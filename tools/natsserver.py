@@ -7,7 +7,9 @@ The machine's own nats-server, if any, is never used: it may be too old.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BINARY = Path(sys.executable).parent / "nats-server"
+PR_SET_PDEATHSIG = 1
+
+
+def terminate_with_parent() -> None:
+    """Linux: SIGTERM this child if its parent dies (even by SIGKILL), so no server is left
+    running behind a killed `make run` or test run. Used as a `preexec_fn`."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -56,7 +66,7 @@ async def start_nats(store_dir: Path, port: int = 0, log_file: Path | None = Non
     store_dir.mkdir(parents=True, exist_ok=True)
     args = [str(binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(args, stdout=out, stderr=out)
+    process = subprocess.Popen(args, stdout=out, stderr=out, preexec_fn=terminate_with_parent)
     server = NatsServer(process, port)
     for _ in range(200):
         if process.poll() is not None:
