@@ -187,3 +187,204 @@ class HistoryService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SnapshotServiceStub:
+    """Internal (task_svc only, never exposed to an app): not scoped to a user.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListSnapshots = channel.unary_unary(
+                '/switchboard.v1.SnapshotService/ListSnapshots',
+                request_serializer=switchboard_dot_v1_dot_history__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_history__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+
+
+class SnapshotServiceServicer:
+    """Internal (task_svc only, never exposed to an app): not scoped to a user.
+    """
+
+    def ListSnapshots(self, request, context):
+        """The latest snapshot of every active task (or of the given tasks), in task id order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SnapshotServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=switchboard_dot_v1_dot_history__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_history__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'switchboard.v1.SnapshotService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('switchboard.v1.SnapshotService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SnapshotService:
+    """Internal (task_svc only, never exposed to an app): not scoped to a user.
+    """
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.SnapshotService/ListSnapshots',
+            switchboard_dot_v1_dot_history__pb2.ListSnapshotsRequest.SerializeToString,
+            switchboard_dot_v1_dot_history__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class UserServiceStub:
+    """---- Users' preferences --------------------------------------------------------------
+
+    A user row is created on first sight of an external id (here or in a lifecycle event).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetPreferences = channel.unary_unary(
+                '/switchboard.v1.UserService/GetPreferences',
+                request_serializer=switchboard_dot_v1_dot_history__pb2.GetPreferencesRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_history__pb2.Preferences.FromString,
+                _registered_method=True)
+        self.SetPreferences = channel.unary_unary(
+                '/switchboard.v1.UserService/SetPreferences',
+                request_serializer=switchboard_dot_v1_dot_history__pb2.SetPreferencesRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_history__pb2.Preferences.FromString,
+                _registered_method=True)
+
+
+class UserServiceServicer:
+    """---- Users' preferences --------------------------------------------------------------
+
+    A user row is created on first sight of an external id (here or in a lifecycle event).
+    """
+
+    def GetPreferences(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPreferences(self, request, context):
+        """Replaces the user's preferences as a whole and returns what is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_UserServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetPreferences': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPreferences,
+                    request_deserializer=switchboard_dot_v1_dot_history__pb2.GetPreferencesRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_history__pb2.Preferences.SerializeToString,
+            ),
+            'SetPreferences': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPreferences,
+                    request_deserializer=switchboard_dot_v1_dot_history__pb2.SetPreferencesRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_history__pb2.Preferences.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'switchboard.v1.UserService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('switchboard.v1.UserService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class UserService:
+    """---- Users' preferences --------------------------------------------------------------
+
+    A user row is created on first sight of an external id (here or in a lifecycle event).
+    """
+
+    @staticmethod
+    def GetPreferences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.UserService/GetPreferences',
+            switchboard_dot_v1_dot_history__pb2.GetPreferencesRequest.SerializeToString,
+            switchboard_dot_v1_dot_history__pb2.Preferences.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPreferences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.UserService/SetPreferences',
+            switchboard_dot_v1_dot_history__pb2.SetPreferencesRequest.SerializeToString,
+            switchboard_dot_v1_dot_history__pb2.Preferences.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -77,3 +77,83 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_history_pb2.GetTaskEventsResponse, _abc.Awaitable[_history_pb2.GetTaskEventsResponse]]: ...
 
 def add_HistoryServiceServicer_to_server(servicer: HistoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SnapshotServiceStub:
+    """Internal (task_svc only, never exposed to an app): not scoped to a user."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SnapshotServiceAsyncStub: ...
+    ListSnapshots: _grpc.UnaryUnaryMultiCallable[_history_pb2.ListSnapshotsRequest, _history_pb2.ListSnapshotsResponse]
+    """The latest snapshot of every active task (or of the given tasks), in task id order."""
+
+@_typing.type_check_only
+class SnapshotServiceAsyncStub(SnapshotServiceStub):
+    """Internal (task_svc only, never exposed to an app): not scoped to a user."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListSnapshots: _aio.UnaryUnaryMultiCallable[_history_pb2.ListSnapshotsRequest, _history_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
+    """The latest snapshot of every active task (or of the given tasks), in task id order."""
+
+class SnapshotServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Internal (task_svc only, never exposed to an app): not scoped to a user."""
+
+    @_abc_1.abstractmethod
+    def ListSnapshots(
+        self,
+        request: _history_pb2.ListSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_history_pb2.ListSnapshotsResponse, _abc.Awaitable[_history_pb2.ListSnapshotsResponse]]:
+        """The latest snapshot of every active task (or of the given tasks), in task id order."""
+
+def add_SnapshotServiceServicer_to_server(servicer: SnapshotServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class UserServiceStub:
+    """---- Users' preferences --------------------------------------------------------------
+
+    A user row is created on first sight of an external id (here or in a lifecycle event).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> UserServiceAsyncStub: ...
+    GetPreferences: _grpc.UnaryUnaryMultiCallable[_history_pb2.GetPreferencesRequest, _history_pb2.Preferences]
+    SetPreferences: _grpc.UnaryUnaryMultiCallable[_history_pb2.SetPreferencesRequest, _history_pb2.Preferences]
+    """Replaces the user's preferences as a whole and returns what is stored."""
+
+@_typing.type_check_only
+class UserServiceAsyncStub(UserServiceStub):
+    """---- Users' preferences --------------------------------------------------------------
+
+    A user row is created on first sight of an external id (here or in a lifecycle event).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetPreferences: _aio.UnaryUnaryMultiCallable[_history_pb2.GetPreferencesRequest, _history_pb2.Preferences]  # type: ignore[assignment]
+    SetPreferences: _aio.UnaryUnaryMultiCallable[_history_pb2.SetPreferencesRequest, _history_pb2.Preferences]  # type: ignore[assignment]
+    """Replaces the user's preferences as a whole and returns what is stored."""
+
+class UserServiceServicer(metaclass=_abc_1.ABCMeta):
+    """---- Users' preferences --------------------------------------------------------------
+
+    A user row is created on first sight of an external id (here or in a lifecycle event).
+    """
+
+    @_abc_1.abstractmethod
+    def GetPreferences(
+        self,
+        request: _history_pb2.GetPreferencesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_history_pb2.Preferences, _abc.Awaitable[_history_pb2.Preferences]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPreferences(
+        self,
+        request: _history_pb2.SetPreferencesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_history_pb2.Preferences, _abc.Awaitable[_history_pb2.Preferences]]:
+        """Replaces the user's preferences as a whole and returns what is stored."""
+
+def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

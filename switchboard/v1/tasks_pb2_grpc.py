@@ -55,6 +55,16 @@ class TaskServiceStub:
                 request_serializer=switchboard_dot_v1_dot_tasks__pb2.GetTaskRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_tasks__pb2.GetTaskResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/switchboard.v1.TaskService/ListDeadLetters',
+                request_serializer=switchboard_dot_v1_dot_tasks__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_tasks__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RequeueDeadLetter = channel.unary_unary(
+                '/switchboard.v1.TaskService/RequeueDeadLetter',
+                request_serializer=switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -87,6 +97,22 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """Admin surface (not for apps): tasks that failed for good after their attempts, kept in
+        a JetStream-backed dead-letter queue (survives restarts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequeueDeadLetter(self, request, context):
+        """Runs a dead-lettered task again under the same task id (its seq continues; attempts
+        start over) and removes it from the dead-letter queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +135,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=switchboard_dot_v1_dot_tasks__pb2.GetTaskRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_tasks__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_tasks__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'RequeueDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequeueDeadLetter,
+                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +256,60 @@ class TaskService:
             '/switchboard.v1.TaskService/Get',
             switchboard_dot_v1_dot_tasks__pb2.GetTaskRequest.SerializeToString,
             switchboard_dot_v1_dot_tasks__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.TaskService/ListDeadLetters',
+            switchboard_dot_v1_dot_tasks__pb2.ListDeadLettersRequest.SerializeToString,
+            switchboard_dot_v1_dot_tasks__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequeueDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.TaskService/RequeueDeadLetter',
+            switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterRequest.SerializeToString,
+            switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterResponse.FromString,
             options,
             channel_credentials,
             insecure,

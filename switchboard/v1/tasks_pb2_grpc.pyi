@@ -39,6 +39,14 @@ class TaskServiceStub:
     """The task's current state first, then every event after `after_seq`, in order."""
     Cancel: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelRequest, _tasks_pb2.CancelResponse]
     Get: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListDeadLettersRequest, _tasks_pb2.ListDeadLettersResponse]
+    """Admin surface (not for apps): tasks that failed for good after their attempts, kept in
+    a JetStream-backed dead-letter queue (survives restarts).
+    """
+    RequeueDeadLetter: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.RequeueDeadLetterRequest, _tasks_pb2.RequeueDeadLetterResponse]
+    """Runs a dead-lettered task again under the same task id (its seq continues; attempts
+    start over) and removes it from the dead-letter queue.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -51,6 +59,14 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """The task's current state first, then every event after `after_seq`, in order."""
     Cancel: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelRequest, _tasks_pb2.CancelResponse]  # type: ignore[assignment]
     Get: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]  # type: ignore[assignment]
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListDeadLettersRequest, _tasks_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """Admin surface (not for apps): tasks that failed for good after their attempts, kept in
+    a JetStream-backed dead-letter queue (survives restarts).
+    """
+    RequeueDeadLetter: _aio.UnaryUnaryMultiCallable[_tasks_pb2.RequeueDeadLetterRequest, _tasks_pb2.RequeueDeadLetterResponse]  # type: ignore[assignment]
+    """Runs a dead-lettered task again under the same task id (its seq continues; attempts
+    start over) and removes it from the dead-letter queue.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """task_svc: one TaskServer per task and the durable job engine."""
@@ -84,5 +100,25 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tasks_pb2.GetTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.GetTaskResponse, _abc.Awaitable[_tasks_pb2.GetTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _tasks_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ListDeadLettersResponse, _abc.Awaitable[_tasks_pb2.ListDeadLettersResponse]]:
+        """Admin surface (not for apps): tasks that failed for good after their attempts, kept in
+        a JetStream-backed dead-letter queue (survives restarts).
+        """
+
+    @_abc_1.abstractmethod
+    def RequeueDeadLetter(
+        self,
+        request: _tasks_pb2.RequeueDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.RequeueDeadLetterResponse, _abc.Awaitable[_tasks_pb2.RequeueDeadLetterResponse]]:
+        """Runs a dead-lettered task again under the same task id (its seq continues; attempts
+        start over) and removes it from the dead-letter queue.
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,245 @@
+"""The durable JetStream pull consumer that turns lifecycle events (and the snapshots of
+active tasks that task_svc publishes on the same stream) into history.
+
+Delivery rules (JetStream, explicit ack): a message is acked only after the batch holding it
+is committed, so a crash between the two redelivers it, and the repository's idempotent
+apply makes the redelivery a no-op. A message that can never be applied (not a
+LifecycleEvent, no task id) is logged and terminated (`+TERM`) so it never blocks the stream.
+If the database is down, the batch is nak'ed with a delay (`-NAK {"delay": ns}`) and we back
+off: the events wait in JetStream and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError
+
+from persistence_svc.errors import InvalidEvent, StorageRejected, StorageUnavailable
+from persistence_svc.events import parse_event
+from persistence_svc.repository import Repository
+from persistence_svc.snapshots import SNAPSHOT_SUBJECT_SUFFIX, parse_snapshot
+from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX
+from switchboard.v1 import events_pb2, history_pb2
+
+log = logging.getLogger(__name__)
+
+DURABLE_NAME = "persistence"
+SUBJECT = f"{TASK_EVENTS_SUBJECT_PREFIX}.>"
+# Far above the default 1000 (DESIGN.md): a backlog built while the database was down is
+# delivered in full once it is back, instead of trickling in 1000 at a time.
+MAX_ACK_PENDING = 100_000
+# Back-off while the database is down: nak delays and fetch pauses, capped.
+RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+# What a message on the stream holds: a lifecycle event, or a snapshot of an active task.
+Item = events_pb2.LifecycleEvent | history_pb2.TaskSnapshot
+# An event the database refuses on its own this many times is terminated (and logged).
+MAX_REJECTED_DELIVERIES = 3
+
+
+def consumer_config(ack_wait_s: float) -> ConsumerConfig:
+    return ConsumerConfig(
+        name=DURABLE_NAME,
+        durable_name=DURABLE_NAME,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=-1,  # never give up on an event because the database was down long
+        max_ack_pending=MAX_ACK_PENDING,
+        filter_subject=SUBJECT,
+    )
+
+
+@dataclass
+class ConsumerStats:
+    batches: int = 0  # committed batches
+    acked: int = 0
+    terminated: int = 0  # undecodable or invalid messages
+    nacked: int = 0  # sent back because the database was unavailable
+
+
+class EventConsumer:
+    """Fetch a batch, apply it in one transaction, ack it; repeat until `stop()`.
+
+    `await consumer.start()` creates or updates the durable consumer and binds to it; the
+    owner runs `await consumer.run()` as a task, calls `stop()` at shutdown and awaits that
+    task: the batch in flight is finished (applied and acked, or nak'ed) before `run` returns.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        repository: Repository,
+        *,
+        batch_size: int = 256,
+        ack_wait_s: float = 60.0,
+        fetch_timeout_s: float = 1.0,
+        retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+    ) -> None:
+        self.js = js
+        self.repository = repository
+        self.batch_size = batch_size
+        self.ack_wait_s = ack_wait_s
+        self.fetch_timeout_s = fetch_timeout_s
+        self.retry_delays_s = tuple(retry_delays_s)
+        self.stats = ConsumerStats()
+        self._failures = 0
+        self._stopping = asyncio.Event()
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    async def start(self) -> None:
+        config = consumer_config(self.ack_wait_s)
+        try:
+            # Create, or update the settings of the durable consumer left by an earlier run.
+            await self.js.add_consumer(TASK_EVENTS_STREAM, config=config)
+        except BadRequestError as error:
+            # A setting JetStream cannot change in place: keep the existing consumer (and its
+            # position in the stream) rather than lose it.
+            log.warning("consumer settings not updated", extra={"error": str(error)})
+        self._sub = await self.js.pull_subscribe_bind(
+            durable=DURABLE_NAME, stream=TASK_EVENTS_STREAM
+        )
+        log.info("consuming lifecycle events", extra={"stream": TASK_EVENTS_STREAM})
+
+    def stop(self) -> None:
+        """Stop fetching; the batch in flight still completes."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        if self._sub is None:
+            raise RuntimeError("call start() first")
+        while not self._stopping.is_set():
+            try:
+                messages = await self._sub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
+            except TimeoutError:
+                continue  # nothing new (nats.errors.TimeoutError is an asyncio.TimeoutError)
+            except NatsError as error:
+                # Disconnected: the client reconnects on its own; try again shortly.
+                log.warning("fetch failed", extra={"error": str(error)})
+                await self._pause(1.0)
+                continue
+            try:
+                await self.process(messages)
+            except NatsError as error:
+                # An ack/nak lost with the connection: JetStream redelivers after ack_wait
+                # and the repository makes that a no-op.
+                log.warning("settling a batch failed", extra={"error": str(error)})
+        with contextlib.suppress(NatsError):
+            await self._sub.unsubscribe()
+
+    async def process(self, messages: Sequence[Msg]) -> None:
+        """Apply one fetched batch and settle every message in it."""
+        batch: list[tuple[Msg, Item]] = []
+        for msg in messages:
+            item = await self._decode(msg)
+            if item is not None:
+                batch.append((msg, item))
+        if not batch:
+            return
+        try:
+            await self._apply([item for _, item in batch])
+        except StorageUnavailable as error:
+            await self._back_off([msg for msg, _ in batch], error)
+            return
+        except StorageRejected as error:
+            log.error("batch refused, applying one by one", extra={"error": str(error)})
+            await self._apply_one_by_one(batch)
+            return
+        except Exception as error:
+            # A bug of ours must neither kill the consumer nor lose events: keep them in
+            # JetStream and retry, loudly.
+            log.exception("unexpected error applying a batch")
+            await self._back_off([msg for msg, _ in batch], error)
+            return
+        await self._ack([msg for msg, _ in batch])
+
+    async def _apply(self, items: Sequence[Item]) -> None:
+        events = [item for item in items if isinstance(item, events_pb2.LifecycleEvent)]
+        snapshots = [item for item in items if isinstance(item, history_pb2.TaskSnapshot)]
+        await self.repository.apply(events, snapshots)
+
+    async def _decode(self, msg: Msg) -> Item | None:
+        # The subject says which message it is (history.proto, TaskSnapshot): snapshots on
+        # `switchboard.tasks.<task_id>.snapshot`, lifecycle events on the other kinds.
+        try:
+            item: Item
+            if msg.subject.endswith(SNAPSHOT_SUBJECT_SUFFIX):
+                item = history_pb2.TaskSnapshot.FromString(msg.data)
+                parse_snapshot(item)
+            else:
+                item = events_pb2.LifecycleEvent.FromString(msg.data)
+                parse_event(item)
+        except (DecodeError, InvalidEvent) as error:
+            log.error(
+                "dropping a lifecycle message that can never be applied",
+                extra={"subject": msg.subject, "error": str(error)},
+            )
+            await msg.term()
+            self.stats.terminated += 1
+            return None
+        return item
+
+    async def _apply_one_by_one(self, batch: list[tuple[Msg, Item]]) -> None:
+        # One event the database refuses (a constraint, a value out of range) must not hold
+        # back the others: isolate it, log it and, after a few deliveries, terminate it. It
+        # stays in the stream (limits retention) for a replay once the cause is fixed.
+        for index, (msg, item) in enumerate(batch):
+            try:
+                await self._apply([item])
+            except StorageUnavailable as error:
+                await self._back_off([m for m, _ in batch[index:]], error)
+                return
+            except StorageRejected as error:
+                # A refusal can be a race (two replicas creating the same row): try again a
+                # few times before giving the event up.
+                deliveries = msg.metadata.num_delivered or 1
+                given_up = deliveries >= MAX_REJECTED_DELIVERIES
+                log.error(
+                    "database refused a lifecycle message",
+                    extra={
+                        "subject": msg.subject,
+                        "deliveries": deliveries,
+                        "given_up": given_up,
+                        "error": str(error),
+                    },
+                )
+                if given_up:
+                    await msg.term()
+                    self.stats.terminated += 1
+                else:
+                    await msg.nak(delay=self.retry_delays_s[0])
+                    self.stats.nacked += 1
+            else:
+                await self._ack([msg])
+
+    async def _ack(self, messages: Sequence[Msg]) -> None:
+        for msg in messages:
+            await msg.ack()
+        self.stats.batches += 1
+        self.stats.acked += len(messages)
+        self._failures = 0
+
+    async def _back_off(self, messages: Sequence[Msg], error: Exception) -> None:
+        delay = self.retry_delays_s[min(self._failures, len(self.retry_delays_s) - 1)]
+        self._failures += 1
+        log.warning(
+            "database unavailable, events left in JetStream",
+            extra={"error": str(error), "messages": len(messages), "retry_in_s": delay},
+        )
+        for msg in messages:
+            await msg.nak(delay=delay)
+        self.stats.nacked += len(messages)
+        await self._pause(delay)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)

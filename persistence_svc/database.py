@@ -1,0 +1,111 @@
+"""The driver side of the repository seam (only repository.py imports this): engine set-up
+per backend, and the translation of driver errors into persistence_svc errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from persistence_svc.errors import PersistenceError, StorageRejected, StorageUnavailable
+
+# INSERT ... ON CONFLICT DO NOTHING exists in both dialects, with the same API.
+INSERTS: dict[str, Callable[..., Any]] = {
+    "postgresql": postgresql.insert,
+    "sqlite": sqlite.insert,
+}
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine for `url` (SQLite through aiosqlite, PostgreSQL through psycopg 3)."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend not in INSERTS:
+        raise ValueError(f"unsupported database {backend!r}: use sqlite+aiosqlite or postgresql")
+    if backend == "sqlite":
+        _make_sqlite_folder(parsed)
+        engine = create_async_engine(url)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    # pre_ping: after a PostgreSQL restart, pooled connections are dead; test before use.
+    # connect_timeout: a dead host must fail fast (StorageUnavailable), not hang a batch.
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+def create_migration_engine(url: str | URL) -> AsyncEngine:
+    """A one-connection engine for schema migrations, where DDL must be transactional.
+
+    PostgreSQL has transactional DDL. pysqlite (under aiosqlite) does not open a transaction
+    before DDL, so each CREATE TABLE would commit on its own and a crash half-way would leave a
+    half-made schema; here the driver's own BEGIN is turned off and we emit BEGIN IMMEDIATE,
+    which also takes SQLite's write lock at once, so two processes migrating at the same time
+    run one after the other (the other waits busy_timeout). This is SQLAlchemy's documented
+    recipe for transactional DDL on pysqlite/aiosqlite.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_async_engine(parsed, poolclass=NullPool, connect_args={"connect_timeout": 5})
+    _make_sqlite_folder(parsed)
+    engine = create_async_engine(parsed, poolclass=NullPool)
+    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    event.listen(engine.sync_engine, "connect", _sqlite_no_driver_begin)
+    event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
+    return engine
+
+
+def _make_sqlite_folder(parsed: URL) -> None:
+    database = parsed.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_no_driver_begin(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # busy_timeout waits for the writer instead of failing at once (first: switching a new
+    # database to WAL needs the lock too); SQLite leaves foreign keys off unless asked; WAL
+    # lets readers run during a write.
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def _translate(error: Exception) -> PersistenceError:
+    if isinstance(error, sa_exc.IntegrityError | sa_exc.DataError):
+        return StorageRejected(str(error.orig if isinstance(error, sa_exc.DBAPIError) else error))
+    # Everything else (connection refused or lost, pool timeout, lock timeout, a schema not
+    # there yet) is treated as transient: the events stay in JetStream and come back.
+    return StorageUnavailable(f"{type(error).__name__}: {error}")
+
+
+@contextlib.asynccontextmanager
+async def boundary() -> AsyncIterator[None]:
+    """Let persistence_svc errors through; turn driver errors into them."""
+    try:
+        yield
+    except PersistenceError:
+        raise
+    except (sa_exc.SQLAlchemyError, OSError) as error:
+        raise _translate(error) from error

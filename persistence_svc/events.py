@@ -1,0 +1,166 @@
+"""Lifecycle events to task rows, without a database: validation and the fold that applies
+an event's fields to a task's state. The repository calls these inside its transaction."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from persistence_svc.errors import InvalidEvent
+from persistence_svc.models import TERMINAL_STATUSES
+from switchboard.v1 import common_pb2, events_pb2
+
+Kind = events_pb2.LifecycleKind
+Status = common_pb2.TaskStatus
+
+STATUS_NAMES: dict[common_pb2.TaskStatus.ValueType, str] = {
+    Status.TASK_STATUS_QUEUED: "queued",
+    Status.TASK_STATUS_PROCESSING: "processing",
+    Status.TASK_STATUS_COMPLETED: "completed",
+    Status.TASK_STATUS_FAILED: "failed",
+    Status.TASK_STATUS_CANCELLED: "cancelled",
+}
+STATUS_VALUES = {name: value for value, name in STATUS_NAMES.items()}
+
+# The status an event implies when task_svc left `status` unset.
+KIND_STATUS: dict[events_pb2.LifecycleKind.ValueType, str] = {
+    Kind.LIFECYCLE_KIND_QUEUED: "queued",
+    Kind.LIFECYCLE_KIND_STARTED: "processing",
+    Kind.LIFECYCLE_KIND_COMPLETED: "completed",
+    Kind.LIFECYCLE_KIND_FAILED: "failed",
+    Kind.LIFECYCLE_KIND_CANCELLED: "cancelled",
+}
+
+MAX_USER_ID = 255
+
+
+@dataclass(frozen=True)
+class ParsedEvent:
+    """A LifecycleEvent checked once, with its ids and time in database form."""
+
+    task_id: uuid.UUID
+    user_id: str  # the app's external user id
+    seq: int
+    at: datetime
+    kind: str
+    status: str
+    event: events_pb2.LifecycleEvent
+
+    def payload(self) -> dict[str, Any]:
+        # Stored as the proto's own JSON mapping so GetTaskEvents gives back the same message.
+        return MessageToDict(self.event, preserving_proto_field_name=True)
+
+
+def clean_text(text: str) -> str:
+    """PostgreSQL text cannot hold NUL; a model's output could. Replace it on both databases
+    so that they store the same thing."""
+    return text.replace("\x00", "\ufffd")
+
+
+def parse_event(event: events_pb2.LifecycleEvent, now: datetime | None = None) -> ParsedEvent:
+    """Check an event can be applied; raise InvalidEvent when it never can."""
+    try:
+        task_id = uuid.UUID(event.task_id)
+    except ValueError:
+        raise InvalidEvent(
+            f"task id {event.task_id!r} is not a UUID", task_id=event.task_id, seq=event.seq
+        ) from None
+    if not event.user_id or len(event.user_id) > MAX_USER_ID or "\x00" in event.user_id:
+        raise InvalidEvent("missing or malformed user id", task_id=event.task_id, seq=event.seq)
+    if event.seq < 1:
+        raise InvalidEvent("seq must be 1 or more", task_id=event.task_id, seq=event.seq)
+    status = STATUS_NAMES.get(event.status) or KIND_STATUS.get(event.kind)
+    if status is None:
+        raise InvalidEvent("event has no kind and no status", task_id=event.task_id, seq=event.seq)
+    # proto3 enums are open: a newer task_svc may send a kind we do not know yet; its status
+    # still says what happened.
+    known = event.kind in Kind.values()
+    kind = Kind.Name(event.kind).removeprefix("LIFECYCLE_KIND_").lower() if known else "unknown"
+    try:
+        # An event without a time (a bug upstream) is dated when we first see it.
+        at = event.at.ToDatetime(tzinfo=UTC) if event.HasField("at") else now or datetime.now(UTC)
+    except (ValueError, OverflowError):
+        raise InvalidEvent(
+            "event time out of range", task_id=event.task_id, seq=event.seq
+        ) from None
+    return ParsedEvent(task_id, event.user_id, event.seq, at, kind, status, event)
+
+
+def new_task_row(first: ParsedEvent, user_pk: uuid.UUID, now: datetime) -> dict[str, Any]:
+    """The row of a task first seen through `first` (any kind: events can arrive out of order),
+    before any event's fields are applied (version 0)."""
+    return {
+        "id": first.task_id,
+        "user_id": user_pk,
+        "status": first.status,
+        "prompt": "",
+        "response": "",
+        "model": "",
+        "progress": 0.0,
+        "priority": 0,
+        "attempts": 0,
+        "started_at": None,
+        "completed_at": None,
+        "error_message": "",
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "finish_reason": "",
+        "created_at": first.at,
+        "updated_at": now,
+        "version": 0,
+    }
+
+
+def apply_event(row: dict[str, Any], parsed: ParsedEvent) -> bool:
+    """Apply one event to a task row in place; return whether the row changed.
+
+    Ordering rule (DESIGN.md: writes are ordered by the task's sequence number): an event whose
+    seq is not above the row's version is older than the state we hold and changes nothing,
+    except that the task's creation time is the earliest event time we have seen.
+    """
+    changed = False
+    # Write-once times may be filled in by an older event that arrives late; that fills a gap
+    # and never overwrites newer state.
+    if parsed.at < row["created_at"]:
+        row["created_at"] = parsed.at
+        changed = True
+    if parsed.seq <= row["version"]:
+        if parsed.status == "processing" and row["started_at"] is None:
+            row["started_at"] = parsed.at
+            changed = True
+        return changed
+    event = parsed.event
+    row["version"] = parsed.seq
+    row["status"] = parsed.status
+    # Events repeat the creation fields so that any one of them can create the row.
+    if event.prompt:
+        row["prompt"] = clean_text(event.prompt)
+    if event.model:
+        row["model"] = clean_text(event.model)
+    if event.priority:
+        row["priority"] = event.priority
+    row["attempts"] = max(row["attempts"], event.attempt)
+    # Progress never goes backwards (common.proto, TaskState.progress) and stays in 0..1;
+    # NaN compares false and is ignored (SQLite would store it as NULL).
+    if event.progress > row["progress"]:
+        row["progress"] = min(event.progress, 1.0)
+    if parsed.status == "processing" and row["started_at"] is None:
+        row["started_at"] = parsed.at
+    if parsed.status in TERMINAL_STATUSES:
+        row["completed_at"] = row["completed_at"] or parsed.at
+    if parsed.status == "completed":
+        row["progress"] = 1.0
+        row["response"] = clean_text(event.content)
+        row["finish_reason"] = clean_text(event.finish_reason)
+        if event.HasField("usage"):
+            row["prompt_tokens"] = event.usage.prompt_tokens
+            row["completion_tokens"] = event.usage.completion_tokens
+            row["total_tokens"] = event.usage.total_tokens
+    if event.HasField("error"):
+        row["error_message"] = clean_text(event.error.message)
+    return True

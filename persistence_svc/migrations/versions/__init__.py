@@ -1,0 +1,1 @@
+"""Alembic revisions, oldest first; each runs unchanged on SQLite and PostgreSQL."""

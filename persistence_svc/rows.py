@@ -1,0 +1,70 @@
+"""Database rows to the protobuf messages HistoryService and UserService return (the
+repository's reads), and the task query they share."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from google.protobuf.json_format import ParseDict, ParseError
+from sqlalchemy import Row, select
+
+from persistence_svc import models
+from persistence_svc.errors import StorageRejected
+from persistence_svc.events import STATUS_VALUES
+from switchboard.v1 import common_pb2, events_pb2, history_pb2
+
+
+def uuid_or_none(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
+
+
+def task_select() -> Any:
+    return select(models.tasks, models.users.c.external_id).join(
+        models.users, models.users.c.id == models.tasks.c.user_id
+    )
+
+
+def to_history_task(row: Row[Any]) -> history_pb2.HistoryTask:
+    task = history_pb2.HistoryTask(
+        task_id=str(row.id),
+        user_id=row.external_id,
+        status=STATUS_VALUES.get(row.status, common_pb2.TaskStatus.TASK_STATUS_UNSPECIFIED),
+        prompt=row.prompt,
+        response=row.response,
+        model=row.model,
+        progress=row.progress,
+        priority=row.priority,
+        attempts=row.attempts,
+        error_message=row.error_message,
+        version=row.version,
+        usage=common_pb2.Usage(
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            total_tokens=row.total_tokens,
+        ),
+    )
+    task.created_at.FromDatetime(row.created_at)
+    task.updated_at.FromDatetime(row.updated_at)
+    if row.started_at is not None:
+        task.started_at.FromDatetime(row.started_at)
+    if row.completed_at is not None:
+        task.completed_at.FromDatetime(row.completed_at)
+    return task
+
+
+def to_lifecycle_event(payload: dict[str, Any]) -> events_pb2.LifecycleEvent:
+    try:
+        return ParseDict(payload, events_pb2.LifecycleEvent(), ignore_unknown_fields=True)
+    except ParseError as error:
+        raise StorageRejected(f"unreadable event payload: {error}") from error
+
+
+def to_preferences(stored: dict[str, Any] | None) -> history_pb2.Preferences:
+    try:
+        return ParseDict(stored or {}, history_pb2.Preferences(), ignore_unknown_fields=True)
+    except ParseError as error:
+        raise StorageRejected(f"unreadable preferences: {error}") from error

@@ -1,0 +1,112 @@
+"""UserService: a user's preferences, read and written over gRPC through a write-through cache.
+
+Writes go to the database first and then to the cache (never the other way round), so the
+cache never holds what the database refused. The cache is per process: with several replicas
+another replica's write is seen here after at most `ttl_s`, the bound on staleness.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from persistence_svc.repository import Repository
+from persistence_svc.service import Context, call_storage, require_user
+from svckit.errors import Code, ServiceError
+from switchboard.v1 import history_pb2, history_pb2_grpc
+
+# Limits that keep one user's preferences small (the row is read on every cache miss).
+MAX_MODEL_NAME = 255
+MAX_EXTRA_ENTRIES = 64
+MAX_EXTRA_KEY = 128
+MAX_EXTRA_VALUE = 4096
+
+
+class PreferencesCache:
+    """A bounded LRU of external user id → Preferences, each entry valid for `ttl_s`."""
+
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, user_id: str) -> history_pb2.Preferences | None:
+        entry = self._entries.get(user_id)
+        if entry is None:
+            return None
+        expires, data = entry
+        if self._clock() >= expires:
+            del self._entries[user_id]
+            return None
+        self._entries.move_to_end(user_id)
+        # Stored serialized: a caller that mutates what it got cannot change the cache.
+        return history_pb2.Preferences.FromString(data)
+
+    def put(self, user_id: str, preferences: history_pb2.Preferences) -> None:
+        self._entries[user_id] = (self._clock() + self.ttl_s, preferences.SerializeToString())
+        self._entries.move_to_end(user_id)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def validate_preferences(preferences: history_pb2.Preferences) -> None:
+    texts = [preferences.default_model, *preferences.extra.keys(), *preferences.extra.values()]
+    if any("\x00" in text for text in texts):
+        raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "preferences cannot hold NUL")
+    if len(preferences.default_model) > MAX_MODEL_NAME:
+        raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "default_model is too long")
+    if len(preferences.extra) > MAX_EXTRA_ENTRIES:
+        raise ServiceError(
+            Code.ERROR_CODE_INVALID_REQUEST, f"at most {MAX_EXTRA_ENTRIES} extra preferences"
+        )
+    for key, value in preferences.extra.items():
+        if not key or len(key) > MAX_EXTRA_KEY or len(value) > MAX_EXTRA_VALUE:
+            raise ServiceError(
+                Code.ERROR_CODE_INVALID_REQUEST,
+                f"extra keys must be 1-{MAX_EXTRA_KEY} characters, values at most "
+                f"{MAX_EXTRA_VALUE}",
+            )
+
+
+class UserService(history_pb2_grpc.UserServiceServicer):
+    def __init__(self, repository: Repository, cache: PreferencesCache | None = None) -> None:
+        self.repository = repository
+        self.cache = cache if cache is not None else PreferencesCache()
+
+    async def GetPreferences(
+        self, request: history_pb2.GetPreferencesRequest, context: Context
+    ) -> history_pb2.Preferences:
+        try:
+            require_user(request.user_id)
+            cached = self.cache.get(request.user_id)
+            if cached is not None:
+                return cached
+            preferences = await call_storage(self.repository.get_preferences(request.user_id))
+            self.cache.put(request.user_id, preferences)
+            return preferences
+        except ServiceError as error:
+            await error.abort(context)
+
+    async def SetPreferences(
+        self, request: history_pb2.SetPreferencesRequest, context: Context
+    ) -> history_pb2.Preferences:
+        try:
+            require_user(request.user_id)
+            validate_preferences(request.preferences)
+            stored = await call_storage(
+                self.repository.set_preferences(request.user_id, request.preferences)
+            )
+            self.cache.put(request.user_id, stored)
+            return stored
+        except ServiceError as error:
+            await error.abort(context)

@@ -1,0 +1,244 @@
+"""The durable consumer end to end: a real nats-server (fixture), a real database."""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Sequence
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import func, select
+
+from persistence_svc import models
+from persistence_svc.consumer import DURABLE_NAME, EventConsumer, consumer_config
+from persistence_svc.errors import StorageRejected, StorageUnavailable
+from persistence_svc.repository import ApplyResult, Repository
+from svckit.nats import (
+    TASK_EVENTS_STREAM,
+)
+from switchboard.v1 import common_pb2, events_pb2, history_pb2
+from tests.conftest import timeout
+from tests.persistence.factory import Kind, completed_lifecycle, new_task_id
+from tests.persistence.helpers import FETCH_S, Bus, eventually, publish, running, until
+from tests.postgres import postgres_admin_url, sqlalchemy_url
+
+
+async def completed(repo: Repository, task_id: str) -> history_pb2.HistoryTask | None:
+    task = await repo.get_task(task_id, "alice")
+    return task if task and task.status == common_pb2.TASK_STATUS_COMPLETED else None
+
+
+async def event_rows(repo: Repository) -> int:
+    async with repo.engine.connect() as conn:
+        query = select(func.count()).select_from(models.task_events)
+        return int((await conn.execute(query)).scalar_one())
+
+
+async def test_events_become_history(bus: Bus, repository: Repository) -> None:
+    task_ids = [new_task_id() for _ in range(3)]
+    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+        for task_id in task_ids:
+            for event in completed_lifecycle(task_id):
+                await publish(bus.js, event)
+        for task_id in task_ids:
+            task = await eventually(functools.partial(completed, repository, task_id))
+            assert task.response == "Rayleigh."
+        await until(lambda: consumer.stats.acked == 9)
+    trail = await repository.get_task_events(task_ids[0], "alice")
+    assert trail is not None and [e.seq for e in trail] == [1, 2, 7]
+    info = await bus.js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+    assert info.config.max_ack_pending is not None and info.config.max_ack_pending > 1000
+
+
+async def test_redelivery_does_not_duplicate(bus: Bus, repository: Repository) -> None:
+    """A crash after the commit and before the ack: the batch is delivered again, the
+    repository ignores it, and the consumer acks it this time."""
+    task_id = new_task_id()
+    for event in completed_lifecycle(task_id):
+        await publish(bus.js, event)
+    await bus.js.add_consumer(TASK_EVENTS_STREAM, config=consumer_config(60.0))
+    sub = await bus.js.pull_subscribe_bind(durable=DURABLE_NAME, stream=TASK_EVENTS_STREAM)
+    first = await sub.fetch(3, timeout=timeout(5))
+    await repository.apply([events_pb2.LifecycleEvent.FromString(m.data) for m in first])
+    for msg in first:
+        await msg.nak()  # as if we had died before acking: JetStream redelivers at once
+    await sub.unsubscribe()
+
+    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+        await until(lambda: consumer.stats.acked == 3)
+    assert await event_rows(repository) == 3
+    task = await repository.get_task(task_id, "alice")
+    assert task is not None and task.version == 7
+    info = await bus.js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
+    assert info.num_ack_pending == 0
+
+
+async def test_same_event_published_twice_is_recorded_once(
+    bus: Bus, repository: Repository
+) -> None:
+    task_id = new_task_id()
+    queued, started, done = completed_lifecycle(task_id)
+    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+        await publish(bus.js, queued)
+        await publish(bus.js, started)
+        # A republish after JetStream's duplicate window (a different message id).
+        await bus.js.publish(f"switchboard.tasks.{task_id}.started", started.SerializeToString())
+        await publish(bus.js, done)
+        await eventually(lambda: completed(repository, task_id))
+        await until(lambda: consumer.stats.acked == 4)
+    assert await event_rows(repository) == 3
+
+
+async def test_bad_message_is_terminated_and_does_not_block(
+    bus: Bus, repository: Repository
+) -> None:
+    task_id = new_task_id()
+    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+        await bus.js.publish(f"switchboard.tasks.{task_id}.queued", b"\xff not a protobuf")
+        bad_id = completed_lifecycle("not-a-uuid")[0]
+        await bus.js.publish("switchboard.tasks.not-a-uuid.queued", bad_id.SerializeToString())
+        for event in completed_lifecycle(task_id):
+            await publish(bus.js, event)
+        await eventually(lambda: completed(repository, task_id))
+        await until(lambda: consumer.stats.terminated == 2)
+    info = await bus.js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
+    assert info.num_ack_pending == 0
+
+
+class FlakyRepository(Repository):
+    """The real repository, with a switch that makes the database look down."""
+
+    down = True
+
+    async def apply(
+        self,
+        events: Sequence[events_pb2.LifecycleEvent],
+        snapshots: Sequence[history_pb2.TaskSnapshot] = (),
+    ) -> ApplyResult:
+        if self.down:
+            raise StorageUnavailable("connection refused (test)")
+        return await super().apply(events, snapshots)
+
+
+async def test_database_down_keeps_events_until_it_is_back(bus: Bus, database_url: str) -> None:
+    repo = await FlakyRepository.open(database_url)
+    try:
+        task_id = new_task_id()
+        consumer = EventConsumer(bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1, 0.2))
+        async with running(consumer):
+            for event in completed_lifecycle(task_id):
+                await publish(bus.js, event)
+            # Delivered, refused, nak'ed with a delay, delivered again...
+            await until(lambda: consumer.stats.nacked >= 6)
+            assert consumer.stats.acked == 0
+            assert await repo.get_task(task_id, "alice") is None
+            repo.down = False
+            task = await eventually(lambda: completed(repo, task_id))
+            assert task.version == 7
+            await until(lambda: consumer.stats.acked == 3)
+        assert await event_rows(repo) == 3
+    finally:
+        await repo.close()
+
+
+async def test_durable_position_survives_a_restart(bus: Bus, repository: Repository) -> None:
+    first, second = new_task_id(), new_task_id()
+    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+        for event in completed_lifecycle(first):
+            await publish(bus.js, event)
+        await until(lambda: consumer.stats.acked == 3)
+    # Published while no consumer runs: the durable consumer picks them up on restart,
+    # and does not deliver the first task's events again.
+    for event in completed_lifecycle(second):
+        await publish(bus.js, event)
+    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+        await eventually(lambda: completed(repository, second))
+        await until(lambda: consumer.stats.acked == 3)
+        assert consumer.stats.acked == 3
+
+
+async def test_kinds_other_than_completed(bus: Bus, repository: Repository) -> None:
+    from tests.persistence.factory import event
+
+    failed, cancelled = new_task_id(), new_task_id()
+    error = common_pb2.Error(code=common_pb2.ERROR_CODE_TIMEOUT, message="provider timed out")
+    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)):
+        await publish(bus.js, event(failed, 1, Kind.LIFECYCLE_KIND_QUEUED))
+        await publish(bus.js, event(failed, 4, Kind.LIFECYCLE_KIND_FAILED, error=error))
+        await publish(bus.js, event(cancelled, 1, Kind.LIFECYCLE_KIND_QUEUED))
+        await publish(bus.js, event(cancelled, 2, Kind.LIFECYCLE_KIND_CANCELLED))
+
+        async def settled() -> bool:
+            a = await repository.get_task(failed, "alice")
+            b = await repository.get_task(cancelled, "alice")
+            return bool(a and b and a.version == 4 and b.version == 2)
+
+        await eventually(settled)
+    a = await repository.get_task(failed, "alice")
+    b = await repository.get_task(cancelled, "alice")
+    assert a is not None and b is not None
+    assert (a.status, a.error_message) == (common_pb2.TASK_STATUS_FAILED, "provider timed out")
+    assert b.status == common_pb2.TASK_STATUS_CANCELLED
+
+
+class PickyRepository(Repository):
+    """The real repository, refusing (like a constraint would) every event of one task."""
+
+    poisoned = ""
+
+    async def apply(
+        self,
+        events: Sequence[events_pb2.LifecycleEvent],
+        snapshots: Sequence[history_pb2.TaskSnapshot] = (),
+    ) -> ApplyResult:
+        if any(event.task_id == self.poisoned for event in events):
+            raise StorageRejected("value refused (test)")
+        return await super().apply(events, snapshots)
+
+
+async def test_refused_event_is_isolated_and_the_rest_applied(bus: Bus, database_url: str) -> None:
+    repo = await PickyRepository.open(database_url)
+    try:
+        good, bad = new_task_id(), new_task_id()
+        repo.poisoned = bad
+        # Published before the consumer starts, so they come in one batch.
+        for event in completed_lifecycle(bad) + completed_lifecycle(good):
+            await publish(bus.js, event)
+        consumer = EventConsumer(bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,))
+        async with running(consumer):
+            await eventually(functools.partial(completed, repo, good))
+            # Each refused event is retried, then given up on its third delivery.
+            await until(lambda: consumer.stats.terminated == 3 and consumer.stats.acked == 3)
+        assert consumer.stats.nacked == 6
+        assert await repo.get_task(bad, "alice") is None
+        info = await bus.js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
+        assert info.num_ack_pending == 0
+    finally:
+        await repo.close()
+
+
+async def test_postgres_that_appears_later_gets_every_event(bus: Bus) -> None:
+    """A real outage through the real driver: the database does not exist at start (every
+    connection is refused), then is created; the schema and the events follow."""
+    admin = await postgres_admin_url()
+    name = f"sb_test_late_{uuid.uuid4().hex[:12]}"
+    repo = await Repository.open(sqlalchemy_url(admin, name))
+    try:
+        task_id = new_task_id()
+        consumer = EventConsumer(bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.2,))
+        async with running(consumer):
+            for event in completed_lifecycle(task_id):
+                await publish(bus.js, event)
+            await until(lambda: consumer.stats.nacked >= 3)
+            async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+                await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            await eventually(functools.partial(completed, repo, task_id))
+            await until(lambda: consumer.stats.acked == 3)
+    finally:
+        await repo.close()
+        async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+            await conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )

@@ -1,0 +1,185 @@
+"""A real PostgreSQL outage: the test starts its own cluster, stops it while lifecycle events
+keep arriving on JetStream, starts it again, and checks every row: each event written once,
+every task in its final state."""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+
+import grpc
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy import func, select
+
+from persistence_svc import models
+from persistence_svc.config import Settings
+from persistence_svc.consumer import DURABLE_NAME
+from persistence_svc.database import create_engine
+from persistence_svc.errors import StorageUnavailable
+from persistence_svc.repository import Repository
+from persistence_svc.server import PersistenceServer
+from svckit.errors import Code, ServiceError
+from svckit.grpc_server import insecure_channel
+from svckit.nats import TASK_EVENTS_STREAM
+from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
+from tests.conftest import timeout
+from tests.persistence.factory import T0, Kind, completed_lifecycle, event, new_task_id
+from tests.persistence.helpers import Bus, eventually, publish, until
+from tests.postgres import Cluster, own_cluster, sqlalchemy_url
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """One cluster for this module (initdb takes a second or two); each test stops and
+    starts it, and leaves it running."""
+    with own_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def outage_settings(cluster: Cluster, nats_url: str) -> AsyncIterator[Settings]:
+    name = f"sb_outage_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(cluster.admin_url, autocommit=True) as c:
+        await c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield Settings(
+        nats_url=nats_url,
+        database_url=sqlalchemy_url(cluster.admin_url, name),
+        history_svc_listen="127.0.0.1:0",
+        persistence_retry_max_s=0.3,  # retry soon after the database is back
+    )
+
+
+def lifecycle(task_id: str, user: str, minute: int) -> list[events_pb2.LifecycleEvent]:
+    return completed_lifecycle(task_id, user=user, at=T0 + timedelta(minutes=minute))
+
+
+async def test_events_published_while_postgres_is_down_are_all_written_once(
+    cluster: Cluster, bus: Bus, outage_settings: Settings
+) -> None:
+    settings = outage_settings
+    url = settings.database_url
+    users = ("alice", "bob")
+    before = [(new_task_id(), users[i % 2]) for i in range(10)]  # all done before the outage
+    spanning = [(new_task_id(), users[i % 2]) for i in range(10)]  # started before, done during
+    during = [(new_task_id(), users[i % 2]) for i in range(10)]  # wholly during the outage
+    expected: dict[str, list[events_pb2.LifecycleEvent]] = {}
+    for minute, (task_id, user) in enumerate(before + spanning + during):
+        expected[task_id] = lifecycle(task_id, user, minute)
+
+    server = PersistenceServer(settings)
+    try:
+        await server.start()
+        assert server.consumer is not None
+        consumer = server.consumer
+        for task_id, _ in before:
+            for one in expected[task_id]:
+                await publish(bus.js, one)
+        for task_id, _ in spanning:
+            for one in expected[task_id][:2]:  # QUEUED, STARTED
+                await publish(bus.js, one)
+        await until(lambda: consumer.stats.acked == 50, seconds=20)
+
+        cluster.stop()
+        outage_events = [one for task_id, _ in spanning for one in expected[task_id][2:]]
+        outage_events += [one for task_id, _ in during for one in expected[task_id]]
+        for one in outage_events:
+            await publish(bus.js, one)
+        # The consumer tried them and could not write them: each one is still unacked.
+        await until(lambda: consumer.stats.nacked >= len(outage_events), seconds=20)
+        assert consumer.stats.acked == 50
+        info = await bus.js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
+        assert info.num_pending + info.num_ack_pending == len(outage_events)
+        # Reads answer a typed, retryable error meanwhile.
+        async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = history_pb2_grpc.HistoryServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetTask(
+                    history_pb2.GetHistoryTaskRequest(task_id=before[0][0], user_id="alice"),
+                    timeout=timeout(10),
+                )
+            error = ServiceError.from_rpc_error(caught.value)
+            assert (error.code, error.retryable) == (Code.ERROR_CODE_OVERLOADED, True)
+
+        cluster.start()
+
+        async def all_applied() -> bool:
+            info = await bus.js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
+            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+        await eventually(all_applied, seconds=30)
+    finally:
+        await server.shutdown()
+
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(select(models.task_events.c.task_id, models.task_events.c.seq))
+            ).all()
+            tasks = {
+                str(row.id): row
+                for row in await conn.execute(
+                    select(models.tasks, models.users.c.external_id).join(models.users)
+                )
+            }
+            user_count = (
+                await conn.execute(select(func.count()).select_from(models.users))
+            ).scalar_one()
+            snapshots = (
+                await conn.execute(select(func.count()).select_from(models.task_snapshots))
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    # Every event once, none twice, none missing.
+    written = [(str(task_id), seq) for task_id, seq in rows]
+    assert len(written) == len(set(written))
+    assert sorted(written) == sorted((t, e.seq) for t, evs in expected.items() for e in evs)
+    assert set(tasks) == set(expected)
+    for task_id, user in before + spanning + during:
+        row = tasks[task_id]
+        assert (row.status, row.version, row.response) == ("completed", 7, "Rayleigh.")
+        assert row.external_id == user
+        assert row.started_at is not None and row.completed_at is not None
+    assert user_count == 2
+    assert snapshots == 0  # every task finished: no active task left
+
+
+async def test_a_crash_of_the_database_mid_task(
+    cluster: Cluster, bus: Bus, outage_settings: Settings
+) -> None:
+    """PostgreSQL killed (immediate stop: no clean shutdown) between two events of a task:
+    the task ends cancelled once it is back, not left processing."""
+    task_id = new_task_id()
+    server = PersistenceServer(outage_settings)
+    try:
+        await server.start()
+        assert server.consumer is not None and server.repository is not None
+        consumer, repo = server.consumer, server.repository
+        await publish(bus.js, event(task_id, 1, Kind.LIFECYCLE_KIND_QUEUED))
+        await until(lambda: consumer.stats.acked == 1)
+        cluster.stop("immediate")  # as if the machine had lost power
+        await publish(bus.js, event(task_id, 2, Kind.LIFECYCLE_KIND_STARTED))
+        await publish(bus.js, event(task_id, 3, Kind.LIFECYCLE_KIND_CANCELLED))
+        await until(lambda: consumer.stats.nacked >= 2)
+        cluster.start()
+        task = await eventually(functools.partial(_at_version, repo, task_id, 3), seconds=30)
+        assert task.status == common_pb2.TASK_STATUS_CANCELLED
+        assert task.started_at.seconds > 0
+        trail = await repo.get_task_events(task_id, "alice")
+        assert trail is not None and [e.seq for e in trail] == [1, 2, 3]
+    finally:
+        await server.shutdown()
+
+
+async def _at_version(
+    repo: Repository, task_id: str, version: int
+) -> history_pb2.HistoryTask | None:
+    try:
+        task = await repo.get_task(task_id, "alice")
+    except StorageUnavailable:
+        return None
+    return task if task is not None and task.version == version else None
