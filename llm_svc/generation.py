@@ -1,0 +1,296 @@
+"""Turns a GenerateRequest into the GenerateEvent stream of llm.proto.
+
+Per request: resolve the model chain (the model, then its offered fallbacks); admit it
+against the user's daily quota; for each model, attempt the provider call through the guards
+(circuit breaker, rate limits), retrying per `RetryPolicy`; stream deltas and progress; end
+with exactly one `final` or one `error`. When every model failed, a cached answer of the
+chain may stand in (`from_cache`). Retries and fallbacks happen only
+before the first delta: once text went out, a failure ends the stream with an error (the
+caller holds text it cannot take back; task_svc retries the whole job).
+
+Domain failures (unknown model, bad request, provider errors) are `error` events, never a
+gRPC status: the stream always ends cleanly with its terminal event. Cancellation (the caller
+closing the generator, or cancelling the task iterating it) closes the provider stream at
+once, which for HTTP providers aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass, field
+
+from llm_svc.catalogue import Catalogue, ModelEntry
+from llm_svc.policy import (
+    FALLBACK_CODES,
+    Attempt,
+    CachedAnswer,
+    Guard,
+    ResponseCache,
+    RetryPolicy,
+)
+from llm_svc.progress import TYPICAL_ANSWER_TOKENS, ProgressTracker
+from llm_svc.providers.base import (
+    Finish,
+    Provider,
+    ProviderError,
+    ProviderRequest,
+    TextDelta,
+    TokenUsage,
+)
+from llm_svc.providers.local import count_tokens
+from llm_svc.quota import UserQuota
+from svckit.errors import ServiceError
+from switchboard.v1 import common_pb2, llm_pb2
+
+log = logging.getLogger(__name__)
+Code = common_pb2.ErrorCode
+
+MAX_TEMPERATURE = 2.0
+
+
+def delta_event(text: str) -> llm_pb2.GenerateEvent:
+    return llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text=text))
+
+
+def progress_event(progress: float, tokens: int) -> llm_pb2.GenerateEvent:
+    return llm_pb2.GenerateEvent(
+        progress=llm_pb2.GenerationProgress(progress=progress, tokens=tokens)
+    )
+
+
+def error_event(error: ServiceError) -> llm_pb2.GenerateEvent:
+    return llm_pb2.GenerateEvent(error=error.to_proto())
+
+
+def final_event(
+    answer: CachedAnswer, *, from_fallback: bool, from_cache: bool
+) -> llm_pb2.GenerateEvent:
+    return llm_pb2.GenerateEvent(
+        final=llm_pb2.GenerationFinal(
+            content=answer.content,
+            model=answer.model,
+            finish_reason=answer.finish_reason,
+            usage=answer.usage.to_proto(),
+            from_fallback=from_fallback,
+            from_cache=from_cache,
+        )
+    )
+
+
+@dataclass
+class _Run:
+    """What one attempt streamed so far."""
+
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def started(self) -> bool:
+        return bool(self.parts)
+
+
+class Generator:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        providers: Mapping[str, Provider],
+        *,
+        retry: RetryPolicy | None = None,
+        guards: Sequence[Guard] = (),
+        cache: ResponseCache | None = None,
+        quota: UserQuota | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.catalogue = catalogue
+        self.providers = providers
+        self.retry = retry or RetryPolicy()
+        self.guards = list(guards)
+        self.cache = cache
+        self.quota = quota
+        self._sleep = sleep
+        self._clock = clock
+
+    async def generate(
+        self, request: llm_pb2.GenerateRequest
+    ) -> AsyncGenerator[llm_pb2.GenerateEvent, None]:
+        try:
+            chain = self._resolve(request)
+            if self.quota is not None:
+                await self.quota.admit(request.user_id)
+        except ServiceError as error:
+            yield error_event(error)
+            return
+        async with aclosing(self._generate(request, chain)) as events:
+            async for event in events:
+                if event.HasField("final") and self.quota is not None:
+                    await self.quota.record(request.user_id, event.final.usage.total_tokens)
+                yield event
+
+    async def _generate(
+        self, request: llm_pb2.GenerateRequest, chain: list[ModelEntry]
+    ) -> AsyncGenerator[llm_pb2.GenerateEvent, None]:
+        started = self._clock()
+        last_error: ServiceError | None = None
+        for index, model in enumerate(chain):
+            provider_request = self._provider_request(model, request)
+            attempt = 0
+            while True:
+                attempt += 1
+                run = _Run()
+                try:
+                    async for event in self._attempt(model, provider_request, run, index > 0):
+                        yield event
+                    return
+                except ServiceError as error:
+                    last_error = error
+                except Exception as error:  # a bug in a provider must not kill the stream
+                    log.exception("provider failed", extra={"request_id": request.request_id})
+                    last_error = ServiceError(Code.ERROR_CODE_INTERNAL, f"provider failed: {error}")
+                self._log_failure(request, model, attempt, last_error, run)
+                if run.started:
+                    yield error_event(last_error)
+                    return
+                delay = self.retry.delay(attempt, last_error, self._clock() - started)
+                if delay is None:
+                    break
+                await self._sleep(delay)
+            if last_error.code not in FALLBACK_CODES:
+                break
+        assert last_error is not None  # the chain is never empty here
+        # The cache stands in for a failing model, not for a request no model would take.
+        cached = None
+        if last_error.code in FALLBACK_CODES:
+            cached = await self._cached(chain, request)
+        if cached is not None:
+            # As one delta, so that the deltas of every successful stream join to its final.
+            yield delta_event(cached.content)
+            yield progress_event(1.0, cached.usage.completion_tokens)
+            yield final_event(cached, from_fallback=True, from_cache=True)
+            return
+        yield error_event(last_error)
+
+    def _resolve(self, request: llm_pb2.GenerateRequest) -> list[ModelEntry]:
+        if not request.prompt.strip():
+            raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "the prompt is empty")
+        options = request.options
+        if options.max_tokens < 0:
+            raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "max_tokens must not be negative")
+        if options.HasField("temperature") and not 0.0 <= options.temperature <= MAX_TEMPERATURE:
+            raise ServiceError(
+                Code.ERROR_CODE_INVALID_REQUEST, f"temperature must be in 0 to {MAX_TEMPERATURE}"
+            )
+        chain = self.catalogue.chain(request.model)
+        if not chain:
+            provider = self.catalogue.unavailable.get(request.model)
+            why = f"provider {provider} is not configured" if provider else "no such model"
+            raise ServiceError(
+                Code.ERROR_CODE_MODEL_NOT_FOUND, f"model {request.model!r} is not available: {why}"
+            )
+        usable = [model for model in chain if model.provider in self.providers]
+        if not usable:
+            raise ServiceError(
+                Code.ERROR_CODE_MODEL_NOT_FOUND, f"model {request.model!r} has no provider"
+            )
+        return usable
+
+    @staticmethod
+    def _provider_request(model: ModelEntry, request: llm_pb2.GenerateRequest) -> ProviderRequest:
+        options = request.options
+        asked = options.max_tokens
+        return ProviderRequest(
+            model=model.upstream,
+            prompt=request.prompt,
+            max_tokens=min(asked, model.max_tokens) if asked > 0 else model.max_tokens,
+            system=options.system,
+            temperature=options.temperature if options.HasField("temperature") else None,
+            user_id=request.user_id,
+            request_id=request.request_id,
+        )
+
+    async def _attempt(
+        self, model: ModelEntry, request: ProviderRequest, run: _Run, from_fallback: bool
+    ) -> AsyncIterator[llm_pb2.GenerateEvent]:
+        provider = self.providers[model.provider]
+        estimate = provider.estimate_tokens(request)
+        if estimate:
+            tracker = ProgressTracker(estimate)
+        else:
+            tracker = ProgressTracker(request.max_tokens, typical_tokens=TYPICAL_ANSWER_TOKENS)
+        attempt = Attempt(model, request)
+        finish: Finish | None = None
+        async with AsyncExitStack() as guarded:
+            for guard in self.guards:
+                await guarded.enter_async_context(guard.admit(attempt))
+            async with aclosing(provider.stream(request)) as stream:
+                async for event in stream:
+                    match event:
+                        case TextDelta(text=text, tokens=tokens):
+                            if text:
+                                run.parts.append(text)
+                                yield delta_event(text)
+                            moved = tracker.advance(tokens)
+                            if moved is not None:
+                                yield progress_event(moved, tracker.tokens)
+                        case Finish():
+                            finish = event
+                            break
+            if finish is None:
+                raise ProviderError(
+                    provider.name, Code.ERROR_CODE_NETWORK, "the provider stream ended early"
+                )
+            # Some providers do not report usage; count it the way the local model does.
+            usage = finish.usage or TokenUsage(
+                count_tokens(request.system) + count_tokens(request.prompt), tracker.tokens
+            )
+            attempt.usage = usage
+        answer = CachedAnswer("".join(run.parts), model.id, finish.finish_reason, usage)
+        log.info(
+            "generation finished",
+            extra={
+                "request_id": request.request_id,
+                "model": model.id,
+                "finish_reason": finish.finish_reason,
+                "completion_tokens": usage.completion_tokens,
+                "from_fallback": from_fallback,
+            },
+        )
+        if self.cache is not None:
+            await self.cache.put(model, request, answer)
+        yield progress_event(tracker.finish(), usage.completion_tokens)
+        yield final_event(answer, from_fallback=from_fallback, from_cache=False)
+
+    async def _cached(
+        self, chain: list[ModelEntry], request: llm_pb2.GenerateRequest
+    ) -> CachedAnswer | None:
+        """The first cached answer along the chain (the one a model of it gave last)."""
+        if self.cache is None:
+            return None
+        for model in chain:
+            answer = await self.cache.get(model, self._provider_request(model, request))
+            if answer is not None:
+                return answer
+        return None
+
+    @staticmethod
+    def _log_failure(
+        request: llm_pb2.GenerateRequest,
+        model: ModelEntry,
+        attempt: int,
+        error: ServiceError,
+        run: _Run,
+    ) -> None:
+        log.warning(
+            "generation attempt failed",
+            extra={
+                "request_id": request.request_id,
+                "model": model.id,
+                "attempt": attempt,
+                "code": common_pb2.ErrorCode.Name(error.code),
+                "retryable": error.retryable,
+                "streamed": run.started,
+            },
+        )

@@ -1,0 +1,1 @@
+"""Provider adapters: each turns a `ProviderRequest` into a stream of `ProviderEvent`s."""

@@ -1,0 +1,50 @@
+"""The LlmService servicer (llm.proto): a thin shell over `Generator` and the catalogue."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+import grpc
+
+from llm_svc.catalogue import Catalogue
+from llm_svc.generation import Generator
+from switchboard.v1 import llm_pb2, llm_pb2_grpc
+
+SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
+
+
+class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
+    def __init__(self, generator: Generator, catalogue: Catalogue) -> None:
+        self.generator = generator
+        self.catalogue = catalogue
+
+    # A coroutine writing with `context.write`, not an async generator: when the client
+    # cancels, grpc.aio cancels this task wherever it waits (writing included), and
+    # `aclosing` then closes the generation, and with it the provider stream, at once.
+    # An async-generator handler would leave that close to garbage collection.
+    async def Generate(  # type: ignore[override]
+        self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> None:
+        async with aclosing(self.generator.generate(request)) as events:
+            async for event in events:
+                await context.write(event)
+
+    async def ListModels(
+        self, request: llm_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> llm_pb2.ListModelsResponse:
+        return list_models(self.catalogue)
+
+
+def list_models(catalogue: Catalogue) -> llm_pb2.ListModelsResponse:
+    return llm_pb2.ListModelsResponse(
+        models=[
+            llm_pb2.ModelInfo(
+                id=model.id,
+                provider=model.provider,
+                queue=model.queue,
+                is_default=model.id == catalogue.default_model,
+                max_tokens=model.max_tokens,
+            )
+            for model in catalogue.models.values()
+        ]
+    )

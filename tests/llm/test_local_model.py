@@ -1,0 +1,91 @@
+"""The built-in local model: a pure, deterministic answer, streamed token by token."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llm_svc.catalogue import DEFAULT_MODELS_FILE, Catalogue
+from llm_svc.providers.base import Finish, ProviderRequest, TextDelta
+from llm_svc.providers.local import (
+    DEFAULT_MAX_TOKENS,
+    LocalProvider,
+    answer_text,
+    complete,
+    compose_answer,
+    count_tokens,
+    tokenize,
+)
+
+
+def test_answer_is_deterministic_and_quotes_the_prompt() -> None:
+    prompt = "Write a haiku about the sea"
+    tokens = compose_answer(prompt, 256)
+    assert tokens == compose_answer(prompt, 256)
+    text = "".join(tokens)
+    assert f'You asked: "{prompt}"' in text
+    assert "6 words" in text and "27 characters" in text
+    assert 20 <= len(tokens) <= 80  # a few dozen tokens by default
+    assert compose_answer("Write a limerick", 256) != tokens
+
+
+def test_long_prompts_are_quoted_in_part() -> None:
+    prompt = " ".join(f"word{i}" for i in range(40))
+    text = answer_text(prompt)
+    assert '"word0 word1' in text and 'word11 …"' in text and "word12 " not in text
+    assert "40 words" in text
+
+
+def test_tokens_are_word_sized_and_carry_their_spacing() -> None:
+    assert tokenize("Hello  big\nworld") == ["Hello", "  big", "\nworld"]
+    tokens = compose_answer("hi there", 256)
+    assert all(len(t.split()) == 1 for t in tokens)
+    assert "".join(tokens) == answer_text("hi there")
+
+
+def test_max_tokens_truncates_with_length() -> None:
+    full = complete("Hello there", 256)
+    assert full.finish_reason == "stop"
+    cut = complete("Hello there", 5)
+    assert cut.finish_reason == "length"
+    assert cut.tokens == full.tokens[:5] == compose_answer("Hello there", 5)
+    exact = complete("Hello there", len(full.tokens))
+    assert exact.finish_reason == "stop"
+
+
+def test_usage_counts_system_prompt_and_completion() -> None:
+    result = complete("one two three", 4, system="be brief")
+    assert result.usage.prompt_tokens == 5
+    assert result.usage.completion_tokens == 4
+    assert result.usage.total_tokens == 9
+    assert count_tokens("") == 0
+
+
+def test_zero_max_tokens_means_the_model_default() -> None:
+    catalogue = Catalogue.load(DEFAULT_MODELS_FILE, {"local"})
+    assert catalogue.models["local"].max_tokens == DEFAULT_MAX_TOKENS
+    assert compose_answer("Hello", 0) == compose_answer("Hello") == compose_answer("Hello", 256)
+    assert complete("Hello").finish_reason == "stop"
+
+
+@given(st.text(max_size=200), st.integers(min_value=1, max_value=100))
+def test_truncation_is_a_prefix_of_the_full_answer(prompt: str, max_tokens: int) -> None:
+    tokens = compose_answer(prompt, max_tokens)
+    assert len(tokens) <= max_tokens
+    assert answer_text(prompt).startswith("".join(tokens))
+
+
+async def test_provider_streams_the_composed_answer() -> None:
+    provider = LocalProvider(token_delay_s=0)
+    request = ProviderRequest(model="switchboard-local-1", prompt="Tell me a story", max_tokens=7)
+    events = [event async for event in provider.stream(request)]
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert deltas == compose_answer("Tell me a story", 7)
+    assert events[-1] == Finish("length", complete("Tell me a story", 7).usage)
+    assert provider.estimate_tokens(request) == 7
+
+
+async def test_a_paced_stream_gives_the_same_tokens() -> None:
+    request = ProviderRequest(model="switchboard-local-1", prompt="Pace me", max_tokens=3)
+    events = [event async for event in LocalProvider(token_delay_s=0.001).stream(request)]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == compose_answer("Pace me", 3)
