@@ -6,13 +6,10 @@ a bare grpc.aio unary call), so ratios can be compared on a noisy machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -22,37 +19,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from svckit.grpc_server import GrpcServer, insecure_channel
+from tools.benchstats import Sample, measure
 from tools.natsserver import free_port
 from tools.stack import Stack, StackConfig, dev_token
-
-
-@dataclass
-class Sample:
-    name: str
-    latencies_s: list[float]
-    elapsed_s: float
-
-    def pct(self, q: float) -> float:
-        ordered = sorted(self.latencies_s)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies_s) / self.elapsed_s
-
-    def row(self) -> str:
-        return (
-            f"{self.name:<38} n={len(self.latencies_s):<6} p50={self.pct(0.50):8.3f} ms "
-            f"p99={self.pct(0.99):8.3f} ms  {self.rate:9.1f}/s"
-        )
-
-
-async def measure(name: str, clients: int, one: Callable[[int], Awaitable[list[float]]]) -> Sample:
-    """Run `one(client_index)` for `clients` concurrent clients; each returns its latencies."""
-    started = time.perf_counter()
-    results = await asyncio.gather(*(one(i) for i in range(clients)))
-    elapsed = time.perf_counter() - started
-    return Sample(name, [x for r in results for x in r], elapsed)
 
 
 async def websocket_echo_floor(clients: int, rounds: int) -> Sample:
@@ -63,18 +32,17 @@ async def websocket_echo_floor(clients: int, rounds: int) -> Sample:
     port = free_port()
     frame = orjson.dumps([None, "1", "phoenix", "heartbeat", {}]).decode()
     async with serve(echo, "127.0.0.1", port):
+        sockets = [await connect(f"ws://127.0.0.1:{port}") for _ in range(clients)]
 
-        async def one(_: int) -> list[float]:
-            out = []
-            async with connect(f"ws://127.0.0.1:{port}") as ws:
-                for _ in range(rounds):
-                    t = time.perf_counter()
-                    await ws.send(frame)
-                    await ws.recv()
-                    out.append(time.perf_counter() - t)
-            return out
+        async def one(index: int) -> None:
+            await sockets[index].send(frame)
+            await sockets[index].recv()
 
-        return await measure(f"floor: websocket echo x{clients}", clients, one)
+        try:
+            return await measure(f"floor: websocket echo x{clients}", clients, rounds, one)
+        finally:
+            for ws in sockets:
+                await ws.close()
 
 
 async def grpc_unary_floor(clients: int, rounds: int) -> Sample:
@@ -86,15 +54,10 @@ async def grpc_unary_floor(clients: int, rounds: int) -> Sample:
             request = health_pb2.HealthCheckRequest()
             await stub.Check(request)
 
-            async def one(_: int) -> list[float]:
-                out = []
-                for _ in range(rounds):
-                    t = time.perf_counter()
-                    await stub.Check(request)
-                    out.append(time.perf_counter() - t)
-                return out
+            async def one(_: int) -> None:
+                await stub.Check(request)
 
-            return await measure(f"floor: grpc.aio unary x{clients}", clients, one)
+            return await measure(f"floor: grpc.aio unary x{clients}", clients, rounds, one)
     finally:
         await server.stop(0)
 
@@ -112,6 +75,8 @@ class BenchClient:
 
     async def send(self, join_ref: str | None, topic: str, event: str, payload: object) -> str:
         ref = self.next_ref()
+        if event == "phx_join":
+            join_ref = ref  # as every Phoenix client does: a join's ref is its join_ref
         await self.ws.send(orjson.dumps([join_ref, ref, topic, event, payload]).decode())
         return ref
 
@@ -142,35 +107,39 @@ class BenchClient:
 
 
 async def generation_bench(stack: Stack, clients: int, rounds: int) -> tuple[Sample, Sample]:
+    """(llm_generate ack latency, end-to-end generation latency) over `clients` sockets."""
     url = f"{stack.config.socket_url}?token={dev_token('bench')}&vsn=2.0.0"
+    sockets = [BenchClient(await connect(url, max_queue=None)) for _ in range(clients)]
     acks: list[float] = []
 
-    async def one(i: int) -> list[float]:
-        out = []
-        async with connect(url, max_queue=None) as ws:
-            client = BenchClient(ws)
-            for r in range(rounds):
-                ack, done = await client.generate(f"benchmark prompt {i}-{r}")
-                acks.append(ack)
-                out.append(done)
-        return out
+    async def one(index: int) -> None:
+        ack, _ = await sockets[index].generate(f"benchmark prompt {index}-{len(acks)}")
+        acks.append(ack)
 
-    await measure("warm-up", min(clients, 4), one)
-    acks.clear()
-    e2e = await measure(f"end-to-end generation x{clients}", clients, one)
+    try:
+        await measure("warm-up", clients, 1, one)
+        acks.clear()
+        e2e = await measure(f"end-to-end generation x{clients}", clients, rounds, one)
+    finally:
+        for client in sockets:
+            await client.ws.close()
     return Sample(f"llm_generate ack x{clients}", acks, e2e.elapsed_s), e2e
 
 
-async def run(clients: int, rounds: int, floor_rounds: int) -> None:
-    print(f"Switchboard bench: {clients} concurrent clients x {rounds} generations, local model")
-    print("at zero delay, SQLite history; floors measured in this same run.\n")
+async def run_stack_bench(clients: int, rounds: int, floor_rounds: int) -> list[str]:
+    """Generations through the whole stack (real processes), local model at zero delay."""
     ws_seq = await websocket_echo_floor(1, floor_rounds)
     ws_conc = await websocket_echo_floor(clients, max(1, floor_rounds // 10))
     grpc_seq = await grpc_unary_floor(1, floor_rounds)
     grpc_conc = await grpc_unary_floor(clients, max(1, floor_rounds // 10))
     with tempfile.TemporaryDirectory() as scratch:
         config = StackConfig.on_free_ports(
-            Path(scratch), extra_env={"LOCAL_MODEL_TOKEN_DELAY_MS": "0", "LOG_LEVEL": "WARNING"}
+            Path(scratch),
+            extra_env={
+                "LOCAL_MODEL_TOKEN_DELAY_MS": "0",
+                "LOG_LEVEL": "WARNING",
+                "LLM_DEFAULT_MODEL": "local",
+            },
         )
         stack = Stack(config)
         try:
@@ -179,28 +148,47 @@ async def run(clients: int, rounds: int, floor_rounds: int) -> None:
             ack, e2e = await generation_bench(stack, clients, rounds)
         finally:
             await stack.stop()
-    for sample in (ws_seq, ws_conc, grpc_seq, grpc_conc, single_ack, single, ack, e2e):
-        print(sample.row())
-    print()
-    print(
+    samples = (ws_seq, ws_conc, grpc_seq, grpc_conc, single_ack, single, ack, e2e)
+    return [
+        f"{clients} concurrent clients x {rounds} generations, local model at zero delay "
+        "(42 tokens), SQLite history",
+        *(sample.row() for sample in samples),
         f"ratios (p50): one generation / websocket echo = "
         f"{single.pct(0.5) / ws_seq.pct(0.5):.1f}x, "
         f"ack / websocket echo = {single_ack.pct(0.5) / ws_seq.pct(0.5):.1f}x, "
-        f"one generation / grpc unary = {single.pct(0.5) / grpc_seq.pct(0.5):.1f}x"
-    )
-    print(
+        f"one generation / grpc unary = {single.pct(0.5) / grpc_seq.pct(0.5):.1f}x",
         f"throughput: {e2e.rate:.1f} tasks/s with {clients} clients "
-        f"(mean {statistics.mean(e2e.latencies_s) * 1000:.1f} ms per task)"
-    )
+        f"(mean {statistics.mean(e2e.latencies_s) * 1000:.1f} ms per task)",
+    ]
+
+
+SECTIONS = ("stack", "llm", "persistence")
+
+
+async def run(args: argparse.Namespace) -> None:
+    for section in args.only or SECTIONS:
+        print(f"\n== {section} ==", flush=True)
+        if section == "stack":
+            lines = await run_stack_bench(args.clients, args.rounds, args.floor_rounds)
+        elif section == "llm":
+            from tools.bench_llm import run_llm_bench
+
+            lines = await run_llm_bench()
+        elif section == "persistence":
+            from tools.bench_persistence import DEFAULT_POSTGRES_URL, run_persistence_bench
+
+            lines = await run_persistence_bench(args.postgres_url or DEFAULT_POSTGRES_URL)
+        print("\n".join(lines), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run one section")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=10, help="generations per client")
     parser.add_argument("--floor-rounds", type=int, default=2000)
-    args = parser.parse_args()
-    uvloop.run(run(args.clients, args.rounds, args.floor_rounds))
+    parser.add_argument("--postgres-url", default="", help="persistence section's server")
+    uvloop.run(run(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,7 @@ in-process LlmServer does, so the figures are CPU cost, not network.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,6 +23,7 @@ from llm_svc.server import LlmServer
 from svckit.grpc_server import insecure_channel
 from switchboard.v1 import llm_pb2, llm_pb2_grpc
 from tests.llm.openai_server import FakeOpenAI, Reply, completion
+from tools.benchstats import Sample, measure
 
 MODEL = "gpt-4o-mini"
 MESSAGES = [0]  # gRPC messages in the last generation (deltas, progress, final)
@@ -46,45 +43,6 @@ provider = "openai"
 max_tokens = 1024
 fallback = ["local"]
 """
-
-
-@dataclass
-class Sample:
-    name: str
-    latencies_s: list[float]
-    elapsed_s: float
-
-    def pct(self, q: float) -> float:
-        """The q-quantile latency in ms."""
-        ordered = sorted(self.latencies_s)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies_s) / self.elapsed_s
-
-    def row(self) -> str:
-        return (
-            f"{self.name:<40} n={len(self.latencies_s):<6} p50={self.pct(0.50):8.3f} ms "
-            f"p99={self.pct(0.99):8.3f} ms  {self.rate:9.1f}/s"
-        )
-
-
-async def measure(
-    name: str, clients: int, rounds: int, one: Callable[[int], Awaitable[None]]
-) -> Sample:
-    """`clients` concurrent clients, each calling `one(i)` `rounds` times."""
-    latencies: list[float] = []
-
-    async def client(index: int) -> None:
-        for _ in range(rounds):
-            started = time.perf_counter()
-            await one(index)
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return Sample(name, latencies, time.perf_counter() - started)
 
 
 def request_body(prompt: str) -> dict[str, object]:
