@@ -177,7 +177,8 @@ async def run(args: argparse.Namespace) -> None:
         elif section == "persistence":
             from tools.bench_persistence import DEFAULT_POSTGRES_URL, run_persistence_bench
 
-            lines = await run_persistence_bench(args.postgres_url or DEFAULT_POSTGRES_URL)
+            url = args.postgres_url or os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+            lines = await run_persistence_bench(url)
         print("\n".join(lines), flush=True)
 
 
