@@ -6,6 +6,7 @@ a bare grpc.aio unary call), so ratios can be compared on a noisy machine.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
