@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class QueueSettings(BaseModel):
+    """One job queue's overrides (TASK_QUEUES); unset fields take the TASK_* defaults."""
+
+    concurrency: int | None = None
+    max_attempts: int | None = None
+    max_depth: int | None = None
 
 
 class Settings(BaseSettings):
@@ -13,7 +22,16 @@ class Settings(BaseSettings):
     task_svc_listen: str = "127.0.0.1:50051"
     llm_svc_addr: str = "127.0.0.1:50052"
 
+    # Per model class (the `queue` llm_svc's ListModels gives each model), as JSON, e.g.
+    # TASK_QUEUES='{"local": {"concurrency": 64}, "openai": {"concurrency": 8, "max_attempts": 5}}'.
+    task_queues: dict[str, QueueSettings] = {}
     task_concurrency: int = 16  # running tasks per job queue
+    task_max_attempts: int = 3  # runs of a task with retryable errors before it dead-letters
+    task_max_queue_depth: int = 10_000  # waiting tasks per queue before Submit is refused
+    task_aging_s: float = 10.0  # a waiting task gains one priority level per this many seconds
+    task_retry_base_s: float = 1.0  # retry backoff: base * 2^(attempt-1), full jitter ...
+    task_retry_max_s: float = 60.0  # ... at most this, at least the provider's retry-after
+    task_position_interval_s: float = 1.0  # how often watchers get their queue position
     task_max_prompt_chars: int = 32_000
     task_shutdown_grace_s: float = 10.0
     task_job_ack_wait_s: float = 60.0  # in-progress acks go out every third of it
@@ -23,4 +41,6 @@ class Settings(BaseSettings):
     task_watcher_queue: int = 1024  # events buffered per watcher before it is dropped
     task_max_restarts: int = 3  # a TaskServer crashing more than this ...
     task_restart_period_s: float = 5.0  # ... within this many seconds fails its task
+    task_restart_backoff_s: float = 0.05  # first restart delay, doubling per recent crash
+    task_seq_reserve: int = 64  # events allowed past the last stored snapshot (checkpoints)
     task_models_cache_s: float = 10.0

@@ -1,10 +1,16 @@
-"""Publishing lifecycle events (events.proto LifecycleEvent) to JetStream.
+"""Publishing lifecycle events (events.proto LifecycleEvent) and snapshots of active tasks
+(history.proto TaskSnapshot) to JetStream, and reading back what was stored for a task.
 
 Subject `switchboard.tasks.<task_id>.<kind>`, message id `<task_id>:<seq>` (JetStream drops a
 re-publish of the same id within the stream's duplicate window, so retrying is safe). Events of
 one task are published in order, awaiting each PubAck, on one of a few lanes chosen by the task
 id; tasks on different lanes do not wait for each other. If NATS is briefly unavailable the
 lane retries with backoff rather than lose the event.
+
+Snapshots go to `switchboard.tasks.<task_id>.snapshot`, message id
+`<task_id>:snapshot:<seq>` (history.proto; persistence_svc keeps the latest per task), on the
+same lane as the task's lifecycle events, so the last message stored for a task always holds
+its highest stored seq.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX
-from switchboard.v1 import events_pb2
+from switchboard.v1 import events_pb2, history_pb2
+from task_svc.task_state import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +42,20 @@ def msg_id(event: events_pb2.LifecycleEvent) -> str:
     return f"{event.task_id}:{event.seq}"
 
 
+SNAPSHOT_SUFFIX = ".snapshot"
+
+
+def snapshot_subject(task_id: str) -> str:
+    return f"{TASK_EVENTS_SUBJECT_PREFIX}.{task_id}{SNAPSHOT_SUFFIX}"
+
+
 @dataclass
 class _Item:
-    event: events_pb2.LifecycleEvent
+    task_id: str
+    seq: int
+    subject: str
+    data: bytes
+    msg_id: str
     done: asyncio.Future[None]
 
 
@@ -64,9 +82,21 @@ class LifecyclePublisher:
 
     def publish(self, event: events_pb2.LifecycleEvent) -> asyncio.Future[None]:
         """Queue `event`; the future resolves once JetStream has acknowledged it."""
+        data = event.SerializeToString()
+        return self._queue(event.task_id, event.seq, subject(event), data, msg_id(event))
+
+    def publish_snapshot(self, snapshot: history_pb2.TaskSnapshot) -> asyncio.Future[None]:
+        state = snapshot.state
+        key = f"{state.task_id}:snapshot:{state.seq}"
+        data = snapshot.SerializeToString()
+        return self._queue(state.task_id, state.seq, snapshot_subject(state.task_id), data, key)
+
+    def _queue(
+        self, task_id: str, seq: int, subject: str, data: bytes, key: str
+    ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        lane = zlib.crc32(event.task_id.encode()) % len(self._queues)
-        self._queues[lane].put_nowait(_Item(event, done))
+        lane = zlib.crc32(task_id.encode()) % len(self._queues)
+        self._queues[lane].put_nowait(_Item(task_id, seq, subject, data, key, done))
         return done
 
     @property
@@ -76,25 +106,24 @@ class LifecyclePublisher:
     async def _lane(self, queue: asyncio.Queue[_Item]) -> None:
         while True:
             item = await queue.get()
-            await self._publish_until_acked(item.event)
+            await self._publish_until_acked(item)
             if not item.done.done():
                 item.done.set_result(None)
             queue.task_done()
 
-    async def _publish_until_acked(self, event: events_pb2.LifecycleEvent) -> None:
-        data = event.SerializeToString()
-        headers = {"Nats-Msg-Id": msg_id(event)}
+    async def _publish_until_acked(self, item: _Item) -> None:
+        headers = {"Nats-Msg-Id": item.msg_id}
         backoff = 0.05
         while True:
             try:
                 await self.js.publish(
-                    subject(event), data, timeout=self.publish_timeout_s, headers=headers
+                    item.subject, item.data, timeout=self.publish_timeout_s, headers=headers
                 )
                 return
             except (nats.errors.Error, OSError, TimeoutError) as error:
                 log.warning(
                     "lifecycle publish failed, retrying",
-                    extra={"task_id": event.task_id, "seq": event.seq, "error": repr(error)},
+                    extra={"task_id": item.task_id, "seq": item.seq, "error": repr(error)},
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
@@ -113,11 +142,30 @@ class LifecyclePublisher:
         self._tasks = []
 
 
-async def last_lifecycle(js: JetStreamContext, task_id: str) -> events_pb2.LifecycleEvent | None:
-    """The last lifecycle event published for a task (JetStream's last-by-subject lookup
-    accepts a wildcard), or None if none is stored."""
+@dataclass(frozen=True)
+class Stored:
+    """What SB_TASK_EVENTS holds about a task: its last message, a lifecycle event or a
+    snapshot (both carry the highest seq stored for the task)."""
+
+    seq: int
+    user_id: str
+    attempts: int
+    lifecycle: events_pb2.LifecycleEvent | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.lifecycle is not None and self.lifecycle.status in TERMINAL
+
+
+async def read_stored(js: JetStreamContext, task_id: str) -> Stored | None:
+    """The last message stored for a task (JetStream's last-by-subject lookup accepts a
+    wildcard), or None if none is stored."""
     try:
         raw = await js.get_last_msg(TASK_EVENTS_STREAM, f"{TASK_EVENTS_SUBJECT_PREFIX}.{task_id}.>")
     except NotFoundError:
         return None
-    return events_pb2.LifecycleEvent.FromString(raw.data or b"")
+    if (raw.subject or "").endswith(SNAPSHOT_SUFFIX):
+        state = history_pb2.TaskSnapshot.FromString(raw.data or b"").state
+        return Stored(state.seq, state.user_id, state.attempts)
+    event = events_pb2.LifecycleEvent.FromString(raw.data or b"")
+    return Stored(event.seq, event.user_id, event.attempt, event)

@@ -1,25 +1,45 @@
 """The in-memory scheduler of one job queue, with no I/O: priorities 0 (highest) to 9, FIFO
-within a priority, and a concurrency limit. JetStream holds the jobs durably but has no
-per-message priority (DESIGN.md, decisions), so the order in which they run is decided here.
+within a priority, a concurrency limit, and aging against starvation. JetStream holds the jobs
+durably but has no per-message priority (DESIGN.md, decisions), so the order in which they run
+is decided here.
+
+Starvation: with strict priorities a steady stream of priority-0 work would keep a priority-9
+task waiting forever. Each waiting task therefore gains one priority level per `aging_s`
+seconds it has waited (its effective priority is `priority - waited // aging_s`, at best 0);
+among equal effective priorities the one that has waited longest goes first. A priority-9 task
+thus runs after at most about `9 * aging_s` seconds plus the work already at priority 0 ahead
+of it. Within one priority the oldest task has the best effective priority, so only the ten
+heads are compared to pick the next task (O(1)), and the whole order is a merge of ten
+sorted lists.
 
 `ThroughputMeter` turns measured run times into the eta of a queue position.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 PRIORITIES = 10
 
+Clock = Callable[[], float]
+
 
 class Scheduler:
-    def __init__(self, concurrency: int) -> None:
+    def __init__(
+        self, concurrency: int, *, aging_s: float = 0.0, clock: Clock = time.monotonic
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.concurrency = concurrency
-        # One insertion-ordered dict per priority: FIFO, and O(1) removal on cancel.
-        self._waiting: list[dict[str, None]] = [{} for _ in range(PRIORITIES)]
+        self.aging_s = aging_s  # 0: strict priorities, no aging
+        self.clock = clock
+        # One insertion-ordered dict per priority (task id -> enqueued at): FIFO, and O(1)
+        # removal on cancel.
+        self._waiting: list[dict[str, float]] = [{} for _ in range(PRIORITIES)]
         self._priority: dict[str, int] = {}
         self.running: set[str] = set()
 
@@ -27,7 +47,7 @@ class Scheduler:
         if task_id in self._priority or task_id in self.running:
             return
         priority = min(max(priority, 0), PRIORITIES - 1)
-        self._waiting[priority][task_id] = None
+        self._waiting[priority][task_id] = self.clock()
         self._priority[task_id] = priority
 
     def remove(self, task_id: str) -> bool:
@@ -49,33 +69,66 @@ class Scheduler:
     def free_slots(self) -> int:
         return max(0, self.concurrency - len(self.running))
 
+    def _key(self, priority: int, enqueued: float, now: float) -> tuple[int, float]:
+        if self.aging_s > 0:
+            priority = max(0, priority - int((now - enqueued) // self.aging_s))
+        return priority, enqueued
+
+    def order(self) -> Iterator[str]:
+        """Waiting task ids in the order they would start now."""
+        now = self.clock()
+        lists = [self._keyed(p, queue, now) for p, queue in enumerate(self._waiting) if queue]
+        return (task_id for _, task_id in heapq.merge(*lists))
+
+    def _keyed(
+        self, priority: int, queue: dict[str, float], now: float
+    ) -> Iterator[tuple[tuple[int, float], str]]:
+        for task_id, enqueued in queue.items():
+            yield self._key(priority, enqueued, now), task_id
+
     def position_for(self, priority: int) -> int:
         """The 1-based position a task pushed now with `priority` would have."""
         priority = min(max(priority, 0), PRIORITIES - 1)
-        return 1 + sum(len(q) for q in self._waiting[: priority + 1])
+        now = self.clock()
+        ahead = sum(len(q) for q in self._waiting[: priority + 1])
+        if self.aging_s > 0:
+            # Lower priorities old enough to have aged up to `priority` are ahead too; each
+            # list is oldest first, so stop at the first one still too young.
+            for p in range(priority + 1, PRIORITIES):
+                for t in self._waiting[p].values():
+                    if self._key(p, t, now)[0] > priority:
+                        break
+                    ahead += 1
+        return ahead + 1
 
     def position(self, task_id: str) -> int:
-        priority = self._priority.get(task_id)
-        if priority is None:
+        """The 1-based position of a waiting task (0 if it is not waiting); O(n)."""
+        if task_id not in self._priority:
             return 0
-        ahead = sum(len(q) for q in self._waiting[:priority])
-        for index, queued in enumerate(self._waiting[priority]):
+        for index, queued in enumerate(self.order(), start=1):
             if queued == task_id:
-                return ahead + index + 1
+                return index
         return 0
 
     def next_ready(self) -> str | None:
         """The next task to start, if a slot is free (it then counts as running)."""
         if len(self.running) >= self.concurrency:
             return None
-        for queue in self._waiting:
+        now = self.clock()
+        best: tuple[tuple[int, float], int, str] | None = None
+        for p, queue in enumerate(self._waiting):
             if queue:
-                task_id = next(iter(queue))
-                del queue[task_id]
-                del self._priority[task_id]
-                self.running.add(task_id)
-                return task_id
-        return None
+                task_id, t = next(iter(queue.items()))
+                candidate = (self._key(p, t, now), p, task_id)
+                if best is None or candidate < best:
+                    best = candidate
+        if best is None:
+            return None
+        _, p, task_id = best
+        del self._waiting[p][task_id]
+        del self._priority[task_id]
+        self.running.add(task_id)
+        return task_id
 
     def finished(self, task_id: str) -> None:
         self.running.discard(task_id)

@@ -153,6 +153,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             send_state = False
         if server.user_id != request.user_id:
             raise forbidden(request.task_id)
+        if send_state:
+            await self.engine.refresh_position(server)
         async for response in self._follow(server, request.after_seq, send_state):
             yield response
 
@@ -204,3 +206,30 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         except ServiceError as error:
             await error.abort(context)
         return tasks_pb2.GetTaskResponse(state=state)
+
+    # -- admin: the dead-letter queue ------------------------------------------------
+
+    async def ListDeadLetters(
+        self,
+        request: tasks_pb2.ListDeadLettersRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tasks_pb2.ListDeadLettersResponse:
+        try:
+            if request.limit < 0:
+                raise invalid("limit must not be negative")
+            letters = await self.engine.list_dead_letters(request.queue, request.limit)
+        except ServiceError as error:
+            await error.abort(context)
+        return tasks_pb2.ListDeadLettersResponse(dead_letters=letters)
+
+    async def RequeueDeadLetter(
+        self,
+        request: tasks_pb2.RequeueDeadLetterRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tasks_pb2.RequeueDeadLetterResponse:
+        try:
+            check_task_id(request.task_id)
+            state = await self.engine.requeue_dead_letter(request.task_id)
+        except ServiceError as error:
+            await error.abort(context)
+        return tasks_pb2.RequeueDeadLetterResponse(state=state)

@@ -1,10 +1,16 @@
 """A small one-for-one supervisor for asyncio actors (OTP's `one_for_one` strategy).
 
 Each child is a coroutine function (an actor's loop). If it raises, only that child is run
-again; if it crashes more than `max_restarts` times within `period_s` seconds (OTP's
-restart intensity), the supervisor stops restarting it and calls its `on_give_up`. A child
-that returns normally, or is cancelled, is done and forgotten (`on_exit` is called). Restarting
-the *loop* rather than re-creating the object lets an actor carry on from the state it holds.
+again, after an exponential backoff (`backoff_s`, doubling per recent crash, at most
+`max_backoff_s`), so a child crashing on every start does not spin; if it crashes more than
+`max_restarts` times within `period_s` seconds (OTP's restart intensity), the supervisor stops
+restarting it and calls its `on_give_up`. A child that returns normally, or is cancelled, is
+done and forgotten (`on_exit` is called). Restarting the *loop* rather than re-creating the
+object lets an actor carry on from the state it holds.
+
+A child may be started again under the same id once it has returned (a hibernating actor's
+loop ends when its mailbox is empty and is started again by the next message): its recent
+crashes are remembered across such runs, so the intensity limit still holds.
 """
 
 from __future__ import annotations
@@ -23,22 +29,39 @@ ChildFn = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass
+class _History:
+    """Recent crashes of one child id (kept only while some are within the period)."""
+
+    crashes: collections.deque[float] = field(default_factory=collections.deque)
+    restarts: int = 0
+
+
+@dataclass
 class _Child:
     child_id: str
     run: ChildFn
     on_exit: Callable[[], None] | None
     on_give_up: Callable[[BaseException], None] | None
-    crashes: collections.deque[float] = field(default_factory=collections.deque)
-    restarts: int = 0
     task: asyncio.Task[None] | None = None
 
 
 class Supervisor:
-    def __init__(self, name: str, *, max_restarts: int = 3, period_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_restarts: int = 3,
+        period_s: float = 5.0,
+        backoff_s: float = 0.0,
+        max_backoff_s: float = 2.0,
+    ) -> None:
         self.name = name
         self.max_restarts = max_restarts
         self.period_s = period_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self._children: dict[str, _Child] = {}
+        self._history: dict[str, _History] = {}
         self._closed = False
 
     def start_child(
@@ -51,7 +74,8 @@ class Supervisor:
     ) -> None:
         if self._closed:
             raise RuntimeError(f"supervisor {self.name} is stopped")
-        if child_id in self._children:
+        existing = self._children.get(child_id)
+        if existing is not None and not (existing.task is not None and existing.task.done()):
             raise ValueError(f"child {child_id} is already supervised")
         child = _Child(child_id, run, on_exit, on_give_up)
         self._children[child_id] = child
@@ -61,8 +85,9 @@ class Supervisor:
         child.task.add_done_callback(lambda _: self._forget(child))
 
     def restarts(self, child_id: str) -> int:
-        child = self._children.get(child_id)
-        return child.restarts if child is not None else 0
+        """Restarts of `child_id` while its crashes are recent (within the period)."""
+        history = self._history.get(child_id)
+        return history.restarts if history is not None else 0
 
     def __contains__(self, child_id: str) -> bool:
         return child_id in self._children
@@ -73,6 +98,9 @@ class Supervisor:
     def _forget(self, child: _Child) -> None:
         if self._children.get(child.child_id) is child:
             del self._children[child.child_id]
+        history = self._history.get(child.child_id)
+        if history is not None and self._prune(history, time.monotonic()) == 0:
+            del self._history[child.child_id]
         if child.on_exit is not None:
             try:
                 child.on_exit()
@@ -86,10 +114,10 @@ class Supervisor:
                 return
             except Exception as error:
                 now = time.monotonic()
-                child.crashes.append(now)
-                while child.crashes and child.crashes[0] < now - self.period_s:
-                    child.crashes.popleft()
-                if len(child.crashes) > self.max_restarts:
+                history = self._history.setdefault(child.child_id, _History())
+                history.crashes.append(now)
+                recent = self._prune(history, now)
+                if recent > self.max_restarts:
                     log.error(
                         "child crashed too often, giving up",
                         extra={"supervisor": self.name, "child": child.child_id},
@@ -98,12 +126,20 @@ class Supervisor:
                     if child.on_give_up is not None:
                         child.on_give_up(error)
                     return
-                child.restarts += 1
+                history.restarts += 1
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (recent - 1))
                 log.warning(
                     "child crashed, restarting",
-                    extra={"supervisor": self.name, "child": child.child_id},
+                    extra={"supervisor": self.name, "child": child.child_id, "delay_s": delay},
                     exc_info=error,
                 )
+                if delay > 0:
+                    await asyncio.sleep(delay)
+
+    def _prune(self, history: _History, now: float) -> int:
+        while history.crashes and history.crashes[0] < now - self.period_s:
+            history.crashes.popleft()
+        return len(history.crashes)
 
     def terminate(self, child_id: str) -> None:
         """Stop one child (cancelled: not restarted); its `on_exit` runs."""

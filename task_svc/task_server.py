@@ -5,10 +5,21 @@ time, so events get strictly increasing seq and a watcher subscribes atomically:
 snapshot, the replay of what it missed and its registration for live events are one mailbox
 message, so there is no gap and nothing twice between replay and live.
 
-The loop is the supervised part (`run`): if a message crashes it, the caller of that message
-gets the exception, the supervisor runs the loop again and it carries on from the state it
-holds (the state lives on the object, not in the loop). After too many crashes the
-supervisor calls `give_up`, which fails the task directly (the loop is dead).
+The loop is the supervised part: if a message crashes it, the caller of that message gets
+the exception, the supervisor runs the loop again and it carries on from the state it holds
+(the state lives on the object, not in the loop). After too many crashes the supervisor's
+give-up fails the task directly (`give_up`; the loop is dead).
+
+Hibernation (Erlang's `proc_lib:hibernate`): an idle actor has no loop, no asyncio task and no
+mailbox; the next message creates the mailbox and starts the loop under the supervisor, and
+the loop ends when the mailbox is empty. A queued task waiting for minutes costs only its state.
+
+Seq checkpoints (so that seq keeps increasing across incarnations of a task): an event may be
+fanned out only while its seq is at most `durable_seq + checkpoint_every`, where `durable_seq`
+is the seq of the last snapshot JetStream has stored. A snapshot is published (without
+waiting) once half of that margin is used, and the loop waits for it only if the margin runs
+out. A task rebuilt after a crash therefore starts at `stored seq + checkpoint_every`, above
+any seq a watcher can have seen (see `jobs.py`, recovery).
 
 A slow watcher never blocks the actor: each has a bounded queue, and on overflow it is
 dropped (its stream ends with a retryable error, and it reconnects with its last seq).
@@ -17,13 +28,15 @@ dropped (its stream ends with a retryable error, and it reconnects with its last
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from svckit.errors import ServiceError
-from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
+from switchboard.v1 import common_pb2, events_pb2, history_pb2, tasks_pb2
+from task_svc.supervisor import Supervisor
 from task_svc.task_state import TaskCore, Transition
 
 log = logging.getLogger(__name__)
@@ -67,19 +80,51 @@ class Watcher:
         return await self.queue.get()
 
 
+Checkpoint = Callable[[history_pb2.TaskSnapshot], "asyncio.Future[None]"]
+_Mail = tuple[Callable[[TaskCore], Any], "asyncio.Future[Any]"]
+
+
+def _no_give_up(server: TaskServer, error: BaseException) -> None:
+    server.give_up(error)
+
+
+@dataclass
+class Host:
+    """What every TaskServer of one engine shares (one object, not one per server)."""
+
+    supervisor: Supervisor = field(default_factory=lambda: Supervisor("tasks"))
+    watcher_limit: int = 1024
+    # 0: no checkpoints (tests of the actor alone).
+    checkpoint_every: int = 0
+    checkpoint: Checkpoint | None = None
+    # Called when the supervisor gives up on a server; the default fails its task.
+    gave_up: Callable[[TaskServer, BaseException], None] = _no_give_up
+
+
 class TaskServer:
-    def __init__(self, core: TaskCore, *, watcher_limit: int = 1024, retain_s: float = 300.0):
+    __slots__ = (
+        "_cp",
+        "_ended",
+        "_mailbox",
+        "_wake",
+        "_watchers",
+        "core",
+        "down",
+        "durable_seq",
+        "host",
+    )
+
+    def __init__(self, core: TaskCore, host: Host, *, durable_seq: int | None = None) -> None:
         self.core = core
-        self.watcher_limit = watcher_limit
-        self.retain_s = retain_s
-        self.watchers: set[Watcher] = set()
-        self.restarts = 0
+        self.host = host
         self.down = False
-        self._mailbox: asyncio.Queue[tuple[Callable[[], Any], asyncio.Future[Any]]] = (
-            asyncio.Queue()
-        )
+        # The highest seq known stored in JetStream (a rebuilt task passes what it read).
+        self.durable_seq = core.seq if durable_seq is None else durable_seq
         self._ended = False
-        self._running = False
+        self._mailbox: collections.deque[_Mail] | None = None  # None: hibernating
+        self._wake: asyncio.Future[None] | None = None  # an awake, idle loop waits on it
+        self._watchers: set[Watcher] | None = None
+        self._cp: asyncio.Future[None] | None = None  # the snapshot being stored
 
     @property
     def task_id(self) -> str:
@@ -89,6 +134,22 @@ class TaskServer:
     def user_id(self) -> str:
         return self.core.user_id
 
+    @property
+    def watchers(self) -> set[Watcher]:
+        return self._watchers if self._watchers is not None else set()
+
+    @property
+    def hibernating(self) -> bool:
+        return self._mailbox is None
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def end(self) -> None:
+        """Retention is over: the server answers only direct reads from now on."""
+        self._ended = True
+
     # -- the mailbox -------------------------------------------------------------------
 
     async def call(self, fn: Callable[[TaskCore], T]) -> T:
@@ -96,8 +157,21 @@ class TaskServer:
         if self.down or self._ended:
             raise TaskServerDown(self.task_id)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._mailbox.put_nowait((lambda: fn(self.core), future))
+        if self._mailbox is None:
+            try:
+                self.host.supervisor.start_child(
+                    self.task_id, self._loop, on_give_up=self._on_give_up
+                )
+            except RuntimeError:  # the supervisor is stopped (shutdown)
+                raise TaskServerDown(self.task_id) from None
+            self._mailbox = collections.deque()
+        self._mailbox.append((fn, future))
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
         return await future
+
+    def _on_give_up(self, error: BaseException) -> None:
+        self.host.gave_up(self, error)
 
     async def apply(
         self, change: Callable[[TaskCore], Transition | None]
@@ -121,69 +195,103 @@ class TaskServer:
         the task is finished: nothing follows)."""
 
         def step(core: TaskCore) -> tuple[Watcher | None, common_pb2.TaskState, list[Any]]:
-            watcher = None if core.terminal else Watcher(self.watcher_limit)
+            watcher = None if core.terminal else Watcher(self.host.watcher_limit)
             if watcher is not None:
-                self.watchers.add(watcher)
+                if self._watchers is None:
+                    self._watchers = set()
+                self._watchers.add(watcher)
             return watcher, core.snapshot(), core.events_after(after_seq)
 
-        if self.down or self._ended:
+        if self.down or self._ended or self.core.terminal:
             # Nothing changes any more: read directly.
             return None, self.core.snapshot(), self.core.events_after(after_seq)
         return await self.call(step)
 
     def unsubscribe(self, watcher: Watcher) -> None:
-        self.watchers.discard(watcher)
+        if self._watchers is not None:
+            self._watchers.discard(watcher)
+            if not self._watchers:
+                self._watchers = None
 
     def _fan_out(self, transition: Transition) -> None:
         for watcher in list(self.watchers):
             if not watcher.push(transition.event):
-                self.watchers.discard(watcher)
+                self.unsubscribe(watcher)
                 log.warning("slow watcher dropped", extra={"task_id": self.task_id})
         if transition.terminal:
             # Each stream ends after the terminal event it already has in its queue.
-            self.watchers.clear()
+            self._watchers = None
 
     # -- the supervised loop ---------------------------------------------------------
 
-    async def run(self) -> None:
-        """Process the mailbox until the task has been finished for `retain_s` seconds."""
-        if self._running:
-            self.restarts += 1
-        self._running = True
+    async def _loop(self) -> None:
+        """Process the mailbox until it is empty, then hibernate (the loop ends). A running
+        task gets a message per text delta: its loop stays awake until the task leaves
+        PROCESSING rather than being started again for every message (gen_server's
+        `hibernate_after`, with "while running" as the idle rule)."""
+        mailbox = self._mailbox
         while True:
-            wait: float | None = None
-            if self.core.terminal:
-                finished_at = self.core.completed_ns / 1e9 if self.core.completed_ns else 0.0
-                wait = max(0.0, finished_at + self.retain_s - time.time())
-            try:
-                thunk, future = await asyncio.wait_for(self._mailbox.get(), wait)
-            except TimeoutError:
-                if self._mailbox.empty():
-                    self._ended = True
-                    return
-                continue
-            if future.cancelled():
-                continue
-            try:
-                result = thunk()
-            except Exception as error:
+            while mailbox:
+                await self._checkpoint()
+                fn, future = mailbox.popleft()
+                if future.cancelled():
+                    continue
+                try:
+                    result = fn(self.core)
+                except Exception as error:
+                    if not future.done():
+                        future.set_exception(error)
+                    raise
                 if not future.done():
-                    future.set_exception(error)
-                raise
-            if not future.done():
-                future.set_result(result)
+                    future.set_result(result)
+            if self.down or self.core.status != common_pb2.TASK_STATUS_PROCESSING:
+                break
+            self._wake = asyncio.get_running_loop().create_future()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+        if self._mailbox is mailbox:
+            self._mailbox = None
+
+    async def _checkpoint(self) -> None:
+        every = self.host.checkpoint_every
+        publish = self.host.checkpoint
+        core = self.core
+        if every <= 0 or publish is None or core.terminal or core.seq == 0:
+            return
+        if self._cp is None and core.seq >= self.durable_seq + every // 2:
+            self._cp = self._store(publish, core.snapshot_message(), core.seq)
+        if core.seq + 1 > self.durable_seq + every and self._cp is not None:
+            # Out of margin: the next event waits until the snapshot is stored.
+            await asyncio.shield(self._cp)
+
+    def _store(
+        self, publish: Checkpoint, snapshot: history_pb2.TaskSnapshot, seq: int
+    ) -> asyncio.Future[None]:
+        future = publish(snapshot)
+
+        def stored(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self.durable_seq = max(self.durable_seq, seq)
+            if self._cp is done:
+                self._cp = None
+
+        future.add_done_callback(stored)
+        return future
 
     def give_up(self, error: BaseException) -> events_pb2.LifecycleEvent | None:
         """The loop crashed too often: fail the task here (the loop is dead) and fail every
         pending call. Returns the FAILED lifecycle event to publish."""
         self.down = True
-        message = f"task server crashed {self.restarts + 1} times: {error!r}"
+        restarts = self.host.supervisor.restarts(self.task_id)
+        message = f"task server crashed {restarts + 1} times: {error!r}"
         failure = ServiceError(common_pb2.ERROR_CODE_INTERNAL, message, retryable=False)
         transition = self.core.failed(failure.to_proto())
         if transition is not None:
             self._fan_out(transition)
-        while not self._mailbox.empty():
-            _, future = self._mailbox.get_nowait()
+        while self._mailbox:
+            _, future = self._mailbox.popleft()
             if not future.done():
                 future.set_exception(TaskServerDown(self.task_id))
         return transition.lifecycle if transition is not None else None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
+from switchboard.v1 import common_pb2, events_pb2, history_pb2, tasks_pb2
 
 Status = common_pb2.TaskStatus
 Kind = events_pb2.LifecycleKind
@@ -79,7 +79,7 @@ class TaskSpec:
 class LogEntry:
     seq: int
     at_ns: int
-    kind: str  # "progress" | "chunk" | "completed" | "error"
+    kind: str  # "progress" | "position" (a Progress, coalesced) | "chunk" | "completed" | "error"
     status: common_pb2.TaskStatus.ValueType = Status.TASK_STATUS_UNSPECIFIED
     progress: float = 0.0
     queue_position: int = 0
@@ -104,6 +104,29 @@ class Transition:
 
 class TaskCore:
     """The authoritative state of one task (DESIGN.md, "TaskServer state")."""
+
+    # Slots: a queued task is held in memory for as long as it waits (100k of them must fit).
+    __slots__ = (
+        "_final_content",
+        "_joined",
+        "_parts",
+        "attempts",
+        "completed_ns",
+        "created_ns",
+        "error",
+        "eta_ms",
+        "finish_reason",
+        "log",
+        "model",
+        "progress",
+        "queue_position",
+        "seq",
+        "spec",
+        "started_ns",
+        "status",
+        "updated_ns",
+        "usage",
+    )
 
     def __init__(self, spec: TaskSpec, *, seq_base: int = 0, attempts: int = 0) -> None:
         self.spec = spec
@@ -209,15 +232,40 @@ class TaskCore:
 
     # -- changing -----------------------------------------------------------------------
 
-    def queued(self, position: int, eta_ms: int) -> Transition | None:
+    def queued(self, position: int, eta_ms: int, restart: str = "") -> Transition | None:
+        """QUEUED (a lifecycle change). With `restart` (a message starting with "restarted")
+        the task runs again from the start (recovered after a crash, or retried): its text
+        and progress are reset, and the event tells watchers to reset theirs."""
         if self.terminal:
             return None
+        if restart:
+            self._reset_text()
         self.status = Status.TASK_STATUS_QUEUED
         self.queue_position, self.eta_ms = position, eta_ms
         entry = self._append("progress", status=self.status, queue_position=position)
         entry.eta_ms = eta_ms
         entry.progress = self.progress
+        entry.message = restart
         return self._transition(entry, Kind.LIFECYCLE_KIND_QUEUED)
+
+    def queue_moved(self, position: int, eta_ms: int, *, emit: bool) -> Transition | None:
+        """A queued task's position or eta changed. With nobody watching (`emit` False) only
+        the state changes (Get and a new Watch read it); otherwise one Progress event, which
+        replaces a previous position update still at the end of the log (coalescing: a
+        watcher replaying the log gets the newest position only)."""
+        if self.status != Status.TASK_STATUS_QUEUED:
+            return None
+        if (position, eta_ms) == (self.queue_position, self.eta_ms):
+            return None
+        self.queue_position, self.eta_ms = position, eta_ms
+        if not emit:
+            return None
+        last = self.log[-1] if self.log else None
+        if last is not None and last.kind == "position":
+            self.log.pop()
+        entry = self._append("position", status=self.status, queue_position=position)
+        entry.eta_ms = eta_ms
+        return self._transition(entry)
 
     def started(self) -> Transition | None:
         if self.terminal:
@@ -285,6 +333,10 @@ class TaskCore:
         self.completed_ns = entry.at_ns
         return self._transition(entry, Kind.LIFECYCLE_KIND_CANCELLED)
 
+    def snapshot_message(self) -> history_pb2.TaskSnapshot:
+        """A checkpoint of this task for SB_TASK_EVENTS (history.proto, TaskSnapshot)."""
+        return history_pb2.TaskSnapshot(state=self.snapshot(), taken_at=timestamp(now_ns()))
+
     def restore_terminal(self, last: events_pb2.LifecycleEvent) -> None:
         """Rebuild a task that had finished before a restart, from its last lifecycle event
         (no log: a watcher gets the state, which holds the final content)."""
@@ -302,6 +354,12 @@ class TaskCore:
         self.updated_ns = self.completed_ns = last.at.ToNanoseconds()
 
     # -- internals ----------------------------------------------------------------------
+
+    def _reset_text(self) -> None:
+        self.progress = 0.0
+        self._parts = []
+        self._joined = ""
+        self._final_content = None
 
     def _append(self, kind: str, **fields: object) -> LogEntry:
         self.seq += 1

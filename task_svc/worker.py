@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -27,64 +25,32 @@ log = logging.getLogger(__name__)
 Publish = Callable[[events_pb2.LifecycleEvent], "asyncio.Future[None]"]
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """When a failed generation is tried again: exponential backoff with full jitter, at
-    least the provider's retry-after. The default (one attempt) never retries; the full
-    engine raises `max_attempts` (and moves to nak-with-delay for long waits)."""
-
-    max_attempts: int = 1
-    base_delay_s: float = 0.5
-    max_delay_s: float = 30.0
-
-    def delay_s(self, attempt: int, error: ServiceError) -> float | None:
-        if not error.retryable or attempt >= self.max_attempts:
-            return None
-        backoff = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
-        return max(random.uniform(0, backoff), error.retry_after_ms / 1000)
-
-
-class _Streamed:
-    """Whether any text reached the watchers (a retry would then repeat it)."""
-
-    def __init__(self) -> None:
-        self.any_text = False
+Outcome = ServiceError | events_pb2.LifecycleEvent | None
 
 
 async def run_task(
-    server: TaskServer,
-    llm: llm_pb2_grpc.LlmServiceStub,
-    publish: Publish,
-    policy: RetryPolicy | None = None,
-) -> events_pb2.LifecycleEvent | None:
-    """Run the task to a terminal state; return its terminal lifecycle event (None if the
-    task had already ended, e.g. cancelled through the mailbox first)."""
-    policy = policy or RetryPolicy()
+    server: TaskServer, llm: llm_pb2_grpc.LlmServiceStub, publish: Publish
+) -> Outcome:
+    """Run the task once: its terminal lifecycle event when it completed, the typed error
+    when the generation failed (the engine decides between a retry and failing the task),
+    None if the task had already ended (e.g. cancelled through the mailbox first)."""
     started = await server.apply(lambda core: core.started())
     if started is None:
-        return None  # already finished (cancelled before it could start)
+        return None
     publish(started)
-    attempt = 0
-    while True:
-        attempt += 1
-        streamed = _Streamed()
-        try:
-            final = await _generate(server, llm, streamed)
-        except ServiceError as error:
-            delay = None if streamed.any_text else policy.delay_s(attempt, error)
-            if delay is None:
-                log.info(
-                    "task failed",
-                    extra={"task_id": server.task_id, "code": error.reason, "error": error.message},
-                )
-                return await server.apply(partial(TaskCore.failed, error=error.to_proto()))
-            await asyncio.sleep(delay)
-            continue
-        return await server.apply(partial(TaskCore.completed, final=final))
+    try:
+        final = await _generate(server, llm)
+    except ServiceError as error:
+        log.info(
+            "generation failed",
+            extra={"task_id": server.task_id, "code": error.reason, "error": error.message},
+        )
+        return error
+    return await server.apply(partial(TaskCore.completed, final=final))
 
 
 async def _generate(
-    server: TaskServer, llm: llm_pb2_grpc.LlmServiceStub, streamed: _Streamed
+    server: TaskServer, llm: llm_pb2_grpc.LlmServiceStub
 ) -> llm_pb2.GenerationFinal:
     spec = server.core.spec
     request = llm_pb2.GenerateRequest(
@@ -99,9 +65,7 @@ async def _generate(
         async for event in call:
             kind = event.WhichOneof("kind")
             if kind == "delta":
-                text = event.delta.text
-                streamed.any_text = streamed.any_text or bool(text)
-                await server.apply(partial(TaskCore.chunk, delta=text))
+                await server.apply(partial(TaskCore.chunk, delta=event.delta.text))
             elif kind == "progress":
                 value = event.progress.progress
                 await server.apply(partial(TaskCore.progressed, progress=value))

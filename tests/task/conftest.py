@@ -54,6 +54,17 @@ class FakeLlm(llm_pb2_grpc.LlmServiceServicer):
         self.order.append(request.request_id)
         self.started[request.request_id].set()
         try:
+            if request.prompt.startswith("flaky") and self.order.count(request.request_id) <= 2:
+                yield llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text="partial"))
+                yield llm_pb2.GenerateEvent(
+                    error=common_pb2.Error(
+                        code=common_pb2.ERROR_CODE_RATE_LIMITED,
+                        message="slow down",
+                        retryable=True,
+                        retry_after_ms=20,
+                    )
+                )
+                return
             if request.prompt.startswith("fail"):
                 yield llm_pb2.GenerateEvent(
                     error=common_pb2.Error(
@@ -203,6 +214,8 @@ async def lifecycle_until_terminal(
     try:
         while True:
             msg = await sub.next_msg(timeout=timeout(10))
+            if msg.subject.endswith(".snapshot"):
+                continue  # a seq checkpoint (history.proto TaskSnapshot), not a lifecycle event
             event = events_pb2.LifecycleEvent.FromString(msg.data)
             out.append((event, (msg.headers or {}).get("Nats-Msg-Id", "")))
             if event.kind in terminal:

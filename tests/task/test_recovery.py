@@ -115,6 +115,10 @@ async def test_a_job_left_by_a_stopped_engine_is_redelivered_and_completes(
     events = events_of(responses)
     assert events[-1].completed.content == "hold across restarts"
     assert fake_llm.order == [task_id, task_id]
+    # The rerun starts above any seq the first incarnation emitted (queued, started, the
+    # first chunk and its progress: 4), and its first event says the text restarts.
+    assert events[0].seq > 4 and events[0].progress.message == "restarted"
+    assert events[0].progress.progress == 0
     lifecycle = [e for e, _ in await lifecycle_until_terminal(nc.jetstream(), task_id)]
     kinds = [e.kind for e in lifecycle]
     assert kinds == [
@@ -166,7 +170,7 @@ async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
         NATS_URL=nats_url,
         LLM_SVC_ADDR=fake_llm.address,
         TASK_SVC_LISTEN=f"127.0.0.1:{port}",
-        TASK_JOB_ACK_WAIT_S="1",
+        TASK_JOB_ACK_WAIT_S="60",
         LOG_LEVEL="WARNING",
     )
     process = subprocess.Popen([sys.executable, "-m", "task_svc"], env=env)
@@ -185,12 +189,15 @@ async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
             process.kill()
             process.wait()
     fake_llm.release(task_id)
-    # Binds the same durable consumer and gets the job once its ack_wait has run out.
-    app = await make_app(task_job_ack_wait_s=1.0)
+    # Recreates the durable consumer, so the unacked job comes back at once (not after the
+    # 60 s ack_wait), and rebuilds the task before serving: the first Get already knows it.
+    app = await make_app(task_job_ack_wait_s=60.0)
     info = await nc.jetstream().consumer_info("SB_JOBS", "task_svc")
-    assert info.config.max_ack_pending == 100_000 and info.config.ack_wait == 1
+    assert info.config.max_ack_pending == 100_000 and info.config.ack_wait == 60
     async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        got = await stub.Get(tasks_pb2.GetTaskRequest(task_id=task_id, user_id="alice"))
+        assert got.state.status in (Status.TASK_STATUS_QUEUED, Status.TASK_STATUS_PROCESSING)
         events = events_of(await watch_all(stub, task_id))
     assert events[-1].completed.content == "hold on"
     assert fake_llm.order == [task_id, task_id]

@@ -309,3 +309,103 @@ async def test_an_unreachable_llm_svc_fails_the_task(make_app: AppFactory, port:
         events = events_of(await watch_all(stub, task_id))
     assert events[-1].error.code == Code.ERROR_CODE_NETWORK
     assert events[-1].error.retryable
+
+
+async def test_retryable_errors_are_retried_then_dead_lettered_and_requeued(
+    make_app: AppFactory, fake_llm: FakeLlm
+) -> None:
+    # "flaky" fails twice with RATE_LIMITED (retry-after 20 ms), then succeeds.
+    app = await make_app(task_max_attempts=2, task_retry_base_s=0.01)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        task_id = new_id()
+        await submit(stub, task_id, prompt="flaky answer")
+        events = events_of(await watch_all(stub, task_id))
+        assert fake_llm.order.count(task_id) == 2
+        restarts = [e for e in events if e.progress.message.startswith("restarted")]
+        assert len(restarts) == 1 and restarts[0].progress.progress == 0
+        assert events[-1].error.code == common_pb2.ERROR_CODE_RATE_LIMITED
+        listed = await stub.ListDeadLetters(tasks_pb2.ListDeadLettersRequest())
+        assert [d.task_id for d in listed.dead_letters] == [task_id]
+        assert listed.dead_letters[0].attempts == 2
+        assert listed.dead_letters[0].error.code == common_pb2.ERROR_CODE_RATE_LIMITED
+        last_seq = events[-1].seq
+        requeued = await stub.RequeueDeadLetter(tasks_pb2.RequeueDeadLetterRequest(task_id=task_id))
+        assert requeued.state.status != Status.TASK_STATUS_FAILED  # runs again (may start at once)
+        assert requeued.state.seq > last_seq
+        again = events_of(await watch_all(stub, task_id, after_seq=last_seq))
+        assert again[-1].completed.content == "flaky answer"
+        assert all(e.seq > last_seq for e in again)
+        listed = await stub.ListDeadLetters(tasks_pb2.ListDeadLettersRequest())
+        assert list(listed.dead_letters) == []
+
+
+async def test_a_full_queue_refuses_submit_with_overloaded_and_retry_after(
+    make_app: AppFactory, fake_llm: FakeLlm
+) -> None:
+    app = await make_app(task_concurrency=1, task_max_queue_depth=1)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        running, waiting = new_id(), new_id()
+        await submit(stub, running, prompt="hold the slot")
+        await fake_llm.started[running].wait()
+        await submit(stub, waiting)  # the one waiting place
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await submit(stub, new_id())
+        error = ServiceError.from_rpc_error(caught.value)
+        assert error.code == common_pb2.ERROR_CODE_OVERLOADED and error.retry_after_ms >= 1000
+        fake_llm.release(running)
+        assert events_of(await watch_all(stub, waiting))[-1].WhichOneof("kind") == "completed"
+
+
+async def test_a_watched_queued_task_gets_its_position_as_the_queue_moves(
+    make_app: AppFactory, fake_llm: FakeLlm
+) -> None:
+    app = await make_app(task_concurrency=1, task_position_interval_s=0.05)
+    observed = Observed(app)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        first, second, third = new_id(), new_id(), new_id()
+        await submit(stub, first, prompt="hold one")
+        await fake_llm.started[first].wait()
+        await submit(stub, second, prompt="hold two")
+        reply = await submit(stub, third, prompt="three")
+        assert reply.state.queue_position == 2  # the ack carries the position
+        await observed.wait("scheduled", third)
+        request = tasks_pb2.WatchRequest(task_id=third, user_id="alice")
+        stream = stub.Watch(request)
+        async with asyncio.timeout(timeout(10)):
+            messages = aiter(stream)
+            state = (await anext(messages)).state
+            assert state.status == Status.TASK_STATUS_QUEUED and state.queue_position == 2
+            fake_llm.release(first)  # the queue moves: "third" is next
+            while True:
+                event = (await anext(messages)).event
+                if event.WhichOneof("kind") == "progress" and event.progress.queue_position == 1:
+                    break
+            assert event.progress.status == Status.TASK_STATUS_QUEUED
+            fake_llm.release(second)
+            rest = [r.event async for r in messages]
+        assert rest[-1].completed.content == "three"
+        seqs = [event.seq] + [e.seq for e in rest]
+        assert seqs == sorted(set(seqs))
+
+
+async def test_a_finished_task_server_leaves_memory_and_stays_readable(
+    make_app: AppFactory, fake_llm: FakeLlm
+) -> None:
+    app = await make_app(task_retain_finished_s=0.0)
+    observed = Observed(app)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        task_id = new_id()
+        await submit(stub, task_id, prompt="short lived")
+        await observed.wait("finished", task_id)
+        gone = asyncio.Event()
+        asyncio.get_running_loop().call_soon(gone.set)  # after the 0 s retention timer
+        await gone.wait()
+        assert app.engine.registry.get(task_id) is None
+        # Read back from its terminal lifecycle event on JetStream.
+        reply = await stub.Get(tasks_pb2.GetTaskRequest(task_id=task_id, user_id="alice"))
+        assert reply.state.status == Status.TASK_STATUS_COMPLETED
+        assert reply.state.content == "short lived"

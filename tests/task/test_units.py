@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from functools import partial
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from switchboard.v1 import common_pb2, llm_pb2
+from svckit.errors import ServiceError
+from switchboard.v1 import common_pb2, history_pb2, llm_pb2
+from task_svc.queues import JobQueue, QueueConfig, RetryPolicy
 from task_svc.scheduler import Scheduler, ThroughputMeter
 from task_svc.supervisor import Supervisor
-from task_svc.task_server import DROPPED, TaskServer
+from task_svc.task_server import DROPPED, Host, TaskServer, TaskServerDown
 from task_svc.task_state import TaskCore, TaskSpec
 from tests.conftest import timeout
 
@@ -156,9 +159,8 @@ async def test_supervisor_gives_up_after_too_many_crashes_in_the_period() -> Non
 
 
 async def test_task_server_drops_a_slow_watcher_without_blocking() -> None:
-    server = TaskServer(core(), watcher_limit=4)
     sup = Supervisor("test")
-    sup.start_child("t", server.run)
+    server = TaskServer(core(), Host(sup, watcher_limit=4))
     slow, _, _ = await server.subscribe(0)
     assert slow is not None
     await server.apply(lambda c: c.started())
@@ -173,9 +175,8 @@ async def test_task_server_drops_a_slow_watcher_without_blocking() -> None:
 
 
 async def test_task_server_subscription_has_no_gap_between_replay_and_live() -> None:
-    server = TaskServer(core())
     sup = Supervisor("test")
-    sup.start_child("t", server.run)
+    server = TaskServer(core(), Host(sup))
     await server.apply(lambda c: c.started())
     # Changes queued before and after the subscribe all reach the watcher exactly once.
     first = asyncio.ensure_future(server.apply(lambda c: c.chunk("a")))
@@ -190,20 +191,180 @@ async def test_task_server_subscription_has_no_gap_between_replay_and_live() -> 
     await sup.stop()
 
 
-async def test_a_finished_task_server_ends_after_its_retention() -> None:
-    server = TaskServer(core(), retain_s=0.0)
-    ended = asyncio.Event()
+async def test_an_idle_task_server_hibernates_and_wakes_on_its_next_message() -> None:
     sup = Supervisor("test")
-    sup.start_child("t", server.run, on_exit=ended.set)
+    server = TaskServer(core(), Host(sup))
+    assert server.hibernating and server.task_id not in sup  # nothing runs for it
+    await server.apply(lambda c: c.queued(1, 0))
+    await settle()  # the loop ends once its mailbox is empty
+    assert server.hibernating and server.task_id not in sup
+    state = await server.call(lambda c: c.snapshot())
+    assert state.status == Status.TASK_STATUS_QUEUED and state.seq == 1
+    await server.apply(lambda c: c.started())
+    await settle()
+    assert not server.hibernating  # running: awake until it leaves PROCESSING
     await server.apply(lambda c: c.cancelled())
-    async with asyncio.timeout(timeout(5)):
-        await ended.wait()
-    watcher, state, _ = await server.subscribe(0)  # still readable, nothing follows
-    assert watcher is None and state.status == Status.TASK_STATUS_CANCELLED
+    await settle()
+    assert server.hibernating
+    server.end()  # retention over: only direct reads
+    with pytest.raises(TaskServerDown):
+        await server.call(lambda c: c.snapshot())
+    watcher, state, _ = await server.subscribe(0)
+    assert watcher is None and state.seq == 3
     await sup.stop()
+
+
+async def settle() -> None:
+    """Let every ready callback run (to check that something did NOT happen)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class Checkpoints:
+    """Stores snapshots when told to, so a test decides when JetStream 'acks'."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, asyncio.Future[None]]] = []
+
+    def publish(self, snapshot: history_pb2.TaskSnapshot) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append((snapshot.state.seq, future))
+        return future
+
+
+async def test_events_never_run_more_than_the_reserve_ahead_of_a_stored_snapshot() -> None:
+    sup = Supervisor("test")
+    stored = Checkpoints()
+    server = TaskServer(core(), Host(sup, checkpoint_every=4, checkpoint=stored.publish))
+    await server.apply(lambda c: c.started())
+    await server.apply(lambda c: c.chunk("a"))
+    await server.apply(lambda c: c.chunk("b"))  # at seq 2 (half the reserve) a snapshot goes out
+    await server.apply(lambda c: c.chunk("c"))
+    assert server.core.seq == 4 and [seq for seq, _ in stored.pending] == [2]
+    blocked = asyncio.ensure_future(server.apply(lambda c: c.chunk("d")))
+    await settle()
+    # Beyond 0 + 4 nothing is emitted until the snapshot at seq 2 is stored.
+    assert server.core.seq == 4 and not blocked.done()
+    stored.pending[0][1].set_result(None)
+    await blocked
+    assert server.core.seq == 5 and server.durable_seq == 2
+    await sup.stop()
+
+
+async def test_a_rebuilt_task_server_stores_a_checkpoint_before_its_first_event() -> None:
+    sup = Supervisor("test")
+    stored = Checkpoints()
+    rebuilt = core(seq_base=49 + 4)  # stored seq 49, reserve 4
+    server = TaskServer(
+        rebuilt, Host(sup, checkpoint_every=4, checkpoint=stored.publish), durable_seq=49
+    )
+    first = asyncio.ensure_future(server.apply(lambda c: c.queued(1, 0, "restarted")))
+    await settle()
+    assert not first.done() and [seq for seq, _ in stored.pending] == [53]
+    stored.pending[0][1].set_result(None)
+    await first
+    event = server.core.events_after(0)[0]
+    assert event.seq == 54 and event.progress.message == "restarted"
+    await sup.stop()
+
+
+def test_a_restart_resets_the_text_and_says_so() -> None:
+    c = core()
+    c.queued(1, 0)
+    c.started()
+    c.chunk("half an ans")
+    c.progressed(0.5)
+    t = c.queued(2, 100, "restarted")
+    assert t is not None and t.event.progress.message == "restarted"
+    assert t.event.progress.progress == 0 and c.content == "" and c.progress == 0
+
+
+def test_queue_position_updates_are_coalesced_in_the_log() -> None:
+    c = core()
+    c.queued(5, 500)
+    assert c.queue_moved(4, 400, emit=False) is None  # nobody watching: state only
+    assert c.snapshot().queue_position == 4 and c.seq == 1
+    assert c.queue_moved(4, 400, emit=True) is None  # no change, no event
+    assert c.queue_moved(3, 300, emit=True) is not None
+    assert c.queue_moved(2, 200, emit=True) is not None
+    replay = c.events_after(0)
+    assert [e.seq for e in replay] == [1, 3] and replay[-1].progress.queue_position == 2
 
 
 @pytest.mark.parametrize("limit", [0])
 def test_scheduler_refuses_zero_concurrency(limit: int) -> None:
     with pytest.raises(ValueError):
         Scheduler(limit)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_aging_lets_a_long_waiting_low_priority_task_overtake_fresh_high_ones() -> None:
+    clock = FakeClock()
+    s = Scheduler(concurrency=1, aging_s=1.0, clock=clock)
+    s.push("low", 9)
+    clock.now = 8.5  # aged by 8 levels: effective priority 1
+    s.push("p0", 0)
+    s.push("p2", 2)
+    assert list(s.order()) == ["p0", "low", "p2"] and s.position("low") == 2
+    assert s.position_for(1) == 3  # behind "low", which waited longer at the same level
+    clock.now = 9.0  # effective priority 0, and older than "p0"
+    assert s.next_ready() == "low"
+
+
+def test_without_aging_priorities_are_strict() -> None:
+    clock = FakeClock()
+    s = Scheduler(concurrency=1, clock=clock)
+    s.push("low", 9)
+    clock.now = 1e6
+    s.push("high", 0)
+    assert s.next_ready() == "high"
+
+
+async def test_supervisor_backs_off_exponentially_between_restarts() -> None:
+    sup = Supervisor("test", max_restarts=5, period_s=60, backoff_s=0.01, max_backoff_s=0.02)
+    flaky = Flaky(crashes=3)
+    stamps: list[float] = []
+    original = flaky.run
+
+    async def run() -> None:
+        stamps.append(asyncio.get_running_loop().time())
+        await original()
+
+    exited = asyncio.Event()
+    sup.start_child("flaky", run, on_exit=exited.set)
+    flaky.release.set()
+    async with asyncio.timeout(timeout(5)):
+        await exited.wait()
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert len(gaps) == 3 and gaps[0] >= 0.01 and all(g >= 0.02 for g in gaps[1:])
+    assert sup.restarts("flaky") == 3  # remembered after the child ended, within the period
+    await sup.stop()
+
+
+def test_a_full_queue_refuses_with_a_retry_after() -> None:
+    queue = JobQueue("q", QueueConfig(concurrency=2, max_depth=3), RetryPolicy())
+    queue.depth = 2
+    assert queue.refuse() is None
+    queue.depth = 3
+    queue.meter.record(4.0)
+    error = queue.refuse()
+    assert error is not None and error.code == common_pb2.ERROR_CODE_OVERLOADED
+    assert error.retryable and error.retry_after_ms == 4000
+
+
+def test_retry_policy_backs_off_with_jitter_honours_retry_after_and_stops() -> None:
+    policy = RetryPolicy(max_attempts=3, base_delay_s=1.0, max_delay_s=60)
+    limited = ServiceError(common_pb2.ERROR_CODE_RATE_LIMITED, "slow down", retry_after_ms=7000)
+    assert policy.delay_s(1, limited) == 7.0  # jitter is at most 1 s: retry-after wins
+    network = ServiceError(common_pb2.ERROR_CODE_NETWORK, "reset")
+    assert all(0 <= (policy.delay_s(2, network) or -1) <= 2.0 for _ in range(50))
+    assert policy.delay_s(3, network) is None  # out of attempts
+    auth = ServiceError(common_pb2.ERROR_CODE_AUTH, "bad key")
+    assert policy.delay_s(1, auth) is None  # permanent: never retried
