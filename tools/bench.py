@@ -163,7 +163,7 @@ async def run_stack_bench(clients: int, rounds: int, floor_rounds: int) -> list[
     ]
 
 
-SECTIONS = ("stack", "llm", "persistence")
+SECTIONS = ("stack", "gateway", "tasks", "llm", "persistence")
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -171,6 +171,14 @@ async def run(args: argparse.Namespace) -> None:
         print(f"\n== {section} ==", flush=True)
         if section == "stack":
             lines = await run_stack_bench(args.clients, args.rounds, args.floor_rounds)
+        elif section == "gateway":
+            from tools.bench_gateway import run_gateway_bench
+
+            lines = await run_gateway_bench()
+        elif section == "tasks":
+            from tools.bench_tasks import run_task_bench
+
+            lines = await run_task_bench()
         elif section == "llm":
             from tools.bench_llm import run_llm_bench
 
