@@ -25,6 +25,7 @@ from gateway_svc.phoenix import (
 )
 
 DEFAULT_MAX_CHANNELS = 100  # Phoenix's default per-socket channel limit
+LIMIT_CHANNELS = "channels_per_socket"  # the LimitHit of a join over that limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,14 @@ class Deliver:
     join_ref: str | None  # the channel's own join_ref, for its replies and pushes
 
 
-Action = Send | StartChannel | StopChannel | Deliver
+@dataclass(frozen=True, slots=True)
+class LimitHit:
+    """A configured limit refused something (the I/O layer counts it); a Send follows."""
+
+    limit: str
+
+
+Action = Send | StartChannel | StopChannel | Deliver | LimitHit
 
 
 def unmatched_topic(message: Message) -> Send:
@@ -122,6 +130,7 @@ class SocketState:
             actions.append(StopChannel(topic, replaced))
         elif len(self.joined) >= self._max_channels:
             return [
+                LimitHit(LIMIT_CHANNELS),
                 Send(
                     reply(
                         message.join_ref,
@@ -130,7 +139,7 @@ class SocketState:
                         "error",
                         {"reason": "too many channels joined"},
                     )
-                )
+                ),
             ]
         actions.append(
             StartChannel(

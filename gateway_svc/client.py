@@ -59,6 +59,10 @@ class View:
         status = str(payload.get("status", ""))
         if status == "queued" and payload.get("position"):
             status = f"queued (position {payload['position']})"
+        if payload.get("message") == "restarted":
+            # The task runs again from the start (a retry, or task_svc recovered it).
+            self.text = Text()
+            status = f"{status} (restarted)"
         value = payload.get("progress")
         completed = float(value) if isinstance(value, int | float) else None
         self.progress.update(self.bar, description=status, completed=completed)

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
 
     # A socket that sends nothing (not even a heartbeat, every 30 s) for this long is closed.
     gateway_idle_timeout_s: float = 60.0
+    # How long a close handshake may take before the TCP connection is aborted.
+    gateway_close_timeout_s: float = 5.0
     gateway_max_frame_bytes: int = 64 * 1024
     gateway_max_channels: int = 100
     # Bounds the wait for TaskService.Watch's first message during a join; clients give up
@@ -29,3 +31,25 @@ class Settings(BaseSettings):
     gateway_join_timeout_s: float = 10.0
     # On SIGTERM: time given to sockets to close (1001) before they are dropped.
     gateway_shutdown_grace_s: float = 5.0
+
+    # Limits (each refusal is counted in gateway_limit_hits_total{limit=...}).
+    # The same bound as task_svc's TASK_MAX_PROMPT_CHARS, checked here before any gRPC call.
+    gateway_max_prompt_chars: int = 32_000
+    # Beyond this many open sockets per user a connect gets HTTP 403 (0 = no limit).
+    gateway_max_connections_per_user: int = 20
+    # Token bucket per user on llm_generate: refilled at RATE per second up to BURST
+    # (RATE 0 = no limit). Refusals carry retry_after_ms.
+    gateway_generate_rate_per_s: float = 2.0
+    gateway_generate_burst: int = 10
+    # Outbound queue of one socket while its client is slow; beyond either bound (after
+    # coalescing progress pushes) the socket is closed with 1008.
+    gateway_outbound_max_frames: int = 1024
+    gateway_outbound_max_bytes: int = 1024 * 1024
+    # SO_SNDBUF of each socket (0 = the kernel's autotuning, up to net.ipv4.tcp_wmem's max,
+    # 4 MiB by default): what a stalled client can hold in kernel memory before the
+    # outbound queue above starts to fill.
+    gateway_socket_sndbuf: int = 0
+    # Accept queue of the listening socket (capped by net.core.somaxconn).
+    gateway_listen_backlog: int = 4096
+    # `host:port` of the Prometheus /metrics endpoint (svckit.metrics); empty = off.
+    gateway_metrics_listen: str = ""

@@ -12,24 +12,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import http
 import logging
+import socket
+import time
 import urllib.parse
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from gateway_svc import channels as ch
+from gateway_svc import metrics as m
 from gateway_svc import phoenix, tokens
 from gateway_svc.config import Settings
-from gateway_svc.task_channel import TaskChannel
-from gateway_svc.task_payloads import task_id_of
+from gateway_svc.connection import CLOSE_GOING_AWAY, Auth, Connection
+from gateway_svc.limits import ConnectionCounter, RateLimiter
+from gateway_svc.task_channel import ChannelDeps
+from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -37,28 +39,32 @@ log = logging.getLogger(__name__)
 SOCKET_PATH = "/socket/websocket"
 PHOENIX_SUBPROTOCOL = Subprotocol("phoenix")
 AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
-CLOSE_GOING_AWAY = 1001  # every close after which clients should come back: never 1000
-CLOSE_UNSUPPORTED = 1003
-CLOSE_INVALID = 1007
-
-
-@dataclass(frozen=True, slots=True)
-class Auth:
-    user: str
-    vsn: phoenix.Vsn
 
 
 class GatewayConnection(ServerConnection):
-    """A websockets connection that carries what the handshake established."""
+    """A websockets connection that carries what the handshake established, and releases
+    the user's connection slot when the TCP connection is gone, whatever happened before
+    (a failed handshake never runs the handler; connection_lost always runs once)."""
 
     auth: Auth | None = None
+    on_lost: Callable[[GatewayConnection], None] | None = None
+    sndbuf = 0  # set on the subclass the Gateway makes (GATEWAY_SOCKET_SNDBUF)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.sndbuf > 0:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost(self)
 
 
-@dataclass
-class Stats:
-    connections: int = 0
-    refused: int = 0
-    bad_frames: int = 0
+_HANDSHAKE_DONE = Request(SOCKET_PATH, Headers())
 
 
 def token_from_subprotocols(headers: Headers) -> str | None:
@@ -83,137 +89,37 @@ def _select_subprotocol(connection: ServerConnection, offered: Any) -> Subprotoc
     return PHOENIX_SUBPROTOCOL if PHOENIX_SUBPROTOCOL in offered else None
 
 
-class Connection:
-    """One socket: reads frames strictly in order and carries out the state machine's
-    actions. Owns its channels, and closes them when the socket ends."""
-
-    def __init__(
-        self,
-        ws: ServerConnection,
-        auth: Auth,
-        settings: Settings,
-        stub: tasks_pb2_grpc.TaskServiceStub,
-        stats: Stats,
-    ) -> None:
-        self.ws = ws
-        self.user = auth.user
-        self.vsn = auth.vsn
-        self.settings = settings
-        self.stub = stub
-        self.stats = stats
-        self.state = ch.SocketState(
-            lambda topic: task_id_of(topic) is not None, settings.gateway_max_channels
-        )
-        self.channels: dict[str, TaskChannel] = {}
-
-    async def run(self) -> None:
-        try:
-            await self._read_loop()
-        finally:
-            await self._close_channels()
-
-    async def _read_loop(self) -> None:
-        ws, idle = self.ws, self.settings.gateway_idle_timeout_s
-        while True:
-            try:
-                async with asyncio.timeout(idle):
-                    data = await ws.recv()
-            except TimeoutError:
-                log.info("idle timeout", extra={"user": self.user})
-                await ws.close(CLOSE_GOING_AWAY, "idle timeout")
-                return
-            except ConnectionClosed:
-                return
-            if isinstance(data, bytes):
-                # Phoenix's binary frames carry raw payloads we do not accept.
-                self._bad_frame("binary frame")
-                await ws.close(CLOSE_UNSUPPORTED, "binary frames are not supported")
-                return
-            try:
-                message = phoenix.decode(data, self.vsn)
-            except phoenix.ProtocolError as error:
-                self._bad_frame(str(error))
-                await ws.close(CLOSE_INVALID, "invalid frame")
-                return
-            for action in self.state.receive(message):
-                await self._act(action)
-
-    def _bad_frame(self, why: str) -> None:
-        self.stats.bad_frames += 1
-        log.warning("undecodable frame, closing", extra={"user": self.user, "error": why})
-
-    async def send(self, message: phoenix.Message) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            # The connection's read loop notices the close and cleans up.
-            await self.ws.send(phoenix.encode(message, self.vsn), text=True)
-
-    async def _act(self, action: ch.Action) -> None:
-        match action:
-            case ch.Send(message):
-                await self.send(message)
-            case ch.Deliver(message):
-                channel = self.channels.get(message.topic)
-                if channel is not None:
-                    channel.deliver(message)
-            case ch.StopChannel(topic):
-                old = self.channels.pop(topic, None)
-                if old is not None:
-                    await old.close()
-            case ch.StartChannel():
-                await self._start(action)
-
-    async def _start(self, start: ch.StartChannel) -> None:
-        task_id = task_id_of(start.topic)
-        assert task_id is not None  # the state machine only starts topics we handle
-        channel = TaskChannel(
-            self.stub,
-            self.user,
-            start.topic,
-            task_id,
-            start.join_ref,
-            self.send,
-            self._crashed,
-            self.settings.gateway_join_timeout_s,
-        )
-        try:
-            ok, response = await channel.join(start.params)
-        except BaseException:
-            await channel.close()  # releases the Watch call
-            raise
-        if ok:
-            self.channels[start.topic] = channel
-        for action in self.state.join_finished(start, ok, response):
-            await self._act(action)
-        if ok:
-            channel.start()
-        else:
-            await channel.close()
-
-    async def _crashed(self, channel: TaskChannel) -> None:
-        if self.channels.get(channel.topic) is channel:
-            del self.channels[channel.topic]
-            for action in self.state.channel_crashed(channel.topic, channel.join_ref):
-                await self._act(action)
-        await channel.close()
-
-    async def _close_channels(self) -> None:
-        live = list(self.channels.values())
-        self.channels.clear()
-        await asyncio.gather(*(c.close() for c in live))
-
-
 class Gateway:
     """The WebSocket server. `await start()` binds (`.port`); `await stop()` closes every
     socket with 1001 and waits, bounded by the shutdown grace."""
 
     def __init__(
-        self, settings: Settings, secret: bytes, stub: tasks_pb2_grpc.TaskServiceStub
+        self,
+        settings: Settings,
+        secret: bytes,
+        stub: tasks_pb2_grpc.TaskServiceStub,
+        metrics: m.GatewayMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self._secret = secret
         self.stub = stub
-        self.stats = Stats()
+        self.metrics = metrics if metrics is not None else m.GatewayMetrics()
+        self.user_connections = ConnectionCounter(settings.gateway_max_connections_per_user)
+        self.deps = ChannelDeps(
+            stub,
+            self.metrics,
+            RateLimiter(settings.gateway_generate_rate_per_s, settings.gateway_generate_burst),
+            settings.gateway_max_prompt_chars,
+            settings.gateway_join_timeout_s,
+            clock,
+        )
         self._server: Server | None = None
+        self._handlers = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._live: set[Connection] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -223,31 +129,66 @@ class Gateway:
             self.settings.gateway_port,
             process_request=self._authenticate,
             select_subprotocol=_select_subprotocol,
-            create_connection=GatewayConnection,
+            create_connection=type(
+                "GatewayConnection",
+                (GatewayConnection,),
+                {"sndbuf": self.settings.gateway_socket_sndbuf},
+            ),
             max_size=self.settings.gateway_max_frame_bytes,
-            # The idle timeout (clients heartbeat every 30 s) finds dead peers; websockets'
+            # The idle sweep (clients heartbeat every 30 s) finds dead peers; websockets'
             # own pings would add a timer and a task per connection.
             ping_interval=None,
             # Frames are small JSON; per-connection deflate state costs ~100 KiB.
             compression=None,
+            close_timeout=self.settings.gateway_close_timeout_s,
+            # Every client reconnects at once after a deploy: the kernel's default accept
+            # queue (100 in asyncio) drops SYNs then, and clients wait seconds to retry.
+            backlog=self.settings.gateway_listen_backlog,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle sweeper")
         log.info("gateway listening", extra={"host": self.settings.gateway_host, "port": self.port})
 
     async def stop(self) -> None:
         if self._server is None:
             return
         server, self._server = self._server, None
+        await cancel_and_wait(self._sweeper)
         server.close(close_connections=True, code=CLOSE_GOING_AWAY, reason="server shutdown")
         try:
             await asyncio.wait_for(server.wait_closed(), self.settings.gateway_shutdown_grace_s)
         except TimeoutError:
             log.warning("sockets still open after the shutdown grace")
 
-    def _refuse(self, connection: ServerConnection, why: str) -> Response:
-        self.stats.refused += 1
+    async def _sweep_idle(self) -> None:
+        # An idle socket is closed between `idle` and `idle * 1.25` after its last frame; a
+        # stuck close is aborted within two close timeouts.
+        idle = self.settings.gateway_idle_timeout_s
+        interval = min(idle / 4, self.settings.gateway_close_timeout_s)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for connection in list(self._live):
+                connection.sweep(now, idle)
+
+    async def wait_idle(self) -> None:
+        """Wait until no socket is open and no user holds a connection slot (tests, bench)."""
+        await self._idle.wait()
+
+    def _check_idle(self) -> None:
+        if self._handlers == 0 and not self.user_connections.open:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    def _refuse(self, connection: ServerConnection, reason: str, why: str) -> Response:
+        self.metrics.refused.labels(reason).inc()
         # Never log the token itself.
-        log.info("connect refused", extra={"reason": why, "remote": str(connection.remote_address)})
+        log.info(
+            "connect refused",
+            extra={"reason": reason, "error": why, "remote": str(connection.remote_address)},
+        )
         return connection.respond(http.HTTPStatus.FORBIDDEN, "")
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -257,23 +198,50 @@ class Gateway:
         query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
         vsn = phoenix.parse_vsn(query["vsn"][0] if "vsn" in query else None)
         if vsn is None:
-            return self._refuse(connection, "unsupported vsn")
+            return self._refuse(connection, m.REFUSED_VSN, "unsupported vsn")
         token = query["token"][0] if query.get("token") else None
         token = token or token_from_subprotocols(request.headers)
         if not token:
-            return self._refuse(connection, "missing token")
+            return self._refuse(connection, m.REFUSED_MISSING_TOKEN, "missing token")
         try:
             user = tokens.verify(token, self._secret)
         except tokens.TokenError as error:
-            return self._refuse(connection, str(error))
+            expired = isinstance(error, tokens.ExpiredToken)
+            reason = m.REFUSED_EXPIRED_TOKEN if expired else m.REFUSED_INVALID_TOKEN
+            return self._refuse(connection, reason, str(error))
+        # A 403 before the upgrade, like every refused connect (see limits.py for why).
+        if not self.user_connections.acquire(user):
+            self.metrics.limit(m.LIMIT_CONNECTIONS)
+            log.warning("too many connections", extra={"user": user})
+            return self._refuse(connection, m.REFUSED_TOO_MANY, "too many connections")
         assert isinstance(connection, GatewayConnection)
         connection.auth = Auth(user, vsn)
+        connection.on_lost = self._release
+        self._idle.clear()
         return None
+
+    def _release(self, connection: GatewayConnection) -> None:
+        assert connection.auth is not None
+        self.user_connections.release(connection.auth.user)
+        self._check_idle()
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert isinstance(ws, GatewayConnection) and ws.auth is not None
-        self.stats.connections += 1
+        # Memory per idle socket: the handshake's request and response (two Headers, ~30
+        # containers, the token) are kept by websockets for the socket's life but not read
+        # after the handshake; only `request is not None` is (it tells frames from the
+        # handshake request). Replace both with nothing of this socket's own.
+        ws.request, ws.response = _HANDSHAKE_DONE, None
+        self._handlers += 1
+        self._idle.clear()
+        self.metrics.connections.inc()
+        self.metrics.connects.inc()
+        connection = Connection(ws, ws.auth, self.settings, self.deps)
+        self._live.add(connection)
         try:
-            await Connection(ws, ws.auth, self.settings, self.stub, self.stats).run()
+            await connection.run()
         finally:
-            self.stats.connections -= 1
+            self._live.discard(connection)
+            self.metrics.connections.dec()
+            self._handlers -= 1
+            self._check_idle()

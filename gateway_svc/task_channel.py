@@ -12,12 +12,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from gateway_svc import metrics as m
 from gateway_svc import task_payloads as tp
+from gateway_svc.limits import RateLimiter
 from gateway_svc.phoenix import Message, reply
 from svckit.errors import ServiceError
 from svckit.lifecycle import cancel_and_wait
@@ -28,6 +32,18 @@ log = logging.getLogger(__name__)
 Code = common_pb2.ErrorCode
 SendFn = Callable[[Message], Awaitable[None]]
 CrashFn = Callable[["TaskChannel"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ChannelDeps:
+    """What every channel of a gateway shares."""
+
+    stub: tasks_pb2_grpc.TaskServiceStub
+    metrics: m.GatewayMetrics
+    generate_limiter: RateLimiter  # per user, across all of the user's sockets
+    max_prompt_chars: int = tp.DEFAULT_MAX_PROMPT_CHARS
+    join_timeout: float = 10.0
+    clock: Callable[[], float] = field(default=time.monotonic)
 
 
 class TaskChannel:
@@ -41,23 +57,24 @@ class TaskChannel:
 
     def __init__(
         self,
-        stub: tasks_pb2_grpc.TaskServiceStub,
+        deps: ChannelDeps,
         user: str,
         topic: str,
         task_id: str,
         join_ref: str | None,
         send: SendFn,
         on_crash: CrashFn,
-        join_timeout: float = 10.0,
     ) -> None:
-        self.stub = stub
+        self.deps = deps
+        self.stub = deps.stub
+        self.metrics = deps.metrics
         self.user = user
         self.topic = topic
         self.task_id = task_id
         self.join_ref = join_ref
         self._send = send
         self._on_crash = on_crash
-        self._join_timeout = join_timeout
+        self._join_timeout = deps.join_timeout
         self._watch: Any = None  # the Watch call (grpc.aio.UnaryStreamCall)
         self._terminal = False
         self._closed = False
@@ -70,6 +87,11 @@ class TaskChannel:
 
     async def join(self, params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         """Open Watch(after_seq=last_seq); its first message is the join reply's response."""
+        ok, response = await self._join(params)
+        self.metrics.joins.labels("ok" if ok else "error").inc()
+        return ok, response
+
+    async def _join(self, params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         try:
             after_seq = tp.last_seq_of(params)
         except tp.InvalidRequest as error:
@@ -114,6 +136,7 @@ class TaskChannel:
                 self._terminal = self._terminal or tp.is_terminal(event)
                 push = tp.event_push(event)
                 if push is not None:
+                    self.metrics.pushes.labels(push[0]).inc()
                     async with self._out:
                         await self._send(Message(self.join_ref, None, self.topic, *push))
         except grpc.aio.AioRpcError as error:
@@ -164,13 +187,33 @@ class TaskChannel:
                 await self._reply(message.ref, "error", {"reason": "unknown event"})
 
     async def _generate(self, message: Message) -> None:
+        response = await self._submit(message)
+        self.metrics.generates.labels("ok" if response is None else "error").inc()
+
+    async def _submit(self, message: Message) -> dict[str, Any] | None:
+        """Validate, rate-limit, Submit, reply; the error response when refused. Checks run
+        cheapest first, so a refused push never reaches task_svc."""
         try:
-            request = tp.submit_request(self.task_id, self.user, message.payload)
-        except tp.InvalidRequest as error:
-            await self._reply(
-                message.ref, "error", {"reason": "invalid_request", "message": str(error)}
+            request = tp.submit_request(
+                self.task_id, self.user, message.payload, self.deps.max_prompt_chars
             )
-            return
+        except tp.InvalidRequest as error:
+            if isinstance(error, tp.PromptTooLong):
+                self.metrics.limit(m.LIMIT_PROMPT_SIZE)
+            refused = {"reason": "invalid_request", "message": str(error)}
+            await self._reply(message.ref, "error", refused)
+            return refused
+        wait_ms = self.deps.generate_limiter.take(self.user, self.deps.clock())
+        if wait_ms:
+            self.metrics.limit(m.LIMIT_GENERATE_RATE)
+            self.metrics.rate_limited.labels("gateway").inc()
+            limited = {
+                "reason": "rate_limited",
+                "message": f"too many generations; retry in {wait_ms} ms",
+                "retry_after_ms": wait_ms,
+            }
+            await self._reply(message.ref, "error", limited)
+            return limited
         # Holding `_out` keeps the pushes this Submit causes behind its reply.
         async with self._out:
             try:
@@ -178,9 +221,13 @@ class TaskChannel:
             except grpc.aio.AioRpcError as rpc_error:
                 refusal = ServiceError.from_rpc_error(rpc_error)
                 log.info("submit refused", extra={"topic": self.topic, "error": repr(refusal)})
-                await self._reply(message.ref, "error", tp.error_reply(refusal))
-                return
+                if refusal.code == Code.ERROR_CODE_RATE_LIMITED:
+                    self.metrics.rate_limited.labels("task_svc").inc()
+                error_response = tp.error_reply(refusal)
+                await self._reply(message.ref, "error", error_response)
+                return error_response
             await self._reply(message.ref, "ok", tp.submit_reply(self.task_id, response))
+            return None
 
     async def _cancel(self, message: Message) -> None:
         async with self._out:

@@ -21,8 +21,15 @@ TERMINAL = frozenset(
 MAX_PRIORITY = 9
 
 
+DEFAULT_MAX_PROMPT_CHARS = 32_000  # task_svc's TASK_MAX_PROMPT_CHARS default
+
+
 class InvalidRequest(ValueError):
     """A client payload with a wrong shape; replied with reason `invalid_request`."""
+
+
+class PromptTooLong(InvalidRequest):
+    """A prompt over the configured size: also `invalid_request`, and counted as a limit."""
 
 
 def task_id_of(topic: str) -> str | None:
@@ -95,6 +102,9 @@ def event_push(event: tasks_pb2.TaskEvent) -> tuple[str, dict[str, Any]] | None:
         if p.status == Status.TASK_STATUS_QUEUED:
             payload["position"] = p.queue_position
             payload["eta_ms"] = p.eta_ms
+        if p.message:
+            # e.g. "restarted": the task runs again from the start, clients reset the text.
+            payload["message"] = p.message
         return "progress", payload
     if kind == "chunk":
         return "chunk", {"delta": event.chunk.delta, "seq": event.seq}
@@ -110,6 +120,20 @@ def event_push(event: tasks_pb2.TaskEvent) -> tuple[str, dict[str, Any]] | None:
     if kind == "error":
         return "error", {**error_payload(event.error), "seq": event.seq}
     return None
+
+
+def coalescable(event: str, payload: dict[str, Any]) -> bool:
+    """Whether a push may be replaced by a later one of its channel while the socket is slow:
+    only non-terminal `progress` without a message (its fields are absolute, the latest wins;
+    a message such as "restarted" tells the client something a later one does not)."""
+    return (
+        event == "progress"
+        and payload.get("status") not in TERMINAL_NAMES
+        and "message" not in payload
+    )
+
+
+TERMINAL_NAMES = frozenset({"completed", "failed", "cancelled"})
 
 
 def is_terminal(event: tasks_pb2.TaskEvent) -> bool:
@@ -133,12 +157,20 @@ def last_seq_of(params: dict[str, Any]) -> int:
     return int(value)
 
 
-def submit_request(task_id: str, user: str, payload: dict[str, Any]) -> tasks_pb2.SubmitRequest:
+def submit_request(
+    task_id: str,
+    user: str,
+    payload: dict[str, Any],
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+) -> tasks_pb2.SubmitRequest:
     """`llm_generate` {prompt, model?, priority?, options?{max_tokens, temperature, system}}
-    → SubmitRequest; InvalidRequest names the first wrong field."""
+    → SubmitRequest; InvalidRequest names the first wrong field. The prompt is measured in
+    characters, as task_svc does, with the same message."""
     prompt = payload.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequest("prompt must be a non-empty string")
+    if len(prompt) > max_prompt_chars:
+        raise PromptTooLong(f"prompt is longer than {max_prompt_chars} characters")
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("model must be a string")
@@ -169,6 +201,8 @@ def submit_request(task_id: str, user: str, payload: dict[str, Any]) -> tasks_pb
     if system is not None:
         if not isinstance(system, str):
             raise InvalidRequest("options.system must be a string")
+        if len(system) > max_prompt_chars:
+            raise PromptTooLong(f"options.system is longer than {max_prompt_chars} characters")
         request.options.system = system
     return request
 

@@ -29,6 +29,10 @@ class TokenError(Exception):
     """A token that is malformed, forged or expired (the socket connect gets HTTP 403)."""
 
 
+class ExpiredToken(TokenError):
+    """A well-signed token past its `exp`."""
+
+
 class SecretConfigError(RuntimeError):
     """Production without a usable SWITCHBOARD_SECRET."""
 
@@ -86,7 +90,7 @@ def verify(token: str, secret: bytes, *, now: float | None = None) -> str:
     if not isinstance(user, str) or not user or not isinstance(exp, int | float):
         raise TokenError("malformed claims")
     if (time.time() if now is None else now) >= exp:
-        raise TokenError("expired token")
+        raise ExpiredToken("expired token")
     return user
 
 

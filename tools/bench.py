@@ -109,8 +109,11 @@ class BenchClient:
 
 async def generation_bench(stack: Stack, clients: int, rounds: int) -> tuple[Sample, Sample]:
     """(llm_generate ack latency, end-to-end generation latency) over `clients` sockets."""
-    url = f"{stack.config.socket_url}?token={dev_token('bench')}&vsn=2.0.0"
-    sockets = [BenchClient(await connect(url, max_queue=None)) for _ in range(clients)]
+
+    def url(index: int) -> str:  # a user per client, as in life (limits are per user)
+        return f"{stack.config.socket_url}?token={dev_token(f'bench-{index}')}&vsn=2.0.0"
+
+    sockets = [BenchClient(await connect(url(i), max_queue=None)) for i in range(clients)]
     acks: list[float] = []
 
     async def one(index: int) -> None:
@@ -140,6 +143,9 @@ async def run_stack_bench(clients: int, rounds: int, floor_rounds: int) -> list[
                 "LOCAL_MODEL_TOKEN_DELAY_MS": "0",
                 "LOG_LEVEL": "WARNING",
                 "LLM_DEFAULT_MODEL": "local",
+                # Measured here: the path, not the per-user generate rate limit.
+                "GATEWAY_GENERATE_RATE_PER_S": "0",
+                "TASK_CONCURRENCY": "64",
             },
         )
         stack = Stack(config)

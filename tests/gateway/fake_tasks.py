@@ -23,6 +23,7 @@ class FakeTask:
     events: list[tasks_pb2.TaskEvent] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     breaks: int = 0
+    sent_seq: int = 0  # the highest seq any Watch of this task has handed to gRPC
 
     @property
     def terminal(self) -> bool:
@@ -61,6 +62,8 @@ class FakeTasks(tasks_pb2_grpc.TaskServiceServicer):
         self.refuse_submit: ServiceError | None = None
         self.auto_run = False  # play the generation right after each Submit
         self.runs: set[asyncio.Task[None]] = set()  # owned: the test fixture cancels them
+        self.active_watches = 0  # Watch streams not yet ended (the gateway must end them)
+        self.watches_changed = asyncio.Condition()
 
     def _owned(self, task_id: str, user: str) -> FakeTask:
         task = self.tasks.get(task_id)
@@ -101,6 +104,39 @@ class FakeTasks(tasks_pb2_grpc.TaskServiceServicer):
 
     async def Watch(self, request, context):  # type: ignore[no-untyped-def]
         self.watches.append(request)
+        await self._watch_count(+1)
+        try:
+            async for response in self._watch(request, context):  # type: ignore[no-untyped-call]
+                yield response
+                if response.HasField("event"):
+                    task = self.tasks[request.task_id]
+                    task.sent_seq = max(task.sent_seq, response.event.seq)
+                    async with task.changed:
+                        task.changed.notify_all()
+        finally:
+            await self._watch_count(-1)
+            ended = self.tasks.get(request.task_id)
+            if ended is not None:
+                async with ended.changed:
+                    ended.changed.notify_all()
+
+    async def _watch_count(self, delta: int) -> None:
+        async with self.watches_changed:
+            self.active_watches += delta
+            self.watches_changed.notify_all()
+
+    async def wait_watches(self, count: int) -> None:
+        async with self.watches_changed:
+            await self.watches_changed.wait_for(lambda: self.active_watches == count)
+
+    async def wait_sent(self, task_id: str, seq: int) -> bool:
+        """Wait until a Watch has handed event `seq` to gRPC; False if no Watch is left."""
+        task = self.tasks[task_id]
+        async with task.changed:
+            await task.changed.wait_for(lambda: task.sent_seq >= seq or self.active_watches == 0)
+        return task.sent_seq >= seq
+
+    async def _watch(self, request, context):  # type: ignore[no-untyped-def]
         task = self._owned(request.task_id, request.user_id)
         await self._check(task, request.user_id, context)
         breaks = task.breaks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from gateway_svc.channels import (
     Deliver,
+    LimitHit,
     Send,
     SocketState,
     StartChannel,
@@ -95,6 +96,10 @@ def test_channel_limit() -> None:
     assert run(state, f'["2","2","{U}","phx_join",{{}}]') == [
         f'["2","2","{U}","phx_reply",{TOO_MANY}]'
     ]
+    # The I/O layer counts the refusal: a LimitHit comes before the reply.
+    actions = state.receive(decode(f'["4","4","{U}","phx_join",{{}}]', Vsn.V2))
+    assert actions[0] == LimitHit("channels_per_socket")
+    assert isinstance(actions[1], Send)
     # A duplicate join of a joined topic does not count against the limit.
     assert run(state, f'["3","3","{T}","phx_join",{{}}]')[0] == f"stop {T} 1"
 

@@ -139,3 +139,17 @@ def test_last_seq() -> None:
     for bad in (-1, "7", 1.5, True):
         with pytest.raises(tp.InvalidRequest):
             tp.last_seq_of({"last_seq": bad})
+
+
+def test_a_restart_is_pushed_with_its_message_and_never_coalesced() -> None:
+    restarted = tasks_pb2.TaskEvent(
+        seq=70,
+        progress=tasks_pb2.Progress(
+            status=common_pb2.TASK_STATUS_QUEUED, progress=0.0, message="restarted"
+        ),
+    )
+    pushed = tp.event_push(restarted)
+    assert pushed is not None
+    event, payload = pushed
+    assert event == "progress" and payload["message"] == "restarted" and payload["seq"] == 70
+    assert not tp.coalescable(event, payload)

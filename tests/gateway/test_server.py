@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -18,71 +15,16 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway_svc import client as client_cmd
 from gateway_svc import tokens
-from gateway_svc.config import Settings
 from gateway_svc.phoenix_client import (
     JoinRefused,
     PhoenixClient,
     auth_token_subprotocols,
 )
-from gateway_svc.server import Gateway, token_from_subprotocols
+from gateway_svc.server import token_from_subprotocols
 from svckit.errors import ServiceError
-from svckit.grpc_server import GrpcServer, insecure_channel
-from svckit.lifecycle import cancel_and_wait
-from switchboard.v1 import common_pb2, tasks_pb2_grpc
+from switchboard.v1 import common_pb2
 from tests.conftest import timeout
-from tests.gateway.fake_tasks import FakeTasks
-
-KEY = b"test-secret-of-at-least-32-bytes!!"
-
-
-@dataclass
-class Stack:
-    fake: FakeTasks
-    gateway: Gateway
-    base: str  # ws://127.0.0.1:<port>/socket
-
-    def token(self, user: str = "alice") -> str:
-        return tokens.mint(user, KEY, ttl=60)
-
-    def url(self, user: str = "alice", vsn: str | None = "2.0.0") -> str:
-        query = f"token={self.token(user)}" + (f"&vsn={vsn}" if vsn else "")
-        return f"{self.base}/websocket?{query}"
-
-
-@pytest.fixture
-async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
-    fake = FakeTasks()
-    grpc_server = GrpcServer(
-        "127.0.0.1:0",
-        lambda s: tasks_pb2_grpc.add_TaskServiceServicer_to_server(fake, s),
-        ["switchboard.v1.TaskService"],
-    )
-    await grpc_server.start()
-    channel = insecure_channel(f"127.0.0.1:{grpc_server.port}")
-    overrides = getattr(request, "param", {})
-    settings = Settings(gateway_port=0, gateway_shutdown_grace_s=timeout(5), **overrides)
-    gateway = Gateway(settings, KEY, tasks_pb2_grpc.TaskServiceStub(channel))
-    await gateway.start()
-    try:
-        yield Stack(fake, gateway, f"ws://127.0.0.1:{gateway.port}/socket")
-    finally:
-        await cancel_and_wait(*fake.runs)
-        await gateway.stop()
-        await channel.close()
-        await grpc_server.stop(0)
-
-
-async def recv(ws: ClientConnection) -> list[Any]:
-    async with asyncio.timeout(timeout(5)):
-        return orjson.loads(await ws.recv())  # type: ignore[no-any-return]
-
-
-async def send(ws: ClientConnection, frame: list[Any]) -> None:
-    await ws.send(orjson.dumps(frame).decode())
-
-
-def topic() -> str:
-    return f"task:{uuid.uuid4()}"
+from tests.gateway.live import KEY, Stack, recv, send, topic, until
 
 
 async def test_connect_refused_with_403_before_upgrade(stack: Stack) -> None:
@@ -100,7 +42,11 @@ async def test_connect_refused_with_403_before_upgrade(stack: Stack) -> None:
     with pytest.raises(InvalidStatus) as missing:
         await connect(f"ws://127.0.0.1:{stack.gateway.port}/other?token={stack.token()}")
     assert missing.value.response.status_code == 404
-    assert stack.gateway.stats.connections == 0
+    assert stack.metric("gateway_connections") == 0
+    assert stack.metric("gateway_connects_refused_total", reason="missing_token") == 1
+    assert stack.metric("gateway_connects_refused_total", reason="invalid_token") == 1
+    assert stack.metric("gateway_connects_refused_total", reason="expired_token") == 1
+    assert stack.metric("gateway_connects_refused_total", reason="unsupported_vsn") == 1
 
 
 async def test_token_as_subprotocol_is_answered_with_phoenix(stack: Stack) -> None:
@@ -168,7 +114,7 @@ async def test_rejoin_after_completion_reports_the_final_state(stack: Stack) -> 
         channel = await client.join(t)
         assert (await channel.push("llm_generate", {"prompt": "hi"})).ok
         await stack.fake.run(t.removeprefix("task:"))
-        events = [m.event async for m in _until(channel.messages(), "llm_response")]
+        events = [m.event async for m in until(channel.messages(), "llm_response")]
         assert events == ["progress", "progress", "chunk", "chunk", "llm_response"]
         again = await client.join(t, {"last_seq": 5})
         assert again.join_response["status"] == "completed"
@@ -176,7 +122,7 @@ async def test_rejoin_after_completion_reports_the_final_state(stack: Stack) -> 
         assert again.join_response["seq"] == 5
         assert again.join_response["usage"]["total_tokens"] == 5
         # The old join is closed after the new join's reply.
-        assert [m.event async for m in _until(channel.messages(), "phx_close")] == ["phx_close"]
+        assert [m.event async for m in until(channel.messages(), "phx_close")] == ["phx_close"]
 
 
 async def test_cancel_replies_with_the_cancelled_state(stack: Stack) -> None:
@@ -186,7 +132,7 @@ async def test_cancel_replies_with_the_cancelled_state(stack: Stack) -> None:
         assert (await channel.push("llm_generate", {"prompt": "hi"})).ok
         reply = await channel.push("cancel", {})
         assert reply.ok and reply.response["status"] == "cancelled"
-        pushes = [m async for m in _until(channel.messages(), "progress", "cancelled")]
+        pushes = [m async for m in until(channel.messages(), "progress", "cancelled")]
         assert [p.payload["status"] for p in pushes] == ["queued", "cancelled"]
 
 
@@ -230,27 +176,16 @@ async def test_broken_watch_sends_phx_error_and_rejoin_catches_up(stack: Stack) 
     async with await PhoenixClient.connect(stack.base, token=stack.token()) as client:
         channel = await client.join(t)
         assert (await channel.push("llm_generate", {"prompt": "hi"})).ok
-        first = [m async for m in _until(channel.messages(), "progress")]
+        first = [m async for m in until(channel.messages(), "progress")]
         assert first[-1].payload["seq"] == 1
         await stack.fake.break_streams(task_id)
-        assert [m.event async for m in _until(channel.messages(), "phx_error")] == ["phx_error"]
+        assert [m.event async for m in until(channel.messages(), "phx_error")] == ["phx_error"]
         await stack.fake.run(task_id)  # progresses while the client is away
         rejoined = await client.join(t, {"last_seq": 1})
         assert rejoined.join_response["status"] == "completed"
-        seqs = [m.payload["seq"] async for m in _until(rejoined.messages(), "llm_response")]
+        seqs = [m.payload["seq"] async for m in until(rejoined.messages(), "llm_response")]
         assert seqs == [2, 3, 4, 5]
         assert stack.fake.watches[-1].after_seq == 1
-
-
-async def _until(
-    messages: AsyncIterator[Any], event: str, status: str | None = None
-) -> AsyncIterator[Any]:
-    """The channel's pushes up to the first `event` (with that `status`), bounded in time."""
-    async with asyncio.timeout(timeout(5)):
-        async for message in messages:
-            yield message
-            if message.event == event and status in (None, message.payload.get("status")):
-                return
 
 
 async def test_malformed_frame_closes_only_its_connection(stack: Stack) -> None:
@@ -262,7 +197,7 @@ async def test_malformed_frame_closes_only_its_connection(stack: Stack) -> None:
                     await bad.recv()
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
         assert (await good.heartbeat()).ok
-        assert stack.gateway.stats.bad_frames == 1
+        assert stack.metric("gateway_bad_frames_total", kind="invalid") == 1
 
 
 async def test_v1_frames_when_vsn_is_missing(stack: Stack) -> None:
