@@ -56,7 +56,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy .
 
 bench: $(STAMP) check-protos
-	$(PY) -m tools.bench
+	$(PY) -m tools.bench $(ARGS)
 
 token: $(STAMP)
 	@$(PY) -m gateway_svc.tokens $(USER)
