@@ -6,49 +6,36 @@ Configured by GEMINI_API_KEY and GEMINI_BASE_URL (the API host; the key goes in 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-import httpx
-
-from llm_svc.providers.base import ProviderError, ProviderEvent, ProviderRequest
+from llm_svc.providers.base import ProviderError, ProviderRequest
 from llm_svc.providers.gemini_wire import (
     GeminiStreamParser,
     error_from_response,
     request_body,
     stream_url,
 )
-from llm_svc.providers.http_errors import key_fingerprint
-from llm_svc.providers.http_stream import stream_sse
+from llm_svc.providers.http_stream import SseProvider, StreamParser
 
 PROVIDER_NAME = "gemini"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 
 
-class GeminiProvider:
+class GeminiProvider(SseProvider):
     name = PROVIDER_NAME
 
-    def __init__(self, http: httpx.AsyncClient, api_key: str, base_url: str) -> None:
-        self.http = http
-        self.base_url = base_url
-        self.key_id = key_fingerprint(api_key)
-        self._headers = {"x-goog-api-key": api_key, "Accept": "text/event-stream"}
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"x-goog-api-key": api_key}
 
-    def estimate_tokens(self, request: ProviderRequest) -> int | None:
-        return None
+    def url(self, request: ProviderRequest) -> str:
+        return stream_url(self.base_url, request.model)
 
-    def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
-        return stream_sse(
-            self.http,
-            self.name,
-            stream_url(self.base_url, request.model),
-            request_body(request),
-            self._headers,
-            GeminiStreamParser(self.name),
-            self._error,
-        )
+    def body(self, request: ProviderRequest) -> dict[str, Any]:
+        return request_body(request)
 
-    def _error(self, status: int, headers: Mapping[str, str], body: bytes) -> ProviderError:
+    def parser(self) -> StreamParser:
+        return GeminiStreamParser(self.name)
+
+    def error(self, status: int, headers: Mapping[str, str], body: bytes) -> ProviderError:
         return error_from_response(self.name, status, headers, body)
-
-    async def aclose(self) -> None:
-        return None  # the shared HTTP client is closed by its owner

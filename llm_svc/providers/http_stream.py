@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from llm_svc.providers.base import ProviderError, ProviderEvent
+from llm_svc.providers.base import ProviderError, ProviderEvent, ProviderRequest
+from llm_svc.providers.http_errors import key_fingerprint
 from llm_svc.providers.sse import SseDecoder, SseEvent
 from switchboard.v1 import common_pb2
 
@@ -115,3 +116,49 @@ async def read_some(response: httpx.Response) -> bytes:
         if len(body) >= MAX_ERROR_BODY:
             break
     return body[:MAX_ERROR_BODY]
+
+
+class SseProvider:
+    """A provider whose API streams server-sent events over HTTP. Each subclass names its
+    wire format: its auth headers, its URL, its request body, its parser and its error
+    mapping; the I/O is `stream_sse`, the same for all."""
+
+    name: str
+
+    def __init__(self, http: httpx.AsyncClient, api_key: str, base_url: str) -> None:
+        self.http = http  # shared and closed by its owner (providers.registry)
+        self.base_url = base_url.rstrip("/")
+        self.key_id = key_fingerprint(api_key)
+        self._headers = {**self.auth_headers(api_key), "Accept": "text/event-stream"}
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def url(self, request: ProviderRequest) -> str:
+        raise NotImplementedError
+
+    def body(self, request: ProviderRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parser(self) -> StreamParser:
+        raise NotImplementedError
+
+    def error(self, status: int, headers: Mapping[str, str], body: bytes) -> ProviderError:
+        raise NotImplementedError
+
+    def estimate_tokens(self, request: ProviderRequest) -> int | None:
+        return None
+
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
+        return stream_sse(
+            self.http,
+            self.name,
+            self.url(request),
+            self.body(request),
+            self._headers,
+            self.parser(),
+            self.error,
+        )
+
+    async def aclose(self) -> None:
+        return None  # the shared HTTP client is closed by its owner

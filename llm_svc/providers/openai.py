@@ -6,46 +6,31 @@ http://127.0.0.1:11434/v1 for Ollama, http://127.0.0.1:8080/v1 for llama.cpp's s
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-import httpx
-
-from llm_svc.providers.base import ProviderError, ProviderEvent, ProviderRequest
-from llm_svc.providers.http_errors import error_from_status, key_fingerprint
-from llm_svc.providers.http_stream import stream_sse
+from llm_svc.providers.base import ProviderError, ProviderRequest
+from llm_svc.providers.http_errors import error_from_status
+from llm_svc.providers.http_stream import SseProvider, StreamParser
 from llm_svc.providers.openai_wire import ChatStreamParser, request_body
 
 PROVIDER_NAME = "openai"
 
 
-class OpenAIProvider:
+class OpenAIProvider(SseProvider):
     name = PROVIDER_NAME
 
-    def __init__(self, http: httpx.AsyncClient, api_key: str, base_url: str) -> None:
-        self.http = http
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.key_id = key_fingerprint(api_key)
-        self._headers = {
-            "Authorization": f"Bearer {api_key}",
-            "Accept": "text/event-stream",
-        }
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"}
 
-    def estimate_tokens(self, request: ProviderRequest) -> int | None:
-        return None
+    def url(self, request: ProviderRequest) -> str:
+        return self.base_url + "/chat/completions"
 
-    def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
-        return stream_sse(
-            self.http,
-            self.name,
-            self.url,
-            request_body(request),
-            self._headers,
-            ChatStreamParser(self.name),
-            self._error,
-        )
+    def body(self, request: ProviderRequest) -> dict[str, Any]:
+        return request_body(request)
 
-    def _error(self, status: int, headers: Mapping[str, str], body: bytes) -> ProviderError:
+    def parser(self) -> StreamParser:
+        return ChatStreamParser(self.name)
+
+    def error(self, status: int, headers: Mapping[str, str], body: bytes) -> ProviderError:
         return error_from_status(self.name, status, headers, body)
-
-    async def aclose(self) -> None:
-        return None  # the shared HTTP client is closed by its owner

@@ -257,7 +257,7 @@ async def test_keys_and_base_urls_come_from_the_environment(
     await server.shutdown()  # it never started: only its clients to close
     assert sorted(server.providers) == ["gemini", "local"]
     gemini = server.providers["gemini"]
-    assert isinstance(gemini, GeminiProvider) and gemini.base_url == "http://127.0.0.1:9/"
+    assert isinstance(gemini, GeminiProvider) and gemini.base_url == "http://127.0.0.1:9"
     assert "gemini-2.5-flash-lite" in server.catalogue.models
     assert "claude-haiku-4-5" in server.catalogue.unavailable
     assert server.catalogue.provider_limits["gemini"].rpm == 7
