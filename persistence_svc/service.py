@@ -16,7 +16,7 @@ import grpc
 from persistence_svc.cursor import Cursor
 from persistence_svc.errors import InvalidCursor, StorageRejected, StorageUnavailable
 from persistence_svc.repository import Repository
-from svckit.errors import Code, ServiceError
+from svckit.errors import Code, ServiceError, rpc
 from switchboard.v1 import history_pb2, history_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,54 +29,48 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
     def __init__(self, repository: Repository) -> None:
         self.repository = repository
 
+    @rpc
     async def GetTask(
         self, request: history_pb2.GetHistoryTaskRequest, context: Context
     ) -> history_pb2.HistoryTask:
-        try:
-            require_user(request.user_id)
-            task = await call_storage(self.repository.get_task(request.task_id, request.user_id))
-            if task is None:
-                raise _not_found(request.task_id)
-            return task
-        except ServiceError as error:
-            await error.abort(context)
+        require_user(request.user_id)
+        task = await call_storage(self.repository.get_task(request.task_id, request.user_id))
+        if task is None:
+            raise _not_found(request.task_id)
+        return task
 
+    @rpc
     async def ListTasks(
         self, request: history_pb2.ListTasksRequest, context: Context
     ) -> history_pb2.ListTasksResponse:
-        try:
-            require_user(request.user_id)
-            if request.page_size < 0:
-                raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "page_size must be >= 0")
-            after = None
-            if request.cursor:
-                try:
-                    after = Cursor.decode(request.cursor)
-                except InvalidCursor as error:
-                    raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, str(error)) from None
-            page = await call_storage(
-                self.repository.list_tasks(request.user_id, request.page_size, after)
-            )
-            return history_pb2.ListTasksResponse(
-                tasks=page.tasks,
-                next_cursor=page.next_cursor.encode() if page.next_cursor else "",
-            )
-        except ServiceError as error:
-            await error.abort(context)
+        require_user(request.user_id)
+        if request.page_size < 0:
+            raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "page_size must be >= 0")
+        after = None
+        if request.cursor:
+            try:
+                after = Cursor.decode(request.cursor)
+            except InvalidCursor as error:
+                raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, str(error)) from None
+        page = await call_storage(
+            self.repository.list_tasks(request.user_id, request.page_size, after)
+        )
+        return history_pb2.ListTasksResponse(
+            tasks=page.tasks,
+            next_cursor=page.next_cursor.encode() if page.next_cursor else "",
+        )
 
+    @rpc
     async def GetTaskEvents(
         self, request: history_pb2.GetTaskEventsRequest, context: Context
     ) -> history_pb2.GetTaskEventsResponse:
-        try:
-            require_user(request.user_id)
-            trail = await call_storage(
-                self.repository.get_task_events(request.task_id, request.user_id)
-            )
-            if trail is None:
-                raise _not_found(request.task_id)
-            return history_pb2.GetTaskEventsResponse(events=trail)
-        except ServiceError as error:
-            await error.abort(context)
+        require_user(request.user_id)
+        trail = await call_storage(
+            self.repository.get_task_events(request.task_id, request.user_id)
+        )
+        if trail is None:
+            raise _not_found(request.task_id)
+        return history_pb2.GetTaskEventsResponse(events=trail)
 
 
 class SnapshotService(history_pb2_grpc.SnapshotServiceServicer):
@@ -85,25 +79,21 @@ class SnapshotService(history_pb2_grpc.SnapshotServiceServicer):
     def __init__(self, repository: Repository) -> None:
         self.repository = repository
 
+    @rpc
     async def ListSnapshots(
         self, request: history_pb2.ListSnapshotsRequest, context: Context
     ) -> history_pb2.ListSnapshotsResponse:
+        if request.page_size < 0:
+            raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "page_size must be >= 0")
         try:
-            if request.page_size < 0:
-                raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "page_size must be >= 0")
-            try:
-                page = await call_storage(
-                    self.repository.list_snapshots(
-                        request.task_ids, request.page_size, request.cursor
-                    )
-                )
-            except InvalidCursor as error:
-                raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, str(error)) from None
-            return history_pb2.ListSnapshotsResponse(
-                snapshots=page.snapshots, next_cursor=page.next_cursor
+            page = await call_storage(
+                self.repository.list_snapshots(request.task_ids, request.page_size, request.cursor)
             )
-        except ServiceError as error:
-            await error.abort(context)
+        except InvalidCursor as error:
+            raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, str(error)) from None
+        return history_pb2.ListSnapshotsResponse(
+            snapshots=page.snapshots, next_cursor=page.next_cursor
+        )
 
 
 def require_user(user_id: str) -> None:

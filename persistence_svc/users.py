@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from persistence_svc.repository import Repository
 from persistence_svc.service import Context, call_storage, require_user
-from svckit.errors import Code, ServiceError
+from svckit.errors import Code, ServiceError, rpc
 from switchboard.v1 import history_pb2, history_pb2_grpc
 
 # Limits that keep one user's preferences small (the row is read on every cache miss).
@@ -83,30 +83,26 @@ class UserService(history_pb2_grpc.UserServiceServicer):
         self.repository = repository
         self.cache = cache if cache is not None else PreferencesCache()
 
+    @rpc
     async def GetPreferences(
         self, request: history_pb2.GetPreferencesRequest, context: Context
     ) -> history_pb2.Preferences:
-        try:
-            require_user(request.user_id)
-            cached = self.cache.get(request.user_id)
-            if cached is not None:
-                return cached
-            preferences = await call_storage(self.repository.get_preferences(request.user_id))
-            self.cache.put(request.user_id, preferences)
-            return preferences
-        except ServiceError as error:
-            await error.abort(context)
+        require_user(request.user_id)
+        cached = self.cache.get(request.user_id)
+        if cached is not None:
+            return cached
+        preferences = await call_storage(self.repository.get_preferences(request.user_id))
+        self.cache.put(request.user_id, preferences)
+        return preferences
 
+    @rpc
     async def SetPreferences(
         self, request: history_pb2.SetPreferencesRequest, context: Context
     ) -> history_pb2.Preferences:
-        try:
-            require_user(request.user_id)
-            validate_preferences(request.preferences)
-            stored = await call_storage(
-                self.repository.set_preferences(request.user_id, request.preferences)
-            )
-            self.cache.put(request.user_id, stored)
-            return stored
-        except ServiceError as error:
-            await error.abort(context)
+        require_user(request.user_id)
+        validate_preferences(request.preferences)
+        stored = await call_storage(
+            self.repository.set_preferences(request.user_id, request.preferences)
+        )
+        self.cache.put(request.user_id, stored)
+        return stored

@@ -4,8 +4,10 @@ trailing metadata key `sb-error-bin`, so the typed code survives every hop."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -117,3 +119,25 @@ class ServiceError(Exception):
     def __repr__(self) -> str:
         name = common_pb2.ErrorCode.Name(self.code)
         return f"ServiceError({name}, {self.message!r}, retryable={self.retryable})"
+
+
+Servicer = TypeVar("Servicer")
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+Context = TypeVar("Context", bound="grpc.aio.ServicerContext[Any, Any]")
+
+
+def rpc(
+    method: Callable[[Servicer, Request, Context], Awaitable[Reply]],
+) -> Callable[[Servicer, Request, Context], Awaitable[Reply]]:
+    """A unary servicer method whose `ServiceError`s become the typed gRPC error: the one
+    place a raised error turns into a status plus `sb-error-bin` metadata."""
+
+    @functools.wraps(method)
+    async def handle(self: Servicer, request: Request, context: Context) -> Reply:
+        try:
+            return await method(self, request, context)
+        except ServiceError as error:
+            await error.abort(context)
+
+    return handle

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from svckit.errors import ServiceError
+from svckit.errors import ServiceError, rpc
 from switchboard.v1 import common_pb2, llm_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from task_svc.jobs import JobEngine
 from task_svc.registry import forbidden
@@ -96,32 +96,30 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self.catalog = catalog
         self.max_prompt_chars = max_prompt_chars
 
+    @rpc
     async def Submit(
         self, request: tasks_pb2.SubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tasks_pb2.SubmitResponse:
-        try:
-            check_task_id(request.task_id)
-            check_user(request.user_id)
-            if not request.prompt.strip():
-                raise invalid("prompt is empty")
-            if len(request.prompt) > self.max_prompt_chars:
-                raise invalid(f"prompt is longer than {self.max_prompt_chars} characters")
-            if not 0 <= request.priority <= 9:
-                raise invalid("priority must be between 0 and 9")
-            resolved = await self.catalog.resolve(request.model)
-            spec = TaskSpec(
-                task_id=request.task_id,
-                user_id=request.user_id,
-                prompt=request.prompt,
-                model=resolved.model,
-                priority=request.priority,
-                queue=resolved.queue,
-                options=request.options,
-                submitted_ns=now_ns(),
-            )
-            state, duplicate = await self.engine.submit(spec)
-        except ServiceError as error:
-            await error.abort(context)
+        check_task_id(request.task_id)
+        check_user(request.user_id)
+        if not request.prompt.strip():
+            raise invalid("prompt is empty")
+        if len(request.prompt) > self.max_prompt_chars:
+            raise invalid(f"prompt is longer than {self.max_prompt_chars} characters")
+        if not 0 <= request.priority <= 9:
+            raise invalid("priority must be between 0 and 9")
+        resolved = await self.catalog.resolve(request.model)
+        spec = TaskSpec(
+            task_id=request.task_id,
+            user_id=request.user_id,
+            prompt=request.prompt,
+            model=resolved.model,
+            priority=request.priority,
+            queue=resolved.queue,
+            options=request.options,
+            submitted_ns=now_ns(),
+        )
+        state, duplicate = await self.engine.submit(spec)
         return tasks_pb2.SubmitResponse(state=state, duplicate=duplicate)
 
     async def Watch(
@@ -185,51 +183,43 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             if watcher is not None:
                 server.unsubscribe(watcher)
 
+    @rpc
     async def Cancel(
         self, request: tasks_pb2.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tasks_pb2.CancelResponse:
-        try:
-            check_task_id(request.task_id)
-            check_user(request.user_id)
-            state = await self.engine.cancel(request.task_id, request.user_id)
-        except ServiceError as error:
-            await error.abort(context)
+        check_task_id(request.task_id)
+        check_user(request.user_id)
+        state = await self.engine.cancel(request.task_id, request.user_id)
         return tasks_pb2.CancelResponse(state=state)
 
+    @rpc
     async def Get(
         self, request: tasks_pb2.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tasks_pb2.GetTaskResponse:
-        try:
-            check_task_id(request.task_id)
-            check_user(request.user_id)
-            state = await self.engine.state(request.task_id, request.user_id)
-        except ServiceError as error:
-            await error.abort(context)
+        check_task_id(request.task_id)
+        check_user(request.user_id)
+        state = await self.engine.state(request.task_id, request.user_id)
         return tasks_pb2.GetTaskResponse(state=state)
 
     # -- admin: the dead-letter queue ------------------------------------------------
 
+    @rpc
     async def ListDeadLetters(
         self,
         request: tasks_pb2.ListDeadLettersRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> tasks_pb2.ListDeadLettersResponse:
-        try:
-            if request.limit < 0:
-                raise invalid("limit must not be negative")
-            letters = await self.engine.list_dead_letters(request.queue, request.limit)
-        except ServiceError as error:
-            await error.abort(context)
+        if request.limit < 0:
+            raise invalid("limit must not be negative")
+        letters = await self.engine.list_dead_letters(request.queue, request.limit)
         return tasks_pb2.ListDeadLettersResponse(dead_letters=letters)
 
+    @rpc
     async def RequeueDeadLetter(
         self,
         request: tasks_pb2.RequeueDeadLetterRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> tasks_pb2.RequeueDeadLetterResponse:
-        try:
-            check_task_id(request.task_id)
-            state = await self.engine.requeue_dead_letter(request.task_id)
-        except ServiceError as error:
-            await error.abort(context)
+        check_task_id(request.task_id)
+        state = await self.engine.requeue_dead_letter(request.task_id)
         return tasks_pb2.RequeueDeadLetterResponse(state=state)
