@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -15,6 +18,7 @@ import uvloop
 from svckit.logs import configure_logging
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 Main = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
@@ -25,12 +29,26 @@ def install_stop_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
+def exit_with_parent(parent: int) -> None:
+    """Linux: get SIGTERM when the parent process dies, even by SIGKILL, so a killed
+    launcher leaves no service behind. Done here, in the service itself, before any thread
+    starts: a `preexec_fn` in a launcher that has threads is not safe after fork."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_service(name: str, main: Main, log_level: str = "INFO") -> None:
     """Run `main(stop)` on uvloop until it returns; `stop` is set on SIGTERM or SIGINT.
+    With SB_PARENT_PID set (by the launcher) it also stops when that parent dies.
 
     `main` owns every task it spawns and must cancel and await them before returning.
     """
     configure_logging(name, log_level)
+    if parent := os.environ.get("SB_PARENT_PID"):
+        exit_with_parent(int(parent))
 
     async def entry() -> None:
         stop = asyncio.Event()

@@ -7,10 +7,8 @@ The machine's own nats-server, if any, is never used: it may be too old.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,16 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BINARY = Path(sys.executable).parent / "nats-server"
-PR_SET_PDEATHSIG = 1
-
-
-def terminate_with_parent() -> None:
-    """Linux: SIGTERM this child if its parent dies (even by SIGKILL), so no server is left
-    running behind a killed `make run` or test run. Used as a `preexec_fn`."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 # Ports handed out for servers come from below Linux's ephemeral range (32768-60999): a port
 # the kernel hands out as the source of an outgoing connection could otherwise be taken in
 # the moment between choosing it here and a server binding it.
@@ -80,7 +68,7 @@ async def start_nats(store_dir: Path, port: int = 0, log_file: Path | None = Non
     store_dir.mkdir(parents=True, exist_ok=True)
     args = [str(binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(args, stdout=out, stderr=out, preexec_fn=terminate_with_parent)
+    process = subprocess.Popen(args, stdout=out, stderr=out)
     server = NatsServer(process, port)
     for _ in range(200):
         if process.poll() is not None:

@@ -21,7 +21,7 @@ import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from svckit.grpc_server import insecure_channel
-from tools.natsserver import NatsServer, free_port, start_nats, terminate_with_parent
+from tools.natsserver import NatsServer, free_port, start_nats
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("llm_svc", "persistence_svc", "task_svc", "gateway_svc")
@@ -105,6 +105,8 @@ class Stack:
                 "HISTORY_SVC_LISTEN": c.address("persistence_svc"),
                 "HISTORY_SVC_ADDR": c.address("persistence_svc"),
                 "PYTHONUNBUFFERED": "1",
+                # Stop with the launcher, even if it is killed (svckit.lifecycle).
+                "SB_PARENT_PID": str(os.getpid()),
             }
         )
         env.update(c.extra_env)
@@ -132,7 +134,6 @@ class Stack:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=terminate_with_parent,
         )
         self.processes[name] = process
         assert process.stdout is not None
