@@ -44,5 +44,5 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # The libraries' own chatter at INFO is noise next to ours.
-    for noisy in ("websockets", "nats", "aiosqlite", "httpx", "httpcore"):
+    for noisy in ("websockets", "nats", "aiosqlite", "httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

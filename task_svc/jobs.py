@@ -154,6 +154,10 @@ class JobEngine(Recovery):
                 restart = RESTARTED
         self._register(job)
         await self._accept(job, restart)
+        log.info(
+            "task accepted",
+            extra={"task_id": spec.task_id, "queue": spec.queue, "priority": spec.priority},
+        )
         return job.server.core.snapshot(), bool(ack.duplicate)
 
     async def find(self, task_id: str) -> TaskServer | None:

@@ -146,6 +146,10 @@ class Runner(EngineBase):
             del self._jobs[job.task_id]
         job.finished.set()
         self._expire_later(job.server)
+        log.info(
+            "task finished",
+            extra={"task_id": job.task_id, "status": Status.Name(core.status), "seq": core.seq},
+        )
         self._notify("finished", job.task_id)
 
     async def _dead_letter(self, job: Job, reason: ServiceError) -> None:
