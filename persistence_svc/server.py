@@ -21,7 +21,7 @@ from persistence_svc.service import HistoryService, SnapshotService
 from persistence_svc.users import PreferencesCache, UserService
 from svckit.grpc_server import GrpcServer
 from svckit.lifecycle import cancel_and_wait
-from svckit.nats import connect_nats, ensure_stream, task_events_stream_config
+from svckit.nats import close_nats, connect_nats, ensure_stream, task_events_stream_config
 from switchboard.v1 import history_pb2, history_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,8 @@ class PersistenceServer:
             if not done:
                 log.warning("consumer did not stop in time; cancelling its batch")
             await cancel_and_wait(self._consumer_task)
-        if self.nc is not None and not self.nc.is_closed:
-            # drain() flushes the acks of the last batch before closing.
-            try:
-                await self.nc.drain()
-            except Exception:
-                log.exception("nats drain failed")
-                await self.nc.close()
+        if self.nc is not None:
+            await close_nats(self.nc)  # flushes the acks of the last batch
         if self.repository is not None:
             await self.repository.close()
         log.info("persistence_svc stopped")

@@ -12,6 +12,7 @@ import asyncio
 import logging
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.errors import NoServersError
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
@@ -97,3 +98,15 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         log.info("stream created", extra={"stream": config.name})
     else:
         await js.update_stream(config)
+
+
+async def close_nats(nc: Client) -> None:
+    """Drain (flushing pending acks and publishes), or just close when NATS is unreachable:
+    shutdown must finish either way; what was not acked is redelivered later."""
+    if nc.is_closed:
+        return
+    try:
+        await nc.drain()
+    except (nats.errors.Error, OSError, TimeoutError) as error:
+        log.warning("nats drain failed; closing", extra={"error": repr(error)})
+        await nc.close()

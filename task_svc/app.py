@@ -15,7 +15,13 @@ from grpc_health.v1 import health_pb2
 from nats.aio.client import Client
 
 from svckit.grpc_server import GrpcServer, insecure_channel
-from svckit.nats import connect_nats, ensure_stream, jobs_stream_config, task_events_stream_config
+from svckit.nats import (
+    close_nats,
+    connect_nats,
+    ensure_stream,
+    jobs_stream_config,
+    task_events_stream_config,
+)
 from switchboard.v1 import llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from task_svc.config import QueueSettings, Settings
 from task_svc.events import LifecyclePublisher
@@ -123,6 +129,5 @@ class TaskApp:
         # Lifecycle events are never given up lightly: at least a few seconds to go out.
         await self.publisher.close(max(grace, 5.0))
         await self.llm_channel.close()
-        if not self.nc.is_closed:
-            await self.nc.drain()
+        await close_nats(self.nc)
         log.info("task_svc stopped")

@@ -68,7 +68,9 @@ async def start_nats(store_dir: Path, port: int = 0, log_file: Path | None = Non
     store_dir.mkdir(parents=True, exist_ok=True)
     args = [str(binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(args, stdout=out, stderr=out)
+    # Its own session: a Ctrl-C in the terminal (SIGINT to the whole process group) must not
+    # stop NATS before the services have drained; the owner stops it last.
+    process = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
     server = NatsServer(process, port)
     for _ in range(200):
         if process.poll() is not None:
