@@ -4,6 +4,8 @@ per backend, and the translation of driver errors into persistence_svc errors.""
 from __future__ import annotations
 
 import contextlib
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -88,8 +90,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # lets readers run during a write.
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(cursor)
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Switching a new database to WAL takes an exclusive lock that SQLite does not always
+    wait for under busy_timeout (several processes opening a new file at once get "database
+    is locked" at once): retry it, bounded. This runs in the driver's thread, not the loop."""
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == 99:
+                raise
+            time.sleep(0.05)
 
 
 def _translate(error: Exception) -> PersistenceError:
