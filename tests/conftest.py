@@ -5,20 +5,35 @@ All test timeouts derive from one unit: set SB_TEST_TIMEOUT_SCALE=3 on a slow ma
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from tools.natsserver import NatsServer, free_port, start_nats
 
+T = TypeVar("T")
 TIMEOUT_SCALE = float(os.environ.get("SB_TEST_TIMEOUT_SCALE", "1"))
 
 
 def timeout(seconds: float) -> float:
     """A test timeout of `seconds` on a normal machine, scaled by SB_TEST_TIMEOUT_SCALE."""
     return seconds * TIMEOUT_SCALE
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], seconds: float = 10) -> T:
+    """Poll `probe` until it returns something truthy, within a bounded time."""
+    deadline = asyncio.get_running_loop().time() + timeout(seconds)
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

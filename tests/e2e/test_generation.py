@@ -16,6 +16,7 @@ from llm_svc.providers.local import compose_answer
 from svckit.grpc_server import insecure_channel
 from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
 from tests.conftest import timeout
+from tests.e2e.history import terminal_history
 from tools.stack import Stack, dev_token
 
 pytestmark = pytest.mark.e2e
@@ -31,24 +32,6 @@ async def receive(ws: ClientConnection) -> list[Any]:
     frame = json.loads(await asyncio.wait_for(ws.recv(), timeout(10)))
     assert isinstance(frame, list) and len(frame) == 5, frame
     return frame
-
-
-async def completed_history(stack: Stack, task_id: str, user: str) -> history_pb2.HistoryTask:
-    """History is written behind the hot path: wait (bounded) until the row is complete."""
-    async with insecure_channel(stack.config.address("persistence_svc")) as channel:
-        history = history_pb2_grpc.HistoryServiceStub(channel)
-        async with asyncio.timeout(timeout(20)):
-            while True:
-                try:
-                    task: history_pb2.HistoryTask = await history.GetTask(
-                        history_pb2.GetHistoryTaskRequest(task_id=task_id, user_id=user)
-                    )
-                    if task.status == common_pb2.TASK_STATUS_COMPLETED:
-                        return task
-                except Exception as error:  # not written yet
-                    if "NOT_FOUND" not in repr(error):
-                        raise
-                await asyncio.sleep(0.05)
 
 
 async def test_generation_streams_and_lands_in_history(stack: Stack) -> None:
@@ -95,21 +78,18 @@ async def test_generation_streams_and_lands_in_history(stack: Stack) -> None:
     assert final["model"] == "local"
     assert final["usage"]["completion_tokens"] > 0
 
-    task = await completed_history(stack, task_id, "alice")
+    task, trail = await terminal_history(stack, task_id, "alice")
+    assert task.status == common_pb2.TASK_STATUS_COMPLETED
     assert task.response == expected
     assert task.prompt == PROMPT
     assert task.user_id == "alice"
+    assert [e.kind for e in trail] == [
+        events_pb2.LIFECYCLE_KIND_QUEUED,
+        events_pb2.LIFECYCLE_KIND_STARTED,
+        events_pb2.LIFECYCLE_KIND_COMPLETED,
+    ]
     async with insecure_channel(stack.config.address("persistence_svc")) as channel:
         history = history_pb2_grpc.HistoryServiceStub(channel)
-        trail = await history.GetTaskEvents(
-            history_pb2.GetTaskEventsRequest(task_id=task_id, user_id="alice")
-        )
-        kinds = [e.kind for e in trail.events]
-        assert kinds == [
-            events_pb2.LIFECYCLE_KIND_QUEUED,
-            events_pb2.LIFECYCLE_KIND_STARTED,
-            events_pb2.LIFECYCLE_KIND_COMPLETED,
-        ]
         listed = await history.ListTasks(history_pb2.ListTasksRequest(user_id="alice"))
         assert [t.task_id for t in listed.tasks] == [task_id]
         strangers = await history.ListTasks(history_pb2.ListTasksRequest(user_id="bob"))

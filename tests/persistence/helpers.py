@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -14,7 +14,7 @@ from nats.js.client import JetStreamContext
 from persistence_svc.consumer import EventConsumer
 from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import events_pb2, history_pb2
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 
 T = TypeVar("T")
 
@@ -32,18 +32,6 @@ async def running(consumer: EventConsumer) -> AsyncIterator[EventConsumer]:
         consumer.stop()
         await asyncio.wait_for(asyncio.shield(task), timeout(10))
         await cancel_and_wait(task)
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], seconds: float = 10) -> T:
-    """Poll `probe` until it returns something truthy, within a bounded time."""
-    deadline = asyncio.get_running_loop().time() + timeout(seconds)
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def until(condition: Callable[[], bool], seconds: float = 10) -> None:

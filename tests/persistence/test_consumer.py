@@ -18,9 +18,9 @@ from svckit.nats import (
     TASK_EVENTS_STREAM,
 )
 from switchboard.v1 import common_pb2, events_pb2, history_pb2
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tests.persistence.factory import Kind, completed_lifecycle, new_task_id
-from tests.persistence.helpers import FETCH_S, Bus, eventually, publish, running, until
+from tests.persistence.helpers import FETCH_S, Bus, publish, running, until
 from tests.postgres import postgres_admin_url, sqlalchemy_url
 
 

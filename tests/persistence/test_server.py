@@ -24,9 +24,9 @@ from persistence_svc.server import (
 from svckit.grpc_server import insecure_channel
 from svckit.nats import connect_nats
 from switchboard.v1 import common_pb2, history_pb2, history_pb2_grpc
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tests.persistence.factory import completed_lifecycle, new_task_id
-from tests.persistence.helpers import eventually, publish
+from tests.persistence.helpers import publish
 
 
 async def completed_over_grpc(target: str, task_id: str) -> history_pb2.HistoryTask:

@@ -18,17 +18,9 @@ from persistence_svc.snapshots import parse_snapshot
 from svckit.errors import Code, ServiceError
 from svckit.grpc_server import GrpcServer, insecure_channel
 from switchboard.v1 import common_pb2, history_pb2, history_pb2_grpc
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tests.persistence.factory import Kind, completed_lifecycle, event, new_task_id, snapshot
-from tests.persistence.helpers import (
-    FETCH_S,
-    Bus,
-    eventually,
-    publish,
-    publish_snapshot,
-    running,
-    until,
-)
+from tests.persistence.helpers import FETCH_S, Bus, publish, publish_snapshot, running, until
 
 
 async def latest(repo: Repository, task_id: str) -> history_pb2.TaskSnapshot | None:

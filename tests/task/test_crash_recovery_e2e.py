@@ -13,17 +13,15 @@ from typing import Any
 import pytest
 
 from gateway_svc.phoenix_client import Channel, PhoenixClient
-from svckit.grpc_server import insecure_channel
-from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
+from switchboard.v1 import events_pb2
 from tests.conftest import timeout
 from tests.e2e.conftest import running_stack
-from tools.stack import Stack, dev_token
+from tests.e2e.history import terminal_history
+from tools.stack import dev_token
 
 pytestmark = pytest.mark.e2e
 
-Status = common_pb2.TaskStatus
 Kind = events_pb2.LifecycleKind
-TERMINAL = {Status.TASK_STATUS_COMPLETED, Status.TASK_STATUS_FAILED, Status.TASK_STATUS_CANCELLED}
 TERMINAL_KINDS = {
     Kind.LIFECYCLE_KIND_COMPLETED,
     Kind.LIFECYCLE_KIND_FAILED,
@@ -46,28 +44,6 @@ async def pushes_until(channel: Channel, done: Any) -> list[tuple[str, dict[str,
             if done(message.event, message.payload):
                 return out
     return out
-
-
-async def history_of(stack: Stack, task_id: str) -> list[events_pb2.LifecycleEvent]:
-    """The task's lifecycle events in history, once its row is terminal (bounded wait:
-    history is written behind the hot path)."""
-    async with insecure_channel(stack.config.address("persistence_svc")) as grpc_channel:
-        history = history_pb2_grpc.HistoryServiceStub(grpc_channel)
-        async with asyncio.timeout(timeout(30)):
-            while True:
-                try:
-                    task = await history.GetTask(
-                        history_pb2.GetHistoryTaskRequest(task_id=task_id, user_id="alice")
-                    )
-                    if task.status in TERMINAL:
-                        reply = await history.GetTaskEvents(
-                            history_pb2.GetTaskEventsRequest(task_id=task_id, user_id="alice")
-                        )
-                        return list(reply.events)
-                except Exception as error:  # not written yet
-                    if "NOT_FOUND" not in repr(error):
-                        raise
-                await asyncio.sleep(0.1)
 
 
 async def test_kill_9_task_svc_with_tasks_queued_and_running(
@@ -113,9 +89,10 @@ async def test_kill_9_task_svc_with_tasks_queued_and_running(
                 if task_id == ids[0]:
                     # The rerun starts with a progress that resets the client's text.
                     assert pushes[0][0] == "progress" and pushes[0][1]["progress"] == 0
+                    assert pushes[0][1].get("message") == "restarted"
 
         for task_id in ids:
-            events = await history_of(stack, task_id)
+            _, events = await terminal_history(stack, task_id, "alice")
             terminal = [e for e in events if e.kind in TERMINAL_KINDS]
             assert len(terminal) == 1, [Kind.Name(e.kind) for e in events]  # written once
             assert terminal[0].kind == Kind.LIFECYCLE_KIND_COMPLETED
