@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # coalescing progress pushes) the socket is closed with 1008.
     gateway_outbound_max_frames: int = 1024
     gateway_outbound_max_bytes: int = 1024 * 1024
+    # A channel stops reading its task's events while the outbound queue is half full (so
+    # a client catching up is paced, not flooded); a client that does not drain it within
+    # this many seconds is a slow consumer and is closed with 1008.
+    gateway_slow_consumer_s: float = 10.0
     # SO_SNDBUF of each socket (0 = the kernel's autotuning, up to net.ipv4.tcp_wmem's max,
     # 4 MiB by default): what a stalled client can hold in kernel memory before the
     # outbound queue above starts to fill.

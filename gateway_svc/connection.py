@@ -58,6 +58,7 @@ class Connection:
     __slots__ = (
         "_closer",
         "_closing",
+        "_drained",
         "_outbox",
         "_writer",
         "channels",
@@ -83,6 +84,7 @@ class Connection:
         self.state = ch.SocketState(_handles, settings.gateway_max_channels)
         self.channels: dict[str, TaskChannel] = {}
         self._outbox: Outbox | None = None  # allocated while frames wait
+        self._drained: asyncio.Event | None = None  # allocated while a channel waits
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._closing = False  # no frame is queued any more
@@ -202,9 +204,27 @@ class Connection:
         if self._writer is None:
             self._writer = asyncio.create_task(self._write(box), name="socket writer")
 
+    async def writable(self) -> None:
+        """Wait while the outbox is half full: a channel calls this before reading its next
+        event, so a client catching up on a backlog paces the Watch stream (and, through
+        gRPC flow control, task_svc) instead of overflowing the queue. A client that does
+        not drain within GATEWAY_SLOW_CONSUMER_S is a slow consumer: closed with 1008."""
+        try:
+            async with asyncio.timeout(self.settings.gateway_slow_consumer_s):
+                while (box := self._outbox) is not None and box.half_full() and not self._closing:
+                    if self._drained is None:
+                        self._drained = asyncio.Event()
+                    self._drained.clear()
+                    await self._drained.wait()
+        except TimeoutError:
+            if not self._closing:
+                self._slow_consumer("outbound queue not drained in time")
+
     async def _write(self, box: Outbox) -> None:
         try:
             while (data := box.pop()) is not None:
+                if self._drained is not None:
+                    self._drained.set()  # waiting channels re-check the queue
                 # Waits while the transport is over its write limit (a slow client).
                 await self.ws.send(data, text=True)
         except ConnectionClosed:
@@ -215,6 +235,9 @@ class Connection:
             self._writer = None
             if self._outbox is box and not box:
                 self._outbox = None
+            if self._drained is not None:
+                self._drained.set()
+                self._drained = None
 
     def _slow_consumer(self, why: str) -> None:
         self._closing = True
@@ -261,7 +284,14 @@ class Connection:
         task_id = task_id_of(start.topic)
         assert task_id is not None  # the state machine only starts topics we handle
         channel = TaskChannel(
-            self.deps, self.user, start.topic, task_id, start.join_ref, self.send, self._crashed
+            self.deps,
+            self.user,
+            start.topic,
+            task_id,
+            start.join_ref,
+            self.send,
+            self._crashed,
+            self.writable,
         )
         try:
             ok, response = await channel.join(start.params)

@@ -37,6 +37,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def half_full(self) -> bool:
+        """At or over half of either bound: producers that can wait should (see
+        Connection.writable), keeping the other half for what cannot wait (replies)."""
+        return len(self.frames) * 2 >= self.max_frames or self.bytes * 2 >= self.max_bytes
+
     def put(self, data: bytes, key: str | None = None) -> bool:
         """Queue `data`; True when it replaced an older frame with the same `key`. Raises
         Overflow when over bounds (a single frame larger than `max_bytes` is let through

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 Code = common_pb2.ErrorCode
 SendFn = Callable[[Message], Awaitable[None]]
 CrashFn = Callable[["TaskChannel"], Awaitable[None]]
+WritableFn = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class TaskChannel:
         join_ref: str | None,
         send: SendFn,
         on_crash: CrashFn,
+        writable: WritableFn | None = None,
     ) -> None:
         self.deps = deps
         self.stub = deps.stub
@@ -74,6 +76,7 @@ class TaskChannel:
         self.join_ref = join_ref
         self._send = send
         self._on_crash = on_crash
+        self._writable = writable
         self._join_timeout = deps.join_timeout
         self._watch: Any = None  # the Watch call (grpc.aio.UnaryStreamCall)
         self._terminal = False
@@ -127,6 +130,8 @@ class TaskChannel:
     async def _pump_events(self) -> None:
         try:
             while True:
+                if self._writable is not None:
+                    await self._writable()  # the socket's queue paces the Watch stream
                 message = await self._watch.read()
                 if message is grpc.aio.EOF:
                     break
