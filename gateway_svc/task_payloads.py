@@ -107,7 +107,10 @@ def event_push(event: tasks_pb2.TaskEvent) -> tuple[str, dict[str, Any]] | None:
             payload["message"] = p.message
         return "progress", payload
     if kind == "chunk":
-        return "chunk", {"delta": event.chunk.delta, "seq": event.seq}
+        chunk = event.chunk
+        if chunk.progress > 0:
+            return "chunk", {"delta": chunk.delta, "progress": chunk.progress, "seq": event.seq}
+        return "chunk", {"delta": chunk.delta, "seq": event.seq}
     if kind == "completed":
         c = event.completed
         return "llm_response", {

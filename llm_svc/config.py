@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     llm_models_file: Path = DEFAULT_MODELS_FILE
     llm_default_model: str = ""  # empty: the catalogue's choice ("local" with no key)
     local_model_token_delay_ms: float = 30.0
+    # Deltas arriving within this many ms of the last event sent travel as one (the first
+    # is never held back; see coalesce.py). 0 sends every delta on its own.
+    llm_coalesce_ms: float = 50.0
 
     # A provider is configured (its models offered) when its key is set and not empty.
     # Base URLs as the providers' own SDKs take them: OpenAI's includes /v1 (any

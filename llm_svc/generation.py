@@ -52,8 +52,10 @@ Code = common_pb2.ErrorCode
 MAX_TEMPERATURE = 2.0
 
 
-def delta_event(text: str) -> llm_pb2.GenerateEvent:
-    return llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text=text))
+def delta_event(
+    text: str, progress: llm_pb2.GenerationProgress | None = None
+) -> llm_pb2.GenerateEvent:
+    return llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text=text, progress=progress))
 
 
 def progress_event(progress: float, tokens: int) -> llm_pb2.GenerateEvent:
@@ -167,8 +169,8 @@ class Generator:
             cached = await self._cached(chain, request)
         if cached is not None:
             # As one delta, so that the deltas of every successful stream join to its final.
-            yield delta_event(cached.content)
-            yield progress_event(1.0, cached.usage.completion_tokens)
+            done = llm_pb2.GenerationProgress(progress=1.0, tokens=cached.usage.completion_tokens)
+            yield delta_event(cached.content, done)
             yield final_event(cached, from_fallback=True, from_cache=True)
             return
         yield error_event(last_error)
@@ -229,12 +231,17 @@ class Generator:
                 async for event in stream:
                     match event:
                         case TextDelta(text=text, tokens=tokens):
+                            moved = tracker.advance(tokens)
+                            progress = None
+                            if moved is not None:
+                                progress = llm_pb2.GenerationProgress(
+                                    progress=moved, tokens=tracker.tokens
+                                )
                             if text:
                                 run.parts.append(text)
-                                yield delta_event(text)
-                            moved = tracker.advance(tokens)
-                            if moved is not None:
-                                yield progress_event(moved, tracker.tokens)
+                                yield delta_event(text, progress)
+                            elif progress is not None:
+                                yield llm_pb2.GenerateEvent(progress=progress)
                         case Finish():
                             finish = event
                             break
@@ -248,7 +255,8 @@ class Generator:
             )
             attempt.usage = usage
         answer = CachedAnswer("".join(run.parts), model.id, finish.finish_reason, usage)
-        log.info(
+        # Per task, so DEBUG: at hundreds of tasks a second, INFO is for what goes wrong.
+        log.debug(
             "generation finished",
             extra={
                 "request_id": request.request_id,

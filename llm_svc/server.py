@@ -63,7 +63,9 @@ class LlmServer:
             cache=self.cache,
             quota=self.quota,
         )
-        self.servicer = LlmServicer(self.generator, self.catalogue)
+        self.servicer = LlmServicer(
+            self.generator, self.catalogue, coalesce_s=settings.llm_coalesce_ms / 1000
+        )
         self.grpc = GrpcServer(settings.llm_svc_listen, self._register, [SERVICE_NAME])
         self._stopped = False
 

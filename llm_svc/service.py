@@ -7,6 +7,7 @@ from contextlib import aclosing
 import grpc
 
 from llm_svc.catalogue import Catalogue
+from llm_svc.coalesce import coalesce
 from llm_svc.generation import Generator
 from switchboard.v1 import llm_pb2, llm_pb2_grpc
 
@@ -14,9 +15,12 @@ SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, generator: Generator, catalogue: Catalogue) -> None:
+    def __init__(
+        self, generator: Generator, catalogue: Catalogue, *, coalesce_s: float = 0.0
+    ) -> None:
         self.generator = generator
         self.catalogue = catalogue
+        self.coalesce_s = coalesce_s  # see coalesce.py; 0: every delta as it comes
 
     # A coroutine writing with `context.write`, not an async generator: when the client
     # cancels, grpc.aio cancels this task wherever it waits (writing included), and
@@ -25,7 +29,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     async def Generate(  # type: ignore[override]
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> None:
-        async with aclosing(self.generator.generate(request)) as events:
+        stream = coalesce(self.generator.generate(request), self.coalesce_s)
+        async with aclosing(stream) as events:
             async for event in events:
                 await context.write(event)
 

@@ -154,7 +154,8 @@ class JobEngine(Recovery):
                 restart = RESTARTED
         self._register(job)
         await self._accept(job, restart)
-        log.info(
+        # Per task, so DEBUG: at hundreds of tasks a second, INFO is for what goes wrong.
+        log.debug(
             "task accepted",
             extra={"task_id": spec.task_id, "queue": spec.queue, "priority": spec.priority},
         )

@@ -146,7 +146,8 @@ class Runner(EngineBase):
             del self._jobs[job.task_id]
         job.finished.set()
         self._expire_later(job.server)
-        log.info(
+        # Per task, so DEBUG: at hundreds of tasks a second, INFO is for what goes wrong.
+        log.debug(
             "task finished",
             extra={"task_id": job.task_id, "status": Status.Name(core.status), "seq": core.seq},
         )

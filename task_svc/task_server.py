@@ -81,7 +81,7 @@ class Watcher:
 
 
 Checkpoint = Callable[[history_pb2.TaskSnapshot], "asyncio.Future[None]"]
-_Mail = tuple[Callable[[TaskCore], Any], "asyncio.Future[Any]"]
+_Mail = tuple[Callable[[TaskCore], Any], "asyncio.Future[Any] | None"]  # None: a cast
 
 
 def _no_give_up(server: TaskServer, error: BaseException) -> None:
@@ -154,9 +154,18 @@ class TaskServer:
 
     async def call(self, fn: Callable[[TaskCore], T]) -> T:
         """Run `fn` on the state inside the actor and return its result."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._post(fn, future)
+        return await future
+
+    def cast(self, change: Callable[[TaskCore], Transition | None]) -> None:
+        """Apply a change without waiting for it (gen_server's cast): for the stream of a
+        running task, whose results nobody reads; the mailbox keeps casts and calls in order."""
+        self._post(self._step(change), None)
+
+    def _post(self, fn: Callable[[TaskCore], Any], future: asyncio.Future[Any] | None) -> None:
         if self.down or self._ended:
             raise TaskServerDown(self.task_id)
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         if self._mailbox is None:
             try:
                 self.host.supervisor.start_child(
@@ -168,7 +177,6 @@ class TaskServer:
         self._mailbox.append((fn, future))
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
-        return await future
 
     def _on_give_up(self, error: BaseException) -> None:
         self.host.gave_up(self, error)
@@ -179,6 +187,11 @@ class TaskServer:
         """Apply one change; fan its event out to the watchers; return the lifecycle event
         to publish (None when the change added nothing or was not a lifecycle change)."""
 
+        return await self.call(self._step(change))
+
+    def _step(
+        self, change: Callable[[TaskCore], Transition | None]
+    ) -> Callable[[TaskCore], events_pb2.LifecycleEvent | None]:
         def step(core: TaskCore) -> events_pb2.LifecycleEvent | None:
             transition = change(core)
             if transition is None:
@@ -186,7 +199,7 @@ class TaskServer:
             self._fan_out(transition)
             return transition.lifecycle
 
-        return await self.call(step)
+        return step
 
     async def subscribe(
         self, after_seq: int
@@ -234,15 +247,15 @@ class TaskServer:
             while mailbox:
                 await self._checkpoint()
                 fn, future = mailbox.popleft()
-                if future.cancelled():
+                if future is not None and future.cancelled():
                     continue
                 try:
                     result = fn(self.core)
                 except Exception as error:
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_exception(error)
                     raise
-                if not future.done():
+                if future is not None and not future.done():
                     future.set_result(result)
             if self.down or self.core.status != common_pb2.TASK_STATUS_PROCESSING:
                 break
@@ -292,6 +305,6 @@ class TaskServer:
             self._fan_out(transition)
         while self._mailbox:
             _, future = self._mailbox.popleft()
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(TaskServerDown(self.task_id))
         return transition.lifecycle if transition is not None else None

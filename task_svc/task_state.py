@@ -212,12 +212,14 @@ class TaskCore:
             at=timestamp(self.updated_ns),
             kind=kind,
             status=self.status,
-            prompt=self.spec.prompt,
             model=self.model,
-            priority=self.spec.priority,
             attempt=self.attempts,
             progress=self.progress,
         )
+        # What was submitted travels once, on QUEUED; the answer once, on COMPLETED.
+        if kind == Kind.LIFECYCLE_KIND_QUEUED:
+            event.prompt = self.spec.prompt
+            event.priority = self.spec.priority
         if kind == Kind.LIFECYCLE_KIND_COMPLETED:
             event.content = self.content
             event.finish_reason = self.finish_reason
@@ -277,12 +279,14 @@ class TaskCore:
         self.started_ns = entry.at_ns
         return self._transition(entry, Kind.LIFECYCLE_KIND_STARTED)
 
-    def chunk(self, delta: str) -> Transition | None:
+    def chunk(self, delta: str, progress: float = 0.0) -> Transition | None:
+        """Text, and the progress made with it (0: unchanged; it never goes backwards)."""
         if self.terminal or not delta:
             return None
         self._parts.append(delta)
         self._joined = None
-        return self._transition(self._append("chunk", delta=delta))
+        self.progress = max(self.progress, min(progress, 1.0))
+        return self._transition(self._append("chunk", delta=delta, progress=self.progress))
 
     def progressed(self, progress: float) -> Transition | None:
         progress = min(max(progress, 0.0), 1.0)
@@ -334,8 +338,16 @@ class TaskCore:
         return self._transition(entry, Kind.LIFECYCLE_KIND_CANCELLED)
 
     def snapshot_message(self) -> history_pb2.TaskSnapshot:
-        """A checkpoint of this task for SB_TASK_EVENTS (history.proto, TaskSnapshot)."""
-        return history_pb2.TaskSnapshot(state=self.snapshot(), taken_at=timestamp(now_ns()))
+        """A checkpoint of this task for SB_TASK_EVENTS (history.proto, TaskSnapshot): only
+        what recovery reads back (events.read_stored: seq, owner, attempts), not the text."""
+        state = common_pb2.TaskState(
+            task_id=self.task_id,
+            user_id=self.user_id,
+            status=self.status,
+            seq=self.seq,
+            attempts=self.attempts,
+        )
+        return history_pb2.TaskSnapshot(state=state, taken_at=timestamp(now_ns()))
 
     def restore_terminal(self, last: events_pb2.LifecycleEvent) -> None:
         """Rebuild a task that had finished before a restart, from its last lifecycle event
@@ -378,6 +390,7 @@ class TaskCore:
         event = tasks_pb2.TaskEvent(task_id=self.task_id, seq=entry.seq, at=timestamp(entry.at_ns))
         if entry.kind == "chunk":
             event.chunk.delta = entry.delta
+            event.chunk.progress = entry.progress
         elif entry.kind == "completed":
             event.completed.content = self.content
             event.completed.model = self.model

@@ -64,11 +64,15 @@ async def _generate(
     try:
         async for event in call:
             kind = event.WhichOneof("kind")
+            # Casts: nobody reads their result, and the mailbox keeps them in order.
             if kind == "delta":
-                await server.apply(partial(TaskCore.chunk, delta=event.delta.text))
+                delta = event.delta
+                server.cast(
+                    partial(TaskCore.chunk, delta=delta.text, progress=delta.progress.progress)
+                )
             elif kind == "progress":
                 value = event.progress.progress
-                await server.apply(partial(TaskCore.progressed, progress=value))
+                server.cast(partial(TaskCore.progressed, progress=value))
             elif kind == "final":
                 final: llm_pb2.GenerationFinal = event.final
                 return final

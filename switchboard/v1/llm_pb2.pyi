@@ -79,18 +79,28 @@ Global___GenerationProgress: _TypeAlias = GenerationProgress  # noqa: Y015
 
 @_typing.final
 class TextDelta(_message.Message):
+    """Text of the answer. llm_svc coalesces the deltas that arrive within a short window
+    (LLM_COALESCE_MS) into one, and the progress made so far rides in the same message.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    @_builtins.property
+    def progress(self) -> Global___GenerationProgress:
+        """unset when progress did not move"""
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
+        progress: Global___GenerationProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchboard/v1/tasks.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\"\x96\x01\n\rSubmitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x32\n\x07options\x18\x06 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\"M\n\x0eSubmitResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"C\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x03\"\x81\x01\n\x08Progress\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x10\n\x08progress\x18\x02 \x01(\x01\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ta_ms\x18\x04 \x01(\x03\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x16\n\x05\x43hunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\"h\n\tCompleted\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\x87\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08progress\x18\n \x01(\x0b\x32\x18.switchboard.v1.ProgressH\x00\x12&\n\x05\x63hunk\x18\x0b \x01(\x0b\x32\x15.switchboard.v1.ChunkH\x00\x12.\n\tcompleted\x18\x0c \x01(\x0b\x32\x19.switchboard.v1.CompletedH\x00\x12&\n\x05\x65rror\x18\r \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x42\x06\n\x04kind\"o\n\rWatchResponse\x12*\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskStateH\x00\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.switchboard.v1.TaskEventH\x00\x42\x06\n\x04kind\"1\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\":\n\x0e\x43\x61ncelResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"2\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\";\n\x0fGetTaskResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"\xbb\x02\n\nDeadLetter\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x32\n\x07options\x18\x07 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12$\n\x05\x65rror\x18\t \x01(\x0b\x32\x15.switchboard.v1.Error\x12\x30\n\x0csubmitted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tfailed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"K\n\x17ListDeadLettersResponse\x12\x30\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.DeadLetter\"+\n\x18RequeueDeadLetterRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"E\n\x19RequeueDeadLetterResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState2\xfd\x03\n\x0bTaskService\x12G\n\x06Submit\x12\x1d.switchboard.v1.SubmitRequest\x1a\x1e.switchboard.v1.SubmitResponse\x12\x46\n\x05Watch\x12\x1c.switchboard.v1.WatchRequest\x1a\x1d.switchboard.v1.WatchResponse0\x01\x12G\n\x06\x43\x61ncel\x12\x1d.switchboard.v1.CancelRequest\x1a\x1e.switchboard.v1.CancelResponse\x12\x46\n\x03Get\x12\x1e.switchboard.v1.GetTaskRequest\x1a\x1f.switchboard.v1.GetTaskResponse\x12\x62\n\x0fListDeadLetters\x12&.switchboard.v1.ListDeadLettersRequest\x1a\'.switchboard.v1.ListDeadLettersResponse\x12h\n\x11RequeueDeadLetter\x12(.switchboard.v1.RequeueDeadLetterRequest\x1a).switchboard.v1.RequeueDeadLetterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchboard/v1/tasks.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\"\x96\x01\n\rSubmitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x32\n\x07options\x18\x06 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\"M\n\x0eSubmitResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"C\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x03\"\x81\x01\n\x08Progress\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x10\n\x08progress\x18\x02 \x01(\x01\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ta_ms\x18\x04 \x01(\x03\x12\x0f\n\x07message\x18\x05 \x01(\t\"(\n\x05\x43hunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x10\n\x08progress\x18\x02 \x01(\x01\"h\n\tCompleted\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\x87\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08progress\x18\n \x01(\x0b\x32\x18.switchboard.v1.ProgressH\x00\x12&\n\x05\x63hunk\x18\x0b \x01(\x0b\x32\x15.switchboard.v1.ChunkH\x00\x12.\n\tcompleted\x18\x0c \x01(\x0b\x32\x19.switchboard.v1.CompletedH\x00\x12&\n\x05\x65rror\x18\r \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x42\x06\n\x04kind\"o\n\rWatchResponse\x12*\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskStateH\x00\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.switchboard.v1.TaskEventH\x00\x42\x06\n\x04kind\"1\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\":\n\x0e\x43\x61ncelResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"2\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\";\n\x0fGetTaskResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"\xbb\x02\n\nDeadLetter\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x32\n\x07options\x18\x07 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12$\n\x05\x65rror\x18\t \x01(\x0b\x32\x15.switchboard.v1.Error\x12\x30\n\x0csubmitted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tfailed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"K\n\x17ListDeadLettersResponse\x12\x30\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.DeadLetter\"+\n\x18RequeueDeadLetterRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"E\n\x19RequeueDeadLetterResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState2\xfd\x03\n\x0bTaskService\x12G\n\x06Submit\x12\x1d.switchboard.v1.SubmitRequest\x1a\x1e.switchboard.v1.SubmitResponse\x12\x46\n\x05Watch\x12\x1c.switchboard.v1.WatchRequest\x1a\x1d.switchboard.v1.WatchResponse0\x01\x12G\n\x06\x43\x61ncel\x12\x1d.switchboard.v1.CancelRequest\x1a\x1e.switchboard.v1.CancelResponse\x12\x46\n\x03Get\x12\x1e.switchboard.v1.GetTaskRequest\x1a\x1f.switchboard.v1.GetTaskResponse\x12\x62\n\x0fListDeadLetters\x12&.switchboard.v1.ListDeadLettersRequest\x1a\'.switchboard.v1.ListDeadLettersResponse\x12h\n\x11RequeueDeadLetter\x12(.switchboard.v1.RequeueDeadLetterRequest\x1a).switchboard.v1.RequeueDeadLetterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,31 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRESS']._serialized_start=410
   _globals['_PROGRESS']._serialized_end=539
   _globals['_CHUNK']._serialized_start=541
-  _globals['_CHUNK']._serialized_end=563
-  _globals['_COMPLETED']._serialized_start=565
-  _globals['_COMPLETED']._serialized_end=669
-  _globals['_TASKEVENT']._serialized_start=672
-  _globals['_TASKEVENT']._serialized_end=935
-  _globals['_WATCHRESPONSE']._serialized_start=937
-  _globals['_WATCHRESPONSE']._serialized_end=1048
-  _globals['_CANCELREQUEST']._serialized_start=1050
-  _globals['_CANCELREQUEST']._serialized_end=1099
-  _globals['_CANCELRESPONSE']._serialized_start=1101
-  _globals['_CANCELRESPONSE']._serialized_end=1159
-  _globals['_GETTASKREQUEST']._serialized_start=1161
-  _globals['_GETTASKREQUEST']._serialized_end=1211
-  _globals['_GETTASKRESPONSE']._serialized_start=1213
-  _globals['_GETTASKRESPONSE']._serialized_end=1272
-  _globals['_DEADLETTER']._serialized_start=1275
-  _globals['_DEADLETTER']._serialized_end=1590
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1592
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1646
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1648
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1723
-  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_start=1725
-  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_end=1768
-  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_start=1770
-  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_end=1839
-  _globals['_TASKSERVICE']._serialized_start=1842
-  _globals['_TASKSERVICE']._serialized_end=2351
+  _globals['_CHUNK']._serialized_end=581
+  _globals['_COMPLETED']._serialized_start=583
+  _globals['_COMPLETED']._serialized_end=687
+  _globals['_TASKEVENT']._serialized_start=690
+  _globals['_TASKEVENT']._serialized_end=953
+  _globals['_WATCHRESPONSE']._serialized_start=955
+  _globals['_WATCHRESPONSE']._serialized_end=1066
+  _globals['_CANCELREQUEST']._serialized_start=1068
+  _globals['_CANCELREQUEST']._serialized_end=1117
+  _globals['_CANCELRESPONSE']._serialized_start=1119
+  _globals['_CANCELRESPONSE']._serialized_end=1177
+  _globals['_GETTASKREQUEST']._serialized_start=1179
+  _globals['_GETTASKREQUEST']._serialized_end=1229
+  _globals['_GETTASKRESPONSE']._serialized_start=1231
+  _globals['_GETTASKRESPONSE']._serialized_end=1290
+  _globals['_DEADLETTER']._serialized_start=1293
+  _globals['_DEADLETTER']._serialized_end=1608
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1610
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1664
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1666
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1741
+  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_start=1743
+  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_end=1786
+  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_start=1788
+  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_end=1857
+  _globals['_TASKSERVICE']._serialized_start=1860
+  _globals['_TASKSERVICE']._serialized_end=2369
 # @@protoc_insertion_point(module_scope)

@@ -63,6 +63,9 @@ def test_event_pushes() -> None:
         "chunk",
         {"delta": "hi", "seq": 2},
     )
+    # Progress rides in the chunk that made it (no progress push of its own).
+    with_progress = tasks_pb2.TaskEvent(seq=2, chunk=tasks_pb2.Chunk(delta="hi", progress=0.25))
+    assert tp.event_push(with_progress) == ("chunk", {"delta": "hi", "progress": 0.25, "seq": 2})
     done = tasks_pb2.TaskEvent(
         seq=3,
         completed=tasks_pb2.Completed(

@@ -113,6 +113,9 @@ def settings(**overrides: object) -> Settings:
         "llm_retry_base_delay_ms": 1,
         "llm_retry_max_delay_ms": 50,
         "llm_shutdown_grace_s": 0.2,
+        # Every delta on its own, as the provider sent it (tests/llm/test_coalesce.py
+        # covers coalescing, through gRPC too).
+        "llm_coalesce_ms": 0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, llm_pb2
 from tests.conftest import timeout
 from tests.llm.fakes import HangingProvider, Script, ScriptedProvider, failure
-from tests.llm.streams import check_stream, kinds
+from tests.llm.streams import check_stream, kinds, progress_reports, progress_values
 
 Code = common_pb2.ErrorCode
 
@@ -83,7 +83,7 @@ async def test_local_generation_streams_deltas_progress_and_final() -> None:
     assert final.usage.total_tokens == expected.usage.total_tokens
     assert not final.from_fallback and not final.from_cache
     # The local model announces its length, so progress moves with every token.
-    tokens = [e.progress.tokens for e in events if e.HasField("progress")]
+    tokens = [report.tokens for report in progress_reports(events)]
     assert tokens == [*range(1, len(expected.tokens) + 1), len(expected.tokens)]
 
 
@@ -136,7 +136,7 @@ async def test_progress_without_an_estimate_uses_max_tokens() -> None:
     generator, _ = make({"local": local(), "alpha": provider})
     events = await run(generator, request(model="primary", max_tokens=20))
     check_stream(events)
-    progress = [e.progress.progress for e in events if e.HasField("progress")]
+    progress = progress_values(events)
     assert progress[:2] == [0.05, 0.1] and progress[-2] == 0.5 and progress[-1] == 1.0
 
 

@@ -27,7 +27,7 @@ from tests.llm import gemini_server as gem
 from tests.llm import openai_server as oai
 from tests.llm.fakes import settings
 from tests.llm.http_fake import FakeSseServer, Reply
-from tests.llm.streams import check_stream
+from tests.llm.streams import check_stream, progress_values
 
 Code = common_pb2.ErrorCode
 KEY = "test-key-123"
@@ -118,7 +118,7 @@ async def test_a_provider_with_a_key_is_offered_and_serves(case: Case) -> None:
     assert final.finish_reason == "stop" and final.usage.completion_tokens == 30
     assert not final.from_fallback and not final.from_cache
     # Progress moved along the stream (not only the closing 1.0).
-    progress = [e.progress.progress for e in events if e.HasField("progress")]
+    progress = progress_values(events)
     assert len(progress) > 3 and progress[-1] == 1.0
     assert len(fake.requests) == 1
 

@@ -43,6 +43,30 @@ def test_seq_increments_per_event_and_content_is_the_chunks() -> None:
     assert c.snapshot().model == "m2" and c.progress == 1.0
 
 
+def test_a_chunk_carries_the_progress_made_with_it_and_never_lowers_it() -> None:
+    c = core()
+    c.started()
+    first = c.chunk("a", progress=0.4)
+    assert first is not None and first.event.chunk.progress == 0.4 and c.progress == 0.4
+    later = c.chunk("b", progress=0.2)  # a lower report keeps the higher value
+    assert later is not None and later.event.chunk.progress == 0.4
+    assert [e.chunk.progress for e in c.events_after(0) if e.HasField("chunk")] == [0.4, 0.4]
+
+
+async def test_casts_apply_in_order_with_calls_and_nobody_waits_for_them() -> None:
+    sup = Supervisor("test")
+    server = TaskServer(core(), Host(sup))
+    await server.apply(lambda c: c.started())
+    watcher, _, _ = await server.subscribe(1)
+    assert watcher is not None
+    server.cast(lambda c: c.chunk("a", progress=0.5))
+    server.cast(lambda c: c.chunk("b"))
+    await server.apply(lambda c: c.progressed(0.9))  # queued behind both casts
+    kinds = [(await watcher.get()).WhichOneof("kind") for _ in range(3)]  # type: ignore[union-attr]
+    assert kinds == ["chunk", "chunk", "progress"] and server.core.content == "ab"
+    await sup.stop()
+
+
 def test_progress_never_goes_backwards_and_equal_reports_add_nothing() -> None:
     c = core()
     c.started()

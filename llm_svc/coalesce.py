@@ -1,0 +1,130 @@
+"""Coalescing a generation's stream at the source: fewer, larger events on every hop.
+
+A provider streams a delta per token (tens per second). Every event then costs a gRPC message
+to task_svc, a mailbox step, a gRPC message to the gateway and a socket frame, so llm_svc
+merges what arrives close together before it leaves the process:
+
+- the first delta goes out at once (time to first token is never held back), and so does any
+  delta arriving `window_s` or more after the previous event went out;
+- deltas arriving sooner are held and leave together, as one `delta` whose text is theirs
+  joined, when the window since the last event has passed (a timer, so a provider that
+  stalls does not hold text back), or at once when the stream ends;
+- progress rides in the delta (`TextDelta.progress`, the latest value); a progress with no
+  text to ride on is held the same way;
+- `final` and `error` are never held: what is held goes out first, then them.
+
+Text is never lost or reordered: the deltas out, joined, are the deltas in, joined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+from switchboard.v1 import llm_pb2
+
+Event = llm_pb2.GenerateEvent
+
+
+class _Held:
+    """What waits for the window to close."""
+
+    __slots__ = ("parts", "progress")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.progress: llm_pb2.GenerationProgress | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.parts) or self.progress is not None
+
+    def add(self, event: Event) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "delta":
+            self.parts.append(event.delta.text)
+            if event.delta.HasField("progress"):
+                self.progress = event.delta.progress
+        elif kind == "progress":
+            self.progress = event.progress
+
+    def take(self) -> Event:
+        if self.parts:
+            event = Event(delta=llm_pb2.TextDelta(text="".join(self.parts)))
+            if self.progress is not None:
+                event.delta.progress.CopyFrom(self.progress)
+        else:
+            assert self.progress is not None
+            event = Event(progress=self.progress)
+        self.parts, self.progress = [], None
+        return event
+
+
+async def coalesce(
+    events: AsyncIterator[Event],
+    window_s: float,
+    clock: Callable[[], float] | None = None,
+) -> AsyncGenerator[Event, None]:
+    """`events` with deltas and progress merged per the module docstring. Closing the result
+    (or cancelling its consumer) stops reading `events` and closes it."""
+    if window_s <= 0:
+        async for event in events:
+            yield event
+        return
+    loop = asyncio.get_running_loop()
+    now = clock or loop.time
+    out: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
+    held = _Held()
+    last_sent = -window_s
+    timer: asyncio.TimerHandle | None = None
+
+    def flush() -> None:
+        nonlocal timer, last_sent
+        timer = None
+        if held:
+            out.put_nowait(held.take())
+            last_sent = now()
+
+    async def pump() -> None:
+        nonlocal timer
+        try:
+            async for event in events:
+                kind = event.WhichOneof("kind")
+                if kind not in ("delta", "progress"):
+                    if timer is not None:
+                        timer.cancel()
+                    flush()
+                    out.put_nowait(event)
+                    continue
+                held.add(event)
+                if timer is None:
+                    wait = last_sent + window_s - now()
+                    if wait <= 0:
+                        flush()
+                    else:
+                        timer = loop.call_later(wait, flush)
+            if timer is not None:
+                timer.cancel()
+            flush()
+            out.put_nowait(None)
+        except Exception as error:  # re-raised by the consumer, in its own task
+            out.put_nowait(error)
+
+    reader = asyncio.create_task(pump(), name="coalesce")
+    try:
+        while True:
+            item = await out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if timer is not None:
+            timer.cancel()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
