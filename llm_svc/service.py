@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, AsyncIterable
 from contextlib import aclosing
 
 import grpc
@@ -9,6 +10,7 @@ import grpc
 from llm_svc.catalogue import Catalogue
 from llm_svc.coalesce import coalesce
 from llm_svc.generation import Generator
+from llm_svc.multiplex import serve_many
 from switchboard.v1 import llm_pb2, llm_pb2_grpc
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
@@ -29,10 +31,20 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     async def Generate(  # type: ignore[override]
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> None:
-        stream = coalesce(self.generator.generate(request), self.coalesce_s)
-        async with aclosing(stream) as events:
+        async with aclosing(self.events(request)) as events:
             async for event in events:
                 await context.write(event)
+
+    async def GenerateMany(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterable[llm_pb2.GenerateCommand],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> None:
+        await serve_many(request_iterator, context, self.events)
+
+    def events(self, request: llm_pb2.GenerateRequest) -> AsyncGenerator[llm_pb2.GenerateEvent]:
+        """One generation's events, coalesced (coalesce.py)."""
+        return coalesce(self.generator.generate(request), self.coalesce_s)
 
     async def ListModels(
         self, request: llm_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]

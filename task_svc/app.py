@@ -27,6 +27,7 @@ from task_svc.config import QueueSettings, Settings
 from task_svc.events import LifecyclePublisher
 from task_svc.job import EngineConfig
 from task_svc.jobs import JobEngine
+from task_svc.llm_client import LlmClient
 from task_svc.queues import QueueConfig
 from task_svc.service import ModelCatalog, TaskService
 
@@ -70,6 +71,7 @@ class TaskApp:
         settings: Settings,
         nc: Client,
         llm_channel: grpc.aio.Channel,
+        llm_client: LlmClient,
         publisher: LifecyclePublisher,
         engine: JobEngine,
         grpc_server: GrpcServer,
@@ -77,6 +79,7 @@ class TaskApp:
         self.settings = settings
         self.nc = nc
         self.llm_channel = llm_channel
+        self.llm_client = llm_client
         self.publisher = publisher
         self.engine = engine
         self.grpc_server = grpc_server
@@ -96,7 +99,8 @@ class TaskApp:
         llm = llm_pb2_grpc.LlmServiceStub(llm_channel)
         publisher = LifecyclePublisher(js)
         publisher.start()
-        engine = JobEngine(js, publisher, llm, engine_config(settings))
+        llm_client = LlmClient(llm)
+        engine = JobEngine(js, publisher, llm_client, engine_config(settings))
         service = TaskService(
             engine,
             ModelCatalog(llm, settings.task_models_cache_s),
@@ -107,7 +111,7 @@ class TaskApp:
             lambda server: tasks_pb2_grpc.add_TaskServiceServicer_to_server(service, server),
             [SERVICE_NAME],
         )
-        app = cls(settings, nc, llm_channel, publisher, engine, grpc_server)
+        app = cls(settings, nc, llm_channel, llm_client, publisher, engine, grpc_server)
         try:
             await engine.start()
             await grpc_server.start()
@@ -128,6 +132,7 @@ class TaskApp:
         await self.grpc_server.stop(1.0)
         # Lifecycle events are never given up lightly: at least a few seconds to go out.
         await self.publisher.close(max(grace, 5.0))
+        await self.llm_client.close()
         await self.llm_channel.close()
         await close_nats(self.nc)
         log.info("task_svc stopped")

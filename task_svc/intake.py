@@ -20,11 +20,12 @@ from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
 from svckit.errors import ServiceError
-from switchboard.v1 import common_pb2, events_pb2, llm_pb2_grpc
+from switchboard.v1 import common_pb2, events_pb2
 from task_svc.consumer import JobConsumer
 from task_svc.deadletters import DeadLetters
 from task_svc.events import LifecyclePublisher, Stored, read_stored
 from task_svc.job import EngineConfig, Job
+from task_svc.llm_client import LlmClient
 from task_svc.positions import PositionReporter
 from task_svc.queues import JobQueue, RetryPolicy
 from task_svc.registry import Registry
@@ -40,7 +41,7 @@ class EngineBase:
         self,
         js: JetStreamContext,
         publisher: LifecyclePublisher,
-        llm: llm_pb2_grpc.LlmServiceStub,
+        llm: LlmClient,
         config: EngineConfig | None = None,
     ) -> None:
         self.js = js

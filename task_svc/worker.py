@@ -1,8 +1,8 @@
 """Running one task: LlmService.Generate, its events turned into the task's events.
 
 The worker only talks to the TaskServer (through its mailbox) and to llm_svc; the job engine
-owns the job message, publishing and acking. Cancelling the worker's asyncio task cancels the
-Generate call, which cancels the gRPC stream, so llm_svc aborts the provider request.
+owns the job message, publishing and acking. Cancelling the worker's asyncio task closes its
+generation (llm_client.py), so llm_svc aborts the provider request.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import aclosing
 from functools import partial
-from typing import Any
-
-import grpc
 
 from svckit.errors import ServiceError
-from switchboard.v1 import common_pb2, events_pb2, llm_pb2, llm_pb2_grpc
+from switchboard.v1 import common_pb2, events_pb2, llm_pb2
+from task_svc.llm_client import LlmClient
 from task_svc.task_server import TaskServer
 from task_svc.task_state import TaskCore
 
@@ -28,9 +27,7 @@ Publish = Callable[[events_pb2.LifecycleEvent], "asyncio.Future[None]"]
 Outcome = ServiceError | events_pb2.LifecycleEvent | None
 
 
-async def run_task(
-    server: TaskServer, llm: llm_pb2_grpc.LlmServiceStub, publish: Publish
-) -> Outcome:
+async def run_task(server: TaskServer, llm: LlmClient, publish: Publish) -> Outcome:
     """Run the task once: its terminal lifecycle event when it completed, the typed error
     when the generation failed (the engine decides between a retry and failing the task),
     None if the task had already ended (e.g. cancelled through the mailbox first)."""
@@ -49,9 +46,7 @@ async def run_task(
     return await server.apply(partial(TaskCore.completed, final=final))
 
 
-async def _generate(
-    server: TaskServer, llm: llm_pb2_grpc.LlmServiceStub
-) -> llm_pb2.GenerationFinal:
+async def _generate(server: TaskServer, llm: LlmClient) -> llm_pb2.GenerationFinal:
     spec = server.core.spec
     request = llm_pb2.GenerateRequest(
         request_id=spec.task_id,
@@ -60,16 +55,15 @@ async def _generate(
         prompt=spec.prompt,
         options=spec.options,
     )
-    call: Any = llm.Generate(request)
-    try:
-        async for event in call:
+    # Closing the stream early (this task cancelled) cancels the generation in llm_svc.
+    async with aclosing(llm.generate(request)) as events:
+        async for event in events:
             kind = event.WhichOneof("kind")
             # Casts: nobody reads their result, and the mailbox keeps them in order.
             if kind == "delta":
                 delta = event.delta
-                server.cast(
-                    partial(TaskCore.chunk, delta=delta.text, progress=delta.progress.progress)
-                )
+                progress = delta.progress.progress
+                server.cast(partial(TaskCore.chunk, delta=delta.text, progress=progress))
             elif kind == "progress":
                 value = event.progress.progress
                 server.cast(partial(TaskCore.progressed, progress=value))
@@ -78,12 +72,6 @@ async def _generate(
                 return final
             elif kind == "error":
                 raise ServiceError.from_proto(event.error)
-        raise ServiceError(
-            common_pb2.ERROR_CODE_INTERNAL, "llm_svc ended the stream without a final event"
-        )
-    except grpc.aio.AioRpcError as error:
-        raise ServiceError.from_rpc_error(error) from error
-    finally:
-        # Explicit, so that a cancelled worker always cancels the stream on the wire.
-        if not call.done():
-            call.cancel()
+    raise ServiceError(
+        common_pb2.ERROR_CODE_INTERNAL, "llm_svc ended the stream without a final event"
+    )

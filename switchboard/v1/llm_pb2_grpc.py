@@ -40,6 +40,11 @@ class LlmServiceStub:
                 request_serializer=switchboard_dot_v1_dot_llm__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_llm__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/switchboard.v1.LlmService/GenerateMany',
+                request_serializer=switchboard_dot_v1_dot_llm__pb2.GenerateCommand.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_llm__pb2.GenerateBatch.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/switchboard.v1.LlmService/ListModels',
                 request_serializer=switchboard_dot_v1_dot_llm__pb2.ListModelsRequest.SerializeToString,
@@ -57,6 +62,15 @@ class LlmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateMany(self, request_iterator, context):
+        """Many generations over one long-lived stream (what task_svc uses): the caller starts and
+        cancels them by an id of its choosing; their events come back tagged with it, batched.
+        A stream that breaks ends every generation on it; closing it cancels them all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -70,6 +84,11 @@ def add_LlmServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=switchboard_dot_v1_dot_llm__pb2.GenerateRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_llm__pb2.GenerateEvent.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=switchboard_dot_v1_dot_llm__pb2.GenerateCommand.FromString,
+                    response_serializer=switchboard_dot_v1_dot_llm__pb2.GenerateBatch.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -105,6 +124,33 @@ class LlmService:
             '/switchboard.v1.LlmService/Generate',
             switchboard_dot_v1_dot_llm__pb2.GenerateRequest.SerializeToString,
             switchboard_dot_v1_dot_llm__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchboard.v1.LlmService/GenerateMany',
+            switchboard_dot_v1_dot_llm__pb2.GenerateCommand.SerializeToString,
+            switchboard_dot_v1_dot_llm__pb2.GenerateBatch.FromString,
             options,
             channel_credentials,
             insecure,

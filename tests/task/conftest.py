@@ -14,6 +14,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
+from llm_svc.multiplex import serve_many
 from svckit.grpc_server import insecure_channel
 from svckit.nats import connect_nats
 from switchboard.v1 import common_pb2, events_pb2, llm_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
@@ -49,6 +50,10 @@ class FakeLlm(llm_pb2_grpc.LlmServiceServicer):
                 llm_pb2.ModelInfo(id="fake-large", provider="fake", queue="default"),
             ]
         )
+
+    async def GenerateMany(self, request_iterator, context):
+        # llm_svc's own server half: the same multiplexing task_svc meets in production.
+        await serve_many(request_iterator, context, lambda request: self.Generate(request, None))
 
     async def Generate(self, request, context):
         self.order.append(request.request_id)
