@@ -169,7 +169,7 @@ async def run_stack_bench(clients: int, rounds: int, floor_rounds: int) -> list[
     ]
 
 
-SECTIONS = ("stack", "gateway", "tasks", "llm", "persistence")
+SECTIONS = ("stack", "paced", "gateway", "tasks", "llm", "persistence")
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -177,6 +177,12 @@ async def run(args: argparse.Namespace) -> None:
         print(f"\n== {section} ==", flush=True)
         if section == "stack":
             lines = await run_stack_bench(args.clients, args.rounds, args.floor_rounds)
+        elif section == "paced":
+            from tools.bench_paced import run_paced_bench
+
+            lines = await run_paced_bench(
+                args.paced_streams, args.paced_generations, args.floor_rounds
+            )
         elif section == "gateway":
             from tools.bench_gateway import run_gateway_bench
 
@@ -203,6 +209,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=10, help="generations per client")
     parser.add_argument("--floor-rounds", type=int, default=2000)
+    parser.add_argument("--paced-streams", type=int, default=300, help="paced: clients")
+    parser.add_argument(
+        "--paced-generations", type=int, default=3, help="paced: generations per client"
+    )
     parser.add_argument("--postgres-url", default="", help="persistence section's server")
     uvloop.run(run(parser.parse_args()))
 
