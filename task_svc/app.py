@@ -100,7 +100,7 @@ class TaskApp:
         publisher = LifecyclePublisher(js)
         publisher.start()
         llm_client = LlmClient(llm)
-        engine = JobEngine(js, publisher, llm_client, engine_config(settings))
+        engine = JobEngine(nc, publisher, llm_client, engine_config(settings))
         service = TaskService(
             engine,
             ModelCatalog(llm, settings.task_models_cache_s),

@@ -1,12 +1,16 @@
-"""The engine's side of SB_JOBS: one durable pull consumer, fetched in a loop, and in-progress
-acks for every job held.
+"""The engine's side of SB_JOBS: what Submit stored is run by the process that stored it, and
+removed from the stream by sequence when done; a durable pull consumer only brings back, at
+start, the jobs a previous incarnation left (killed, or stopped with them unfinished).
 
-Single-instance assumption: task_svc runs as ONE instance owning the durable consumer. At
-start the consumer is deleted and created again, which makes JetStream deliver every job not
-yet acked at once (the previous incarnation's deliveries are forgotten) instead of after
-ack_wait: a task_svc killed with -9 gets its queued and running work back immediately. Two
-instances sharing the consumer would steal each other's in-flight jobs this way; running
-several needs one consumer (and one subject partition) per instance instead.
+So a job costs one publish (Submit's PubAck) and one removal, never a round trip through a
+consumer that hands the process back the job it has just stored. Recovered deliveries are held
+with in-progress acks while they wait or run, and acked when done.
+
+Single-instance assumption: task_svc runs as ONE instance owning SB_JOBS. At start the
+consumer is deleted and created again, which makes JetStream deliver every job still stored at
+once (the previous incarnation's deliveries are forgotten) instead of after ack_wait: a
+task_svc killed with -9 gets its queued and running work back immediately. Several instances
+need one subject partition (shard) per owner instead, each recovering only its own.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import nats.errors
+import orjson
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
@@ -27,29 +32,29 @@ from svckit.nats import JOBS_STREAM, JOBS_SUBJECT_PREFIX
 
 log = logging.getLogger(__name__)
 
-# How long one pull request waits for jobs on the server (and so how long shutdown may wait
-# for the last one to end).
+# How long one pull request waits for jobs on the server.
 FETCH_EXPIRES_S = 0.5
+MESSAGE_NOT_FOUND = 10037  # JetStream's error code: removed already (or never stored)
 
 
 class JobConsumer:
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: Client,
         *,
         name: str,
         ack_wait_s: float,
         max_ack_pending: int,
         batch: int,
     ) -> None:
-        self.js = js
+        self.nc = nc
+        self.js = nc.jetstream()
         self.name = name
         self.ack_wait_s = ack_wait_s
         self.max_ack_pending = max_ack_pending
         self.batch = batch
         self.open = False
         self._sub: JetStreamContext.PullSubscription | None = None
-        self._fetcher: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
 
     async def bind(self) -> None:
@@ -84,46 +89,27 @@ class JobConsumer:
             out.extend(msgs)
         return out
 
-    def start(self, on_msg: Callable[[Msg], Any], held: Callable[[], Iterable[Msg]]) -> None:
+    def start(self, held: Callable[[], Iterable[Msg]]) -> None:
+        """Keep the recovered deliveries that `held` lists alive until they are acked."""
         self.open = True
-        self._fetcher = asyncio.create_task(self._fetch_loop(on_msg), name="jobs-fetch")
         self._keeper = asyncio.create_task(self._keep_alive_loop(held), name="jobs-in-progress")
 
-    def stop_fetching(self) -> None:
-        """The fetch loop ends after its current pull request rather than being cancelled: a
-        pull request left open on the server would swallow the jobs nak'd at shutdown
-        (delivered to a gone inbox, they would wait out ack_wait before redelivery)."""
-        self.open = False
-
-    async def wait_fetcher(self) -> None:
-        if self._fetcher is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._fetcher), FETCH_EXPIRES_S + 2)
-            except TimeoutError:
-                await cancel_quietly(self._fetcher)
+    async def remove(self, stream_seq: int) -> None:
+        """Remove a finished job that this process stored (JetStream's STREAM.MSG.DELETE; no
+        secure erase, which would overwrite the message on disk first)."""
+        request = orjson.dumps({"seq": stream_seq, "no_erase": True})
+        reply = await self.nc.request(f"$JS.API.STREAM.MSG.DELETE.{JOBS_STREAM}", request)
+        error = orjson.loads(reply.data).get("error")
+        if error and error.get("err_code") != MESSAGE_NOT_FOUND:
+            raise nats.errors.Error(f"job {stream_seq} not removed: {error.get('description')}")
 
     async def close(self) -> None:
         self.open = False
-        await cancel_quietly(self._fetcher)
         await cancel_quietly(self._keeper)
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await self._sub.unsubscribe()
             self._sub = None
-
-    async def _fetch_loop(self, on_msg: Callable[[Msg], Any]) -> None:
-        assert self._sub is not None
-        while self.open:
-            try:
-                msgs = await self._sub.fetch(self.batch, timeout=FETCH_EXPIRES_S)
-            except nats.errors.TimeoutError:
-                continue
-            except (nats.errors.Error, OSError) as error:
-                log.warning("job fetch failed", extra={"error": repr(error)})
-                await asyncio.sleep(0.5)  # NATS reconnecting: do not spin
-                continue
-            for msg in msgs:
-                on_msg(msg)
 
     async def _keep_alive_loop(self, held: Callable[[], Iterable[Msg]]) -> None:
         # A held job's ack_wait runs from its delivery, queued or running: tell JetStream

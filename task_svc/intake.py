@@ -16,8 +16,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.client import JetStreamContext
 
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, events_pb2
@@ -39,12 +39,12 @@ log = logging.getLogger(__name__)
 class EngineBase:
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: Client,
         publisher: LifecyclePublisher,
         llm: LlmClient,
         config: EngineConfig | None = None,
     ) -> None:
-        self.js = js
+        self.js = js = nc.jetstream()
         self.publisher = publisher
         self.llm = llm
         self.config = config = config or EngineConfig()
@@ -64,7 +64,7 @@ class EngineBase:
         )
         self.dead_letters = DeadLetters(js, config.publish_timeout_s)
         self.consumer = JobConsumer(
-            js,
+            nc,
             name=config.consumer,
             ack_wait_s=config.ack_wait_s,
             max_ack_pending=config.max_ack_pending,
@@ -165,9 +165,9 @@ class EngineBase:
         self._maybe_schedule(job)
 
     def _maybe_schedule(self, job: Job) -> None:
-        # Both halves are needed: the task accepted (QUEUED applied) and its job message
-        # delivered (so it can be acked); they may arrive in either order.
-        if job.scheduled or job.cancel_requested or job.msg is None:
+        # Both halves are needed: the task accepted (QUEUED applied) and its job stored (so it
+        # can be removed when done: stored by Submit here, or delivered at recovery).
+        if job.scheduled or job.cancel_requested or (job.msg is None and not job.stream_seq):
             return
         if not job.accepted.done() or job.server.core.terminal or job.retry_timer is not None:
             return
@@ -193,6 +193,18 @@ class EngineBase:
     def _notify(self, what: str, task_id: str) -> None:
         for observer in self.observers:
             observer(what, task_id)
+
+    async def _done(self, job: Job) -> None:
+        """The job is finished: take it off SB_JOBS (its delivery acked, or the message that
+        Submit stored removed)."""
+        if job.msg is not None:
+            await self._ack(job.msg)
+        elif job.stream_seq:
+            try:
+                await self.consumer.remove(job.stream_seq)
+            except (nats.errors.Error, OSError) as error:
+                # Not fatal: recovery acks a job of a finished task without running it.
+                log.warning("job removal failed", extra={"error": repr(error)})
 
     async def _ack(self, msg: Msg) -> None:
         try:

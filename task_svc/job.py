@@ -48,7 +48,8 @@ class Job:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    msg: Msg | None = None
+    msg: Msg | None = None  # the delivery, for a job recovered from the stream
+    stream_seq: int = 0  # where Submit stored it in SB_JOBS (a job this process accepted)
     scheduled: bool = False
     counted: bool = False  # in its queue's depth
     cancel_requested: bool = False

@@ -60,19 +60,17 @@ class JobEngine(Recovery):
         self._intake_open = True
         for queue in list(self._queues.values()):
             self._pump(queue)
-        self.consumer.start(self._on_msg, self._held)
+        self.consumer.start(self._held)
         self.positions.start()
 
     def stop_intake(self) -> None:
-        """Refuse new Submits and stop taking jobs from JetStream (idempotent)."""
+        """Refuse new Submits (idempotent)."""
         self._intake_open = False
-        self.consumer.stop_fetching()
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop intake, let running tasks finish for `grace_s`, then cancel them and nak their
         jobs (so they are redelivered), nak the queued ones, stop every actor. Idempotent."""
         self.stop_intake()
-        await self.consumer.wait_fetcher()
         running = [j.runner for j in self._jobs.values() if j.runner and not j.runner.done()]
         if running:
             await asyncio.wait(running, timeout=grace_s)
@@ -152,6 +150,7 @@ class JobEngine(Recovery):
             if stored is not None:
                 self._continue_seq(job, stored)
                 restart = RESTARTED
+        job.stream_seq = ack.seq
         self._register(job)
         await self._accept(job, restart)
         # Per task, so DEBUG: at hundreds of tasks a second, INFO is for what goes wrong.
@@ -255,7 +254,7 @@ class JobEngine(Recovery):
         job = self._new_job(spec, seq_base=stored_seq)
         try:
             # A new message id: JetStream's dedup window still knows the task id.
-            await self.js.publish(
+            ack = await self.js.publish(
                 job_subject(spec.queue),
                 spec.to_job().SerializeToString(),
                 timeout=self.config.publish_timeout_s,
@@ -265,6 +264,7 @@ class JobEngine(Recovery):
             failure = ServiceError(Code.ERROR_CODE_OVERLOADED, "the job could not be stored")
             self._abandon(job, failure)
             raise failure from error
+        job.stream_seq = ack.seq
         self._register(job)
         await self._accept(job, f"{RESTARTED}: requeued from the dead letters")
         await self.dead_letters.remove(task_id)

@@ -140,8 +140,7 @@ class Runner(EngineBase):
             lifecycle = core.lifecycle(_TERMINAL_KIND[core.status])
         if lifecycle is not None:
             await self.publisher.publish(lifecycle)
-        if job.msg is not None:
-            await self._ack(job.msg)
+        await self._done(job)
         if self._jobs.get(job.task_id) is job:
             del self._jobs[job.task_id]
         job.finished.set()

@@ -188,7 +188,6 @@ async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
         if process.poll() is None:
             process.kill()
             process.wait()
-    fake_llm.release(task_id)
     # Recreates the durable consumer, so the unacked job comes back at once (not after the
     # 60 s ack_wait), and rebuilds the task before serving: the first Get already knows it.
     app = await make_app(task_job_ack_wait_s=60.0)
@@ -198,6 +197,7 @@ async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
         got = await stub.Get(tasks_pb2.GetTaskRequest(task_id=task_id, user_id="alice"))
         assert got.state.status in (Status.TASK_STATUS_QUEUED, Status.TASK_STATUS_PROCESSING)
+        fake_llm.release(task_id)  # the rerun holds until now, so Get saw it unfinished
         events = events_of(await watch_all(stub, task_id))
     assert events[-1].completed.content == "hold on"
     assert fake_llm.order == [task_id, task_id]

@@ -13,7 +13,7 @@ from svckit.errors import ServiceError
 from svckit.grpc_server import insecure_channel
 from switchboard.v1 import common_pb2, events_pb2, tasks_pb2, tasks_pb2_grpc
 from task_svc.app import TaskApp
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tests.task.conftest import (
     AppFactory,
     FakeLlm,
@@ -54,6 +54,12 @@ async def test_submit_replies_after_the_job_is_stored_in_jetstream(
     fake_llm.release(task_id)
     events = events_of(await watch_all(stub, task_id))
     assert kind(events[-1]) == "completed"
+
+    # Done: the process that stored the job removes it (no consumer ever delivered it).
+    async def removed() -> bool:
+        return (await nc.jetstream().stream_info("SB_JOBS")).state.messages == 0
+
+    await eventually(removed)
 
 
 async def test_submit_fails_when_the_job_cannot_be_stored(stub, nc: Client, fake_llm) -> None:
