@@ -4,7 +4,7 @@ It decides, for each decoded client `Message`, which frames to send and which ef
 layer must carry out (start a channel and await its join, stop a channel, deliver an event to
 a channel). It never awaits anything: the I/O layer calls `receive()` for each frame in order,
 performs the returned actions in order, and reports back with `join_finished()` and
-`channel_crashed()`. Rules quoted from PHOENIX_PROTOCOL.md ("Events").
+`channel_crashed()`. Rules quoted from docs/protocol.md ("Events").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ bucket on `llm_generate`. Both are per gateway process: with N replicas a user g
 the budget, which still bounds what one user can cost.
 
 Why a refused connect is an HTTP 403 before the upgrade (and not an upgrade then a close):
-PHOENIX_PROTOCOL.md ("Connecting") makes every refused connect a 403 with an empty body, and
+docs/protocol.md ("Connecting") makes every refused connect a 403 with an empty body, and
 the official clients treat it as a connect error and retry with backoff. A close after the
 upgrade would need a close code: 1001/1012 make phoenix.js reconnect at once (a tight loop),
 and 1000 stops npm phoenix 1.8.0 to 1.8.15 from ever reconnecting. A 403 also costs no upgrade,

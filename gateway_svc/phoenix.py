@@ -1,6 +1,6 @@
 """The Phoenix Channels JSON serializers (V1 and V2), sans I/O.
 
-Text in, `Message` out; `Message` in, text out. Shapes follow PHOENIX_PROTOCOL.md (read from
+Text in, `Message` out; `Message` in, text out. Shapes follow docs/protocol.md (read from
 Phoenix 1.8's `Phoenix.Socket.V1.JSONSerializer` / `V2.JSONSerializer`):
 
 - V2: the array `[join_ref, ref, topic, event, payload]`; trailing elements are ignored.

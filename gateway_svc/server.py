@@ -1,7 +1,7 @@
 """The WebSocket endpoint: a thin I/O shell around `phoenix` (codec), `channels` (socket state
 machine) and `task_channel`.
 
-Connect rules (PHOENIX_PROTOCOL.md, "Connecting"): path `/socket/websocket`; `vsn` 2.0.x → V2,
+Connect rules (docs/protocol.md, "Connecting"): path `/socket/websocket`; `vsn` 2.0.x → V2,
 1.0.x or missing → V1, else 403; the token comes from the `token` query parameter or the
 `base64url.bearer.phx.<token>` subprotocol (answered with `phoenix`); a refused connect is an
 HTTP 403 with an empty body, before the upgrade.

@@ -1,7 +1,7 @@
 """The `task:<uuid>` channel: channel events become TaskService calls, and the task's Watch
 stream becomes pushes.
 
-Ordering (PHOENIX_PROTOCOL.md): the join reply goes out before any push; the events of one
+Ordering (docs/protocol.md): the join reply goes out before any push; the events of one
 channel are handled one at a time, in arrival order; pushes and replies of one channel go
 out in the order they were produced. The `_out` lock is what makes the `llm_generate` ack
 precede the `queued` progress push that the same Submit causes.

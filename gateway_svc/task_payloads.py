@@ -1,8 +1,7 @@
 """Translation between socket payloads (JSON objects) and TaskService messages, pure.
 
-Socket shapes follow DESIGN.md ("Messages on the socket") and PHOENIX_PROTOCOL.md
-("Switchboard's channel"): the join reply holds the task's state; pushes are `progress`,
-`chunk`, `llm_response` and `error`, each with the task's `seq`.
+Socket shapes follow docs/protocol.md ("The task channel"): the join reply holds the task's
+state; pushes are `progress`, `chunk`, `llm_response` and `error`, each with the task's `seq`.
 """
 
 from __future__ import annotations

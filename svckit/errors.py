@@ -20,7 +20,7 @@ ERROR_METADATA_KEY = "sb-error-bin"
 @dataclass(frozen=True)
 class ErrorKind:
     status: grpc.StatusCode
-    reason: str  # the `reason` of a socket error reply (PHOENIX_PROTOCOL.md)
+    reason: str  # the `reason` of a socket error reply (docs/protocol.md)
     retryable: bool
 
 

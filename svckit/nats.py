@@ -1,6 +1,6 @@
 """The NATS connection and the JetStream layout that task_svc and persistence_svc share.
 
-Layout (DESIGN.md, decisions): jobs live on a work-queue stream (`switchboard.jobs.<queue>`,
+Layout (docs/architecture.md): jobs live on a work-queue stream (`switchboard.jobs.<queue>`,
 message id = task id, so Submit is idempotent through JetStream's duplicate window);
 lifecycle events on a limits stream (`switchboard.tasks.<task_id>.<kind>`, message id
 `<task_id>:<seq>`) that persistence_svc consumes with a durable consumer.

@@ -2,7 +2,7 @@
 TaskServer per task, retries, dead letters, and the rules that tie a job message's fate to
 its task's.
 
-Guarantees (DESIGN.md, task_svc):
+Guarantees (docs/architecture.md, task_svc):
 - Submit replies only after JetStream has stored the `Job` (PubAck), with message id =
   task id, so a retried Submit is deduplicated by JetStream as well as by the registry. A full
   queue refuses Submit with OVERLOADED and a retry-after (load shedding), before storing.

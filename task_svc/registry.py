@@ -1,7 +1,7 @@
 """The registry: every live TaskServer by task id (O(1)), and ownership claims.
 
 A claim is what a Watch on a not-yet-submitted task holds: the watcher's user owns the task
-id while it waits (PHOENIX_PROTOCOL.md: the user who first joins or submits owns the topic),
+id while it waits (docs/protocol.md: the user who first joins or submits owns the topic),
 and is woken when the task is submitted.
 """
 

@@ -1,6 +1,6 @@
 """The in-memory scheduler of one job queue, with no I/O: priorities 0 (highest) to 9, FIFO
 within a priority, a concurrency limit, and aging against starvation. JetStream holds the jobs
-durably but has no per-message priority (DESIGN.md, decisions), so the order in which they run
+durably but has no per-message priority (docs/architecture.md), so the order in which they run
 is decided here.
 
 Starvation: with strict priorities a steady stream of priority-0 work would keep a priority-9

@@ -103,7 +103,7 @@ class Transition:
 
 
 class TaskCore:
-    """The authoritative state of one task (DESIGN.md, "TaskServer state")."""
+    """The authoritative state of one task (docs/architecture.md)."""
 
     # Slots: a queued task is held in memory for as long as it waits (100k of them must fit).
     __slots__ = (

@@ -1,4 +1,4 @@
-"""The socket state machine, with literal V2 frames in and out (PHOENIX_PROTOCOL.md, "Events")."""
+"""The socket state machine, with literal V2 frames in and out (docs/protocol.md, "Events")."""
 
 from __future__ import annotations
 

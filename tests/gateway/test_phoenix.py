@@ -1,4 +1,4 @@
-"""The codec, with literal frames (PHOENIX_PROTOCOL.md, "Frames")."""
+"""The codec, with literal frames (docs/protocol.md, "Frames")."""
 
 from __future__ import annotations
 
