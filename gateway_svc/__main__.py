@@ -27,11 +27,19 @@ SERVICE_NAME = "switchboard.gateway"  # what the health check reports on; no gRP
 
 
 async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
-    channel = insecure_channel(settings.task_svc_addr)  # one channel for every socket
+    channel = insecure_channel(settings.task_svc_addr)  # every socket's Watch streams
+    # Submit and Cancel on a connection of their own: an ack never queues behind pushes.
+    control = insecure_channel(settings.task_svc_addr, own_connection=True)
     health = GrpcServer(settings.gateway_grpc_listen, lambda _server: None, [SERVICE_NAME])
     # The process-wide registry: it also holds the process collector (RSS, CPU, open fds).
     metrics = GatewayMetrics(REGISTRY)
-    gateway = Gateway(settings, secret, tasks_pb2_grpc.TaskServiceStub(channel), metrics)
+    gateway = Gateway(
+        settings,
+        secret,
+        tasks_pb2_grpc.TaskServiceStub(channel),
+        metrics,
+        control=tasks_pb2_grpc.TaskServiceStub(control),
+    )
     exporter = None
     try:
         exporter = start_exporter(
@@ -50,6 +58,7 @@ async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
         await gateway.stop()
         await health.stop(0)
         await channel.close()
+        await control.close()
         if exporter is not None:
             exporter.close()
 

@@ -100,6 +100,8 @@ class Gateway:
         stub: tasks_pb2_grpc.TaskServiceStub,
         metrics: m.GatewayMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        control: tasks_pb2_grpc.TaskServiceStub | None = None,
     ) -> None:
         self.settings = settings
         self._secret = secret
@@ -113,6 +115,7 @@ class Gateway:
             settings.gateway_max_prompt_chars,
             settings.gateway_join_timeout_s,
             clock,
+            control=control or stub,
         )
         self._server: Server | None = None
         self._handlers = 0

@@ -45,6 +45,8 @@ class ChannelDeps:
     max_prompt_chars: int = tp.DEFAULT_MAX_PROMPT_CHARS
     join_timeout: float = 10.0
     clock: Callable[[], float] = field(default=time.monotonic)
+    # Submit and Cancel (the acks' own path, see __main__); None: `stub`.
+    control: tasks_pb2_grpc.TaskServiceStub | None = None
 
 
 class TaskChannel:
@@ -69,6 +71,7 @@ class TaskChannel:
     ) -> None:
         self.deps = deps
         self.stub = deps.stub
+        self.control = deps.control or deps.stub
         self.metrics = deps.metrics
         self.user = user
         self.topic = topic
@@ -222,7 +225,7 @@ class TaskChannel:
         # Holding `_out` keeps the pushes this Submit causes behind its reply.
         async with self._out:
             try:
-                response = await self.stub.Submit(request)
+                response = await self.control.Submit(request)
             except grpc.aio.AioRpcError as rpc_error:
                 refusal = ServiceError.from_rpc_error(rpc_error)
                 log.info("submit refused", extra={"topic": self.topic, "error": repr(refusal)})
@@ -237,7 +240,7 @@ class TaskChannel:
     async def _cancel(self, message: Message) -> None:
         async with self._out:
             try:
-                response = await self.stub.Cancel(
+                response = await self.control.Cancel(
                     tasks_pb2.CancelRequest(task_id=self.task_id, user_id=self.user)
                 )
             except grpc.aio.AioRpcError as rpc_error:

@@ -69,5 +69,11 @@ class GrpcServer:
             await self.health.set(name, status)
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def insecure_channel(target: str, *, own_connection: bool = False) -> grpc.aio.Channel:
+    """`own_connection`: not shared with other channels to the same target (gRPC's global
+    subchannel pool would share one TCP connection): calls on it get their own HTTP/2 flow
+    control window, so they never wait behind another channel's streaming traffic."""
+    options: list[tuple[str, int]] = list(CHANNEL_OPTIONS)
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return grpc.aio.insecure_channel(target, options=options)
