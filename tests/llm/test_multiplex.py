@@ -21,16 +21,6 @@ from tests.llm.streams import check_stream
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[LlmServer]:
-    server = LlmServer(settings())
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.shutdown()
-
-
-@pytest.fixture
 async def client(server: LlmServer) -> AsyncIterator[LlmClient]:
     async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
         client = LlmClient(llm_pb2_grpc.LlmServiceStub(channel))

@@ -17,7 +17,7 @@ from llm_svc.server import LlmServer
 from svckit.grpc_server import insecure_channel
 from switchboard.v1 import common_pb2, llm_pb2, llm_pb2_grpc
 from tests.conftest import timeout
-from tests.llm.fakes import HangingProvider, settings
+from tests.llm.fakes import HangingProvider
 from tests.llm.streams import check_stream, kinds
 
 Code = common_pb2.ErrorCode
@@ -31,16 +31,6 @@ PROVIDER_ENV = (
     "LLM_DEFAULT_MODEL",
     "LLM_MODELS_FILE",
 )
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[LlmServer]:
-    server = LlmServer(settings())
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.shutdown()
 
 
 @pytest.fixture
