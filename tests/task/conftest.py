@@ -51,9 +51,12 @@ class FakeLlm(llm_pb2_grpc.LlmServiceServicer):
             ]
         )
 
-    async def GenerateMany(self, request_iterator, context):
+    async def GenerateMany(self, request_iterator, context):  # type: ignore[override]
         # llm_svc's own server half: the same multiplexing task_svc meets in production.
-        await serve_many(request_iterator, context, lambda request: self.Generate(request, None))
+        await serve_many(request_iterator, context, self._generate)
+
+    def _generate(self, request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateEvent]:
+        return self.Generate(request, None)  # type: ignore[no-any-return, no-untyped-call]
 
     async def Generate(self, request, context):
         self.order.append(request.request_id)
