@@ -1,6 +1,5 @@
-"""`python -m persistence_svc`: migrate the history database, consume lifecycle events and
-snapshots into it, and serve HistoryService, SnapshotService and UserService on
-HISTORY_SVC_LISTEN until SIGTERM."""
+"""`python -m persistence_svc`: migrate the history database, consume lifecycle events into
+it, and serve HistoryService and UserService on HISTORY_SVC_LISTEN until SIGTERM."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Settings from the environment (see the brief's list of shared variable names)."""
+"""Settings from the environment (the README lists the variables the services share)."""
 
 from __future__ import annotations
 

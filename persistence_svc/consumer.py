@@ -1,12 +1,16 @@
-"""The durable JetStream pull consumer that turns lifecycle events (and the snapshots of
-active tasks that task_svc publishes on the same stream) into history.
+"""The durable JetStream pull consumer that turns lifecycle events into history.
 
-Delivery rules (JetStream, explicit ack): a message is acked only after the batch holding it
-is committed, so a crash between the two redelivers it, and the repository's idempotent
-apply makes the redelivery a no-op. A message that can never be applied (not a
-LifecycleEvent, no task id) is logged and terminated (`+TERM`) so it never blocks the stream.
-If the database is down, the batch is nak'ed with a delay (`-NAK {"delay": ns}`) and we back
-off: the events wait in JetStream and nothing is lost.
+Delivery rules (JetStream, explicit ack): a lifecycle event is acked only after the batch
+holding it is committed, so a crash between the two redelivers it, and the repository's
+idempotent apply makes the redelivery a no-op. Batches are settled in order: one batch is
+fetched ahead while the one before it is written, never more. A message that can never be
+applied (not a LifecycleEvent, no task id) is logged and terminated (`+TERM`) so it never
+blocks the stream. If the database is down, the batch (and the one fetched ahead) is nak'ed
+with a delay (`-NAK {"delay": ns}`) and we back off: the events wait in JetStream and
+nothing is lost.
+
+task_svc's snapshots travel on the same stream (snapshots.py): they are acked at once,
+neither decoded nor written.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -25,23 +30,21 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError
 
 from persistence_svc.errors import InvalidEvent, StorageRejected, StorageUnavailable
-from persistence_svc.events import parse_event
+from persistence_svc.events import ParsedEvent, parse_event
 from persistence_svc.repository import Repository
-from persistence_svc.snapshots import SNAPSHOT_SUBJECT_SUFFIX, parse_snapshot
+from persistence_svc.snapshots import is_snapshot
 from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX
-from switchboard.v1 import events_pb2, history_pb2
+from switchboard.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 DURABLE_NAME = "persistence"
 SUBJECT = f"{TASK_EVENTS_SUBJECT_PREFIX}.>"
-# Far above the default 1000 (DESIGN.md): a backlog built while the database was down is
-# delivered in full once it is back, instead of trickling in 1000 at a time.
+# Far above the default 1000: a backlog built while the database was down is delivered in
+# full once it is back, instead of trickling in 1000 at a time.
 MAX_ACK_PENDING = 100_000
 # Back-off while the database is down: nak delays and fetch pauses, capped.
 RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-# What a message on the stream holds: a lifecycle event, or a snapshot of an active task.
-Item = events_pb2.LifecycleEvent | history_pb2.TaskSnapshot
 # An event the database refuses on its own this many times is terminated (and logged).
 MAX_REJECTED_DELIVERIES = 3
 
@@ -62,7 +65,8 @@ def consumer_config(ack_wait_s: float) -> ConsumerConfig:
 @dataclass
 class ConsumerStats:
     batches: int = 0  # committed batches
-    acked: int = 0
+    acked: int = 0  # lifecycle events committed, and snapshots
+    snapshots: int = 0  # acked without touching the database
     terminated: int = 0  # undecodable or invalid messages
     nacked: int = 0  # sent back because the database was unavailable
 
@@ -72,7 +76,8 @@ class EventConsumer:
 
     `await consumer.start()` creates or updates the durable consumer and binds to it; the
     owner runs `await consumer.run()` as a task, calls `stop()` at shutdown and awaits that
-    task: the batch in flight is finished (applied and acked, or nak'ed) before `run` returns.
+    task: the batch in flight is finished (applied and acked, or nak'ed) before `run` returns,
+    and a batch fetched ahead is handed back to JetStream (nak'ed) unwritten.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class EventConsumer:
         self.retry_delays_s = tuple(retry_delays_s)
         self.stats = ConsumerStats()
         self._failures = 0
+        self._retry_in_s = 0.0  # set by a back-off: run() pauses this long before going on
         self._stopping = asyncio.Event()
         self._sub: JetStreamContext.PullSubscription | None = None
 
@@ -117,36 +123,64 @@ class EventConsumer:
     async def run(self) -> None:
         if self._sub is None:
             raise RuntimeError("call start() first")
-        while not self._stopping.is_set():
-            try:
-                messages = await self._sub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
-            except TimeoutError:
-                continue  # nothing new (nats.errors.TimeoutError is an asyncio.TimeoutError)
-            except NatsError as error:
-                # Disconnected: the client reconnects on its own; try again shortly.
-                log.warning("fetch failed", extra={"error": str(error)})
-                await self._pause(1.0)
-                continue
-            try:
-                await self.process(messages)
-            except NatsError as error:
-                # An ack/nak lost with the connection: JetStream redelivers after ack_wait
-                # and the repository makes that a no-op.
-                log.warning("settling a batch failed", extra={"error": str(error)})
-        with contextlib.suppress(NatsError):
-            await self._sub.unsubscribe()
+        ahead: asyncio.Task[list[Msg]] | None = None
+        try:
+            while not self._stopping.is_set():
+                messages = await (ahead if ahead is not None else self._fetch())
+                ahead = None
+                if not messages:
+                    continue
+                if self._failures == 0 and not self._stopping.is_set():
+                    # Fetch the next batch while this one is written: the database and
+                    # JetStream round trips overlap. One batch ahead at most, started only
+                    # once the batch before is in hand, so memory and unacked messages stay
+                    # bounded; it is written only after this one is settled.
+                    ahead = asyncio.create_task(self._fetch(), name="persistence-fetch-ahead")
+                try:
+                    await self.process(messages)
+                except NatsError as error:
+                    # An ack/nak lost with the connection: JetStream redelivers after
+                    # ack_wait and the repository makes that a no-op.
+                    log.warning("settling a batch failed", extra={"error": str(error)})
+                if self._retry_in_s:
+                    if ahead is not None:
+                        # The database is down: the batch fetched meanwhile goes back too,
+                        # rather than wait out the back-off unacked.
+                        await self._hand_back(await ahead, self._retry_in_s)
+                        ahead = None
+                    await self._pause(self._retry_in_s)
+                    self._retry_in_s = 0.0
+            if ahead is not None:
+                # Stopping: JetStream redelivers it at once, to our next run or a replica.
+                await self._hand_back(await ahead, 0.0)
+                ahead = None
+        finally:
+            if ahead is not None:
+                # Cancelled mid-batch: whatever the fetch had taken is redelivered after
+                # ack_wait, as after a crash.
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, NatsError):
+                    await ahead
+            with contextlib.suppress(NatsError):
+                await self._sub.unsubscribe()
 
     async def process(self, messages: Sequence[Msg]) -> None:
         """Apply one fetched batch and settle every message in it."""
-        batch: list[tuple[Msg, Item]] = []
+        now = datetime.now(UTC)  # the time of events that carry none
+        batch: list[tuple[Msg, ParsedEvent]] = []
         for msg in messages:
-            item = await self._decode(msg)
-            if item is not None:
-                batch.append((msg, item))
+            if is_snapshot(msg.subject):
+                await msg.ack()
+                self.stats.acked += 1
+                self.stats.snapshots += 1
+                continue
+            parsed = await self._decode(msg, now)
+            if parsed is not None:
+                batch.append((msg, parsed))
         if not batch:
             return
         try:
-            await self._apply([item for _, item in batch])
+            await self.repository.apply_parsed([parsed for _, parsed in batch])
         except StorageUnavailable as error:
             await self._back_off([msg for msg, _ in batch], error)
             return
@@ -162,22 +196,23 @@ class EventConsumer:
             return
         await self._ack([msg for msg, _ in batch])
 
-    async def _apply(self, items: Sequence[Item]) -> None:
-        events = [item for item in items if isinstance(item, events_pb2.LifecycleEvent)]
-        snapshots = [item for item in items if isinstance(item, history_pb2.TaskSnapshot)]
-        await self.repository.apply(events, snapshots)
-
-    async def _decode(self, msg: Msg) -> Item | None:
-        # The subject says which message it is (history.proto, TaskSnapshot): snapshots on
-        # `switchboard.tasks.<task_id>.snapshot`, lifecycle events on the other kinds.
+    async def _fetch(self) -> list[Msg]:
+        """The next batch; empty when nothing came within fetch_timeout_s."""
+        assert self._sub is not None
         try:
-            item: Item
-            if msg.subject.endswith(SNAPSHOT_SUBJECT_SUFFIX):
-                item = history_pb2.TaskSnapshot.FromString(msg.data)
-                parse_snapshot(item)
-            else:
-                item = events_pb2.LifecycleEvent.FromString(msg.data)
-                parse_event(item)
+            return await self._sub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
+        except TimeoutError:
+            return []  # nothing new (nats.errors.TimeoutError is an asyncio.TimeoutError)
+        except NatsError as error:
+            # Disconnected: the client reconnects on its own; try again shortly.
+            log.warning("fetch failed", extra={"error": str(error)})
+            await self._pause(1.0)
+            return []
+
+    async def _decode(self, msg: Msg, now: datetime) -> ParsedEvent | None:
+        # Decoded and checked once, here: the repository takes the parsed event.
+        try:
+            return parse_event(events_pb2.LifecycleEvent.FromString(msg.data), now)
         except (DecodeError, InvalidEvent) as error:
             log.error(
                 "dropping a lifecycle message that can never be applied",
@@ -186,21 +221,18 @@ class EventConsumer:
             await msg.term()
             self.stats.terminated += 1
             return None
-        return item
 
-    async def _apply_one_by_one(self, batch: list[tuple[Msg, Item]]) -> None:
+    async def _apply_one_by_one(self, batch: list[tuple[Msg, ParsedEvent]]) -> None:
         # One event the database refuses (a constraint, a value out of range) must not hold
         # back the others: isolate it, log it and, after a few deliveries, terminate it. It
         # stays in the stream (limits retention) for a replay once the cause is fixed.
-        for index, (msg, item) in enumerate(batch):
+        for index, (msg, parsed) in enumerate(batch):
             try:
-                await self._apply([item])
+                await self.repository.apply_parsed([parsed])
             except StorageUnavailable as error:
                 await self._back_off([m for m, _ in batch[index:]], error)
                 return
             except StorageRejected as error:
-                # A refusal can be a race (two replicas creating the same row): try again a
-                # few times before giving the event up.
                 deliveries = msg.metadata.num_delivered or 1
                 given_up = deliveries >= MAX_REJECTED_DELIVERIES
                 log.error(
@@ -229,16 +261,21 @@ class EventConsumer:
         self._failures = 0
 
     async def _back_off(self, messages: Sequence[Msg], error: Exception) -> None:
+        """Nak the batch with the next delay; run() then pauses that long."""
         delay = self.retry_delays_s[min(self._failures, len(self.retry_delays_s) - 1)]
         self._failures += 1
         log.warning(
             "database unavailable, events left in JetStream",
             extra={"error": str(error), "messages": len(messages), "retry_in_s": delay},
         )
+        await self._hand_back(messages, delay)
+        self._retry_in_s = delay
+
+    async def _hand_back(self, messages: Sequence[Msg], delay: float) -> None:
+        """Nak unwritten messages: JetStream redelivers them after `delay` seconds."""
         for msg in messages:
-            await msg.nak(delay=delay)
+            await msg.nak(delay=delay or None)
         self.stats.nacked += len(messages)
-        await self._pause(delay)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

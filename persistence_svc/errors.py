@@ -13,6 +13,12 @@ class StorageUnavailable(PersistenceError):
     lost, server restarting, lock timeout). The caller retries later: nothing was written."""
 
 
+class WriteConflict(StorageUnavailable):
+    """Another writer (a second replica) created a task row between this batch's read and its
+    write. Nothing was written; the batch applies when retried (it then reads that row), so
+    the caller treats it like any transient failure and never gives the events up."""
+
+
 class StorageRejected(PersistenceError):
     """The database refused the data itself (a constraint, a value out of range). Retrying
     the same batch as a whole will fail again; retrying events one by one isolates the bad one."""

@@ -1,5 +1,6 @@
-"""Lifecycle events to task rows, without a database: validation and the fold that applies
-an event's fields to a task's state. The repository calls these inside its transaction."""
+"""Lifecycle events to task rows, without a database: validation (once per message, in the
+consumer) and the fold that applies an event's fields to a task's state (inside the
+repository's transaction)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from persistence_svc.errors import InvalidEvent
 from persistence_svc.models import TERMINAL_STATUSES
+from persistence_svc.payload import to_json
 from switchboard.v1 import common_pb2, events_pb2
 
 Kind = events_pb2.LifecycleKind
@@ -35,10 +35,16 @@ KIND_STATUS: dict[events_pb2.LifecycleKind.ValueType, str] = {
     Kind.LIFECYCLE_KIND_CANCELLED: "cancelled",
 }
 
+# task_events.kind of each known kind; proto3 enums are open, so a newer task_svc may send a
+# kind missing here: it is stored as "unknown" and its status still says what happened.
+KIND_NAMES: dict[int, str] = {
+    value: name.removeprefix("LIFECYCLE_KIND_").lower() for name, value in Kind.items()
+}
+
 MAX_USER_ID = 255
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParsedEvent:
     """A LifecycleEvent checked once, with its ids and time in database form."""
 
@@ -51,8 +57,8 @@ class ParsedEvent:
     event: events_pb2.LifecycleEvent
 
     def payload(self) -> dict[str, Any]:
-        # Stored as the proto's own JSON mapping so GetTaskEvents gives back the same message.
-        return MessageToDict(self.event, preserving_proto_field_name=True)
+        # The proto's own JSON mapping, so that GetTaskEvents gives back the same message.
+        return to_json(self.event)
 
 
 def clean_text(text: str) -> str:
@@ -76,10 +82,7 @@ def parse_event(event: events_pb2.LifecycleEvent, now: datetime | None = None) -
     status = STATUS_NAMES.get(event.status) or KIND_STATUS.get(event.kind)
     if status is None:
         raise InvalidEvent("event has no kind and no status", task_id=event.task_id, seq=event.seq)
-    # proto3 enums are open: a newer task_svc may send a kind we do not know yet; its status
-    # still says what happened.
-    known = event.kind in Kind.values()
-    kind = Kind.Name(event.kind).removeprefix("LIFECYCLE_KIND_").lower() if known else "unknown"
+    kind = KIND_NAMES.get(event.kind, "unknown")
     try:
         # An event without a time (a bug upstream) is dated when we first see it.
         at = event.at.ToDatetime(tzinfo=UTC) if event.HasField("at") else now or datetime.now(UTC)
@@ -119,25 +122,18 @@ def new_task_row(first: ParsedEvent, user_pk: uuid.UUID, now: datetime) -> dict[
 def apply_event(row: dict[str, Any], parsed: ParsedEvent) -> bool:
     """Apply one event to a task row in place; return whether the row changed.
 
-    Ordering rule (DESIGN.md: writes are ordered by the task's sequence number): an event whose
-    seq is not above the row's version is older than the state we hold and changes nothing,
-    except that the task's creation time is the earliest event time we have seen.
+    Ordering rule (docs/architecture.md, persistence_svc): an event whose seq is not above the
+    row's version is older than the state we hold and changes nothing, except that it may fill
+    the gaps of write-once fields (`fill_gaps`).
     """
-    changed = False
-    # Write-once times may be filled in by an older event that arrives late; that fills a gap
-    # and never overwrites newer state.
-    if parsed.at < row["created_at"]:
-        row["created_at"] = parsed.at
-        changed = True
+    changed = fill_gaps(row, parsed)
     if parsed.seq <= row["version"]:
-        if parsed.status == "processing" and row["started_at"] is None:
-            row["started_at"] = parsed.at
-            changed = True
         return changed
     event = parsed.event
     row["version"] = parsed.seq
     row["status"] = parsed.status
-    # Events repeat the creation fields so that any one of them can create the row.
+    # task_svc sets the creation fields on QUEUED (earlier releases repeated them on every
+    # event): whichever event carries them sets them.
     if event.prompt:
         row["prompt"] = clean_text(event.prompt)
     if event.model:
@@ -149,8 +145,6 @@ def apply_event(row: dict[str, Any], parsed: ParsedEvent) -> bool:
     # NaN compares false and is ignored (SQLite would store it as NULL).
     if event.progress > row["progress"]:
         row["progress"] = min(event.progress, 1.0)
-    if parsed.status == "processing" and row["started_at"] is None:
-        row["started_at"] = parsed.at
     if parsed.status in TERMINAL_STATUSES:
         row["completed_at"] = row["completed_at"] or parsed.at
     if parsed.status == "completed":
@@ -164,3 +158,28 @@ def apply_event(row: dict[str, Any], parsed: ParsedEvent) -> bool:
     if event.HasField("error"):
         row["error_message"] = clean_text(event.error.message)
     return True
+
+
+def fill_gaps(row: dict[str, Any], parsed: ParsedEvent) -> bool:
+    """Fill the write-once fields the row lacks from any event, older ones included: events
+    arrive out of order (a redelivered QUEUED after COMPLETED), and only QUEUED carries the
+    prompt. A gap holds no state yet, so filling it never overwrites newer state; a field
+    already set is left alone. The creation time is the earliest event time seen."""
+    changed = False
+    event = parsed.event
+    if parsed.at < row["created_at"]:
+        row["created_at"] = parsed.at
+        changed = True
+    if parsed.status == "processing" and row["started_at"] is None:
+        row["started_at"] = parsed.at
+        changed = True
+    if event.prompt and not row["prompt"]:
+        row["prompt"] = clean_text(event.prompt)
+        changed = True
+    if event.priority and not row["priority"]:
+        row["priority"] = event.priority
+        changed = True
+    if event.model and not row["model"]:
+        row["model"] = clean_text(event.model)
+        changed = True
+    return changed

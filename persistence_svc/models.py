@@ -1,4 +1,4 @@
-"""The history schema (DESIGN.md, data model) as SQLAlchemy 2 declarative tables.
+"""The history schema (docs/architecture.md, persistence_svc) as SQLAlchemy 2 declarative tables.
 
 Types are portable: `Uuid` is a native uuid on PostgreSQL and CHAR(32) on SQLite, `JSON` is
 json on PostgreSQL and text on SQLite, `UtcDateTime` stores UTC everywhere. Every constraint
@@ -127,20 +127,7 @@ class TaskEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
-class TaskSnapshot(Base):
-    """The last known state of each active task (one row per task, removed once the task
-    reaches a terminal status): what was in flight, at a glance, after a crash."""
-
-    __tablename__ = "task_snapshots"
-
-    task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
-    seq: Mapped[int] = mapped_column(BigInteger)
-    state: Mapped[dict[str, Any]] = mapped_column(JSON)
-    taken_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-
 # The Core tables, for the repository's statements.
 users: Table = User.__table__  # type: ignore[assignment]
 tasks: Table = Task.__table__  # type: ignore[assignment]
 task_events: Table = TaskEvent.__table__  # type: ignore[assignment]
-task_snapshots: Table = TaskSnapshot.__table__  # type: ignore[assignment]

@@ -2,32 +2,36 @@
 (its driver set-up in database.py, the schema's in migrate.py and migrations/, rows turned
 into messages in rows.py), and every driver error becomes a persistence_svc.errors error here.
 
-Writes (`apply`) are idempotent and ordered by each task's seq (DESIGN.md, persistence_svc):
-an event is recorded once by (task_id, seq), and a task's fields move only forward; what a
-batch changes is decided by plan.py. Snapshots keep the latest one per active task
-(snapshots.py). Reads return protobuf messages ready for the gRPC services.
+Writes (`apply_parsed`, or `apply` from messages) are idempotent and ordered by each task's
+seq (docs/architecture.md, persistence_svc): an event is recorded once by (task_id, seq), and
+a task's fields move only forward; what a batch changes is decided by plan.py. A batch costs
+the same few statements whatever its size: lock its task rows, one upsert of the changed
+rows, one insert of the events (and, for owners this process has not seen yet, their lookup).
+Reads return protobuf messages ready for the gRPC services.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Self
+from typing import Any, Self
 
 from alembic.util import CommandError as AlembicError
 from google.protobuf.json_format import MessageToDict
-from sqlalchemy import and_, bindparam, delete, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from persistence_svc import migrate, models
 from persistence_svc.cursor import Cursor
-from persistence_svc.database import INSERTS, boundary, create_engine
-from persistence_svc.errors import InvalidCursor, StorageRejected, StorageUnavailable
+from persistence_svc.database import INSERTS, boundary, create_engine, in_list
+from persistence_svc.errors import StorageRejected, StorageUnavailable, WriteConflict
 from persistence_svc.events import ParsedEvent, parse_event
+from persistence_svc.known_users import KnownUsers
 from persistence_svc.plan import plan_batch
 from persistence_svc.rows import (
     task_select,
@@ -36,26 +40,20 @@ from persistence_svc.rows import (
     to_preferences,
     uuid_or_none,
 )
-from persistence_svc.snapshots import ParsedSnapshot, parse_snapshot, snapshot_from_json
 from switchboard.v1 import events_pb2, history_pb2
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# The columns an upsert of a task row writes: all but its identity and its owner.
+_TASK_FIELDS = tuple(c.name for c in models.tasks.c if c.name not in ("id", "user_id"))
 
 
 @dataclass(frozen=True)
 class ApplyResult:
     events_recorded: int  # new task_events rows (duplicates are not counted)
-    tasks_changed: int
-    snapshots_written: int = 0  # task_snapshots rows written (a newer one replaced)
-
-
-@dataclass(frozen=True)
-class SnapshotPage:
-    snapshots: list[history_pb2.TaskSnapshot]  # in task id order
-    next_cursor: str  # "" on the last page
+    tasks_changed: int  # task rows created or updated
 
 
 @dataclass(frozen=True)
@@ -64,12 +62,58 @@ class TaskPage:
     next_cursor: Cursor | None  # None on the last page
 
 
+class _WriteStatements:
+    """The write path's statements, built once per dialect: SQLAlchemy then finds each in its
+    compiled cache instead of building and compiling a new one per batch, and the texts stay
+    short and fixed (psycopg converts them once; the server prepares them)."""
+
+    def __init__(self, dialect: str) -> None:
+        insert = INSERTS[dialect]
+        tasks, events, users = models.tasks, models.task_events, models.users
+        # preserve_rowcount: the summed rowcount of an executemany, read before SQLAlchemy
+        # closes the cursor (without it psycopg's reads as -1); cheaper than RETURNING,
+        # which would turn each executemany into one long statement built per batch.
+        counted = {"preserve_rowcount": True}
+        # FOR UPDATE (PostgreSQL; SQLite locks the whole file anyway): two consumers applying
+        # events of one task serialise here, so the version check in the plan cannot race.
+        # In id order, so that two batches sharing tasks lock them in the same order and
+        # cannot deadlock.
+        self.lock_tasks = (
+            select(tasks)
+            .where(in_list(tasks.c.id, "ids", dialect))
+            .order_by(tasks.c.id)
+            .with_for_update()
+        )
+        # The rows we locked are ours to overwrite; a row that did not exist when we read
+        # may have been created since by another writer, which we must not overwrite:
+        # `read_version` guards both (plan.NEW_TASK matches no row), and a row left
+        # unwritten shows in the rowcount.
+        upsert = insert(tasks)
+        self.upsert_tasks = upsert.on_conflict_do_update(
+            index_elements=[tasks.c.id],
+            set_={name: upsert.excluded[name] for name in _TASK_FIELDS},
+            where=tasks.c.version == bindparam("read_version"),
+        ).execution_options(**counted)
+        self.insert_events = (
+            insert(events)
+            .on_conflict_do_nothing(index_elements=["task_id", "seq"])
+            .execution_options(**counted)
+        )
+        self.find_users = select(users.c.external_id, users.c.id).where(
+            in_list(users.c.external_id, "external_ids", dialect)
+        )
+        self.insert_users = insert(users).on_conflict_do_nothing(index_elements=["external_id"])
+
+
 class Repository:
     """Owns the engine. `await Repository.open(url)`; `await repo.close()` disposes the pool."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._insert = INSERTS[engine.dialect.name]
+        self._sql = _WriteStatements(engine.dialect.name)
+        self._users = KnownUsers()
+        self._writer: AsyncConnection | None = None  # see _write_transaction
+        self._writer_lock = asyncio.Lock()
         self._schema_ready = False
         self._schema_lock = asyncio.Lock()
 
@@ -87,6 +131,8 @@ class Repository:
         return repo
 
     async def close(self) -> None:
+        async with self._writer_lock:
+            await self._drop_writer()
         await self.engine.dispose()
 
     async def ensure_schema(self) -> None:
@@ -115,93 +161,92 @@ class Repository:
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def apply(
-        self,
-        events: Sequence[events_pb2.LifecycleEvent],
-        snapshots: Sequence[history_pb2.TaskSnapshot] = (),
-    ) -> ApplyResult:
-        """Apply a batch of lifecycle events and published snapshots in ONE transaction: all
-        of it is written, or none of it.
+    async def apply(self, events: Sequence[events_pb2.LifecycleEvent]) -> ApplyResult:
+        """Check and apply lifecycle events as they come off the wire (tests, tools; the
+        consumer checks each message as it decodes it and calls `apply_parsed`).
 
-        Raises InvalidEvent (nothing written) for an event or snapshot that can never apply:
-        check them one by one with `events.parse_event` / `snapshots.parse_snapshot` first.
-        StorageUnavailable: retry later. StorageRejected: the data itself was refused; apply
-        the items one by one to find it.
+        Raises InvalidEvent, with nothing written, if any event can never apply (check them
+        one by one with `events.parse_event` first); otherwise as `apply_parsed`.
         """
         now = datetime.now(UTC)
-        parsed: dict[tuple[uuid.UUID, int], ParsedEvent] = {}
-        for message in events:
-            one = parse_event(message, now)
-            parsed.setdefault((one.task_id, one.seq), one)  # a duplicate within the batch
-        published: dict[uuid.UUID, ParsedSnapshot] = {}
-        for snapshot in snapshots:
-            snap = parse_snapshot(snapshot, now)
-            held = published.get(snap.task_id)
-            if held is None or snap.replaces(held.seq):
-                published[snap.task_id] = snap
-        if not parsed and not published:
+        return await self.apply_parsed([parse_event(message, now) for message in events])
+
+    async def apply_parsed(self, events: Sequence[ParsedEvent]) -> ApplyResult:
+        """Apply a batch of checked lifecycle events in ONE transaction: all of it is written,
+        or none of it.
+
+        StorageUnavailable (WriteConflict included): retry later. StorageRejected: the data
+        itself was refused; apply the events one by one to find the one.
+        """
+        unique: dict[tuple[uuid.UUID, int], ParsedEvent] = {}
+        for one in events:
+            unique.setdefault((one.task_id, one.seq), one)  # a duplicate within the batch
+        if not unique:
             return ApplyResult(0, 0)
+        batch = list(unique.values())
+        now = datetime.now(UTC)
         await self.ensure_schema()
-        async with boundary(), self.engine.begin() as conn:
-            return await self._apply(conn, list(parsed.values()), published, now)
+        try:
+            async with boundary(), self._write_transaction() as conn:
+                result, owners = await self._write(conn, batch, now)
+        except StorageRejected:
+            # A cached owner that is gone (a database restored under us) would be refused by
+            # the foreign key on every retry: look the owners up again.
+            self._users.forget()
+            raise
+        self._users.remember(owners)  # committed: from now on these keys exist for good
+        return result
 
-    async def _apply(
-        self,
-        conn: AsyncConnection,
-        batch: list[ParsedEvent],
-        published: dict[uuid.UUID, ParsedSnapshot],
-        now: datetime,
-    ) -> ApplyResult:
-        owners = {e.user_id for e in batch} | {snap.user_id for snap in published.values()}
-        user_pks = await self._ensure_users(owners, conn, now)
+    @contextlib.asynccontextmanager
+    async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction on the connection the writes keep from batch to batch.
 
-        # FOR UPDATE (PostgreSQL; SQLite locks the whole file anyway): two consumers applying
-        # events of one task serialise here, so the version check in the plan cannot race.
-        task_ids = {e.task_id for e in batch} | set(published)
-        rows = await conn.execute(
-            select(models.tasks).where(models.tasks.c.id.in_(task_ids)).with_for_update()
-        )
+        A pool checkout per batch would cost a round trip of its own (pool_pre_ping) and the
+        pool's bookkeeping, on every batch. Kept, the connection is never tested before use:
+        instead, any failure throws it away, so a database restart costs one batch that is
+        nak'ed and redelivered (nothing was acked), and the next batch connects afresh.
+        """
+        async with self._writer_lock:
+            if self._writer is None:
+                self._writer = await self.engine.connect()
+            try:
+                async with self._writer.begin():
+                    yield self._writer
+            except BaseException:
+                await self._drop_writer()
+                raise
+
+    async def _drop_writer(self) -> None:
+        conn, self._writer = self._writer, None
+        if conn is not None:
+            # invalidate, not a return to the pool: the connection may be dead, and its
+            # reset would fail (and be logged) there.
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _write(
+        self, conn: AsyncConnection, batch: list[ParsedEvent], now: datetime
+    ) -> tuple[ApplyResult, dict[str, uuid.UUID]]:
+        owners, missing = self._users.split({e.user_id for e in batch})
+        if missing:
+            owners |= await self._ensure_users(missing, conn, now)
+        sql = self._sql
+        task_ids = list({e.task_id for e in batch})
+        rows = await conn.execute(sql.lock_tasks, {"ids": task_ids})
         existing = {row.id: dict(row._mapping) for row in rows}
-        plan = plan_batch(existing, batch, published, user_pks, now)
-        inserts, updates = plan.inserts, plan.updates
-
-        if inserts:
-            await conn.execute(models.tasks.insert(), inserts)
-        if updates:
-            # One executemany (pipelined by psycopg), not a statement per row.
-            columns = [c.name for c in models.tasks.c if c.name not in ("id", "user_id")]
-            await conn.execute(
-                update(models.tasks)
-                .where(models.tasks.c.id == bindparam("row_id"))
-                .values({name: bindparam(name) for name in columns}),
-                [{"row_id": row["id"], **{name: row[name] for name in columns}} for row in updates],
-            )
-        recorded = 0
-        if batch:
-            # executemany, not one multi-VALUES statement: SQLAlchemy caches the compiled
-            # form ("insertmanyvalues" batches it), instead of compiling a new, longer
-            # statement for every batch.
-            result = await conn.execute(
-                self._insert(models.task_events)
-                .on_conflict_do_nothing(index_elements=["task_id", "seq"])
-                # RETURNING (PostgreSQL, SQLite 3.35+): rowcount of a multi-row insert is not
-                # reliable across drivers; the returned rows are exactly the new ones.
-                .returning(models.task_events.c.seq),
-                [
-                    {
-                        "task_id": e.task_id,
-                        "seq": e.seq,
-                        "kind": e.kind,
-                        "status": e.status,
-                        "at": e.at,
-                        "payload": e.payload(),
-                    }
-                    for e in batch
-                ],
-            )
-            recorded = len(result.all())
-        written = await self._write_snapshots(conn, plan.keep)
-        return ApplyResult(recorded, len(inserts) + len(updates), written)
+        plan = plan_batch(existing, batch, owners, now)
+        if plan.rows:
+            # One executemany (pipelined by psycopg) for new and changed rows alike.
+            written = (await conn.execute(sql.upsert_tasks, plan.rows)).rowcount
+            if written != len(plan.rows):
+                raise WriteConflict(
+                    f"{len(plan.rows) - written} task row(s) created by another writer "
+                    "since this batch read them"
+                )
+        result = await conn.execute(sql.insert_events, [_event_row(e) for e in batch])
+        return ApplyResult(result.rowcount, len(plan.rows)), owners
 
     async def _ensure_users(
         self, external_ids: set[str], conn: AsyncConnection, now: datetime
@@ -212,7 +257,7 @@ class Repository:
         if not missing:
             return known
         await conn.execute(
-            self._insert(models.users).on_conflict_do_nothing(index_elements=["external_id"]),
+            self._sql.insert_users,
             [
                 {
                     "id": uuid.uuid4(),
@@ -232,55 +277,8 @@ class Repository:
     async def _user_pks(
         self, conn: AsyncConnection, external_ids: set[str]
     ) -> dict[str, uuid.UUID]:
-        rows = await conn.execute(
-            select(models.users.c.external_id, models.users.c.id).where(
-                models.users.c.external_id.in_(external_ids)
-            )
-        )
+        rows = await conn.execute(self._sql.find_users, {"external_ids": list(external_ids)})
         return {ext: pk for ext, pk in rows}
-
-    async def _write_snapshots(
-        self, conn: AsyncConnection, keep: dict[uuid.UUID, ParsedSnapshot | None]
-    ) -> int:
-        """Drop the snapshots of ended tasks; store each candidate that is newer than the
-        stored one (snapshots.ParsedSnapshot.replaces). Returns how many were stored."""
-        ended = [task_id for task_id, snap in keep.items() if snap is None]
-        if ended:
-            await conn.execute(
-                delete(models.task_snapshots).where(models.task_snapshots.c.task_id.in_(ended))
-            )
-        candidates = {task_id: snap for task_id, snap in keep.items() if snap is not None}
-        if not candidates:
-            return 0
-        stored = await conn.execute(
-            select(models.task_snapshots.c.task_id, models.task_snapshots.c.seq)
-            .where(models.task_snapshots.c.task_id.in_(candidates))
-            .with_for_update()
-        )
-        stored_seq: dict[uuid.UUID, int] = {task_id: seq for task_id, seq in stored}
-        newer = [
-            snap for snap in candidates.values() if snap.replaces(stored_seq.get(snap.task_id))
-        ]
-        if not newer:
-            return 0
-        await conn.execute(
-            delete(models.task_snapshots).where(
-                models.task_snapshots.c.task_id.in_([snap.task_id for snap in newer])
-            )
-        )
-        await conn.execute(
-            models.task_snapshots.insert(),
-            [
-                {
-                    "task_id": snap.task_id,
-                    "seq": snap.seq,
-                    "state": snap.state_json(),
-                    "taken_at": snap.taken_at,
-                }
-                for snap in newer
-            ],
-        )
-        return len(newer)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -353,29 +351,6 @@ class Repository:
             payloads = list(rows.scalars())
         return [to_lifecycle_event(payload) for payload in payloads]
 
-    async def list_snapshots(
-        self, task_ids: Sequence[str] = (), page_size: int = 0, cursor: str = ""
-    ) -> SnapshotPage:
-        """The latest snapshot of every active task (or of `task_ids`), in task id order, a
-        page at a time; `cursor` is the previous page's next_cursor (the last task id)."""
-        size = min(page_size, MAX_PAGE_SIZE) if page_size > 0 else DEFAULT_PAGE_SIZE
-        query = select(models.task_snapshots.c.task_id, models.task_snapshots.c.state)
-        if task_ids:
-            wanted = [pk for pk in map(uuid_or_none, task_ids) if pk is not None]
-            query = query.where(models.task_snapshots.c.task_id.in_(wanted))
-        if cursor:
-            after = uuid_or_none(cursor)
-            if after is None:
-                raise InvalidCursor("not a cursor from this service")
-            query = query.where(models.task_snapshots.c.task_id > after)
-        query = query.order_by(models.task_snapshots.c.task_id).limit(size + 1)
-        await self.ensure_schema()
-        async with boundary(), self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        page = rows[:size]
-        next_cursor = str(page[-1].task_id) if len(rows) > size else ""
-        return SnapshotPage([snapshot_from_json(row.state) for row in page], next_cursor)
-
     async def get_preferences(self, user_id: str) -> history_pb2.Preferences:
         """A user's preferences (external id); the user row is created on first sight."""
         await self.ensure_schema()
@@ -403,3 +378,14 @@ class Repository:
                 .values(preferences=value, updated_at=now)
             )
         return to_preferences(value)
+
+
+def _event_row(event: ParsedEvent) -> dict[str, Any]:
+    return {
+        "task_id": event.task_id,
+        "seq": event.seq,
+        "kind": event.kind,
+        "status": event.status,
+        "at": event.at,
+        "payload": event.payload(),
+    }

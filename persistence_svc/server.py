@@ -2,8 +2,8 @@
 
 Start order: database engine and Alembic migrations (retried before the first use if the
 database is down) → NATS → ensure the SB_TASK_EVENTS stream (so it does not matter whether
-task_svc started first) → durable consumer → gRPC HistoryService, SnapshotService and
-UserService on one server. Shutdown is the reverse, idempotent, and bounded.
+task_svc started first) → durable consumer → gRPC HistoryService and UserService on one
+server. Shutdown is the reverse, idempotent, and bounded.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from persistence_svc.config import Settings
 from persistence_svc.consumer import RETRY_DELAYS_S, EventConsumer
 from persistence_svc.repository import Repository
-from persistence_svc.service import HistoryService, SnapshotService
+from persistence_svc.service import HistoryService
 from persistence_svc.users import PreferencesCache, UserService
 from svckit.grpc_server import GrpcServer
 from svckit.lifecycle import cancel_and_wait
@@ -27,7 +27,6 @@ from switchboard.v1 import history_pb2, history_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = history_pb2.DESCRIPTOR.services_by_name["HistoryService"].full_name
-SNAPSHOT_SERVICE_NAME = history_pb2.DESCRIPTOR.services_by_name["SnapshotService"].full_name
 USER_SERVICE_NAME = history_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 
 
@@ -61,7 +60,6 @@ class PersistenceServer:
         await self.consumer.start()
         self._consumer_task = asyncio.create_task(self.consumer.run(), name="persistence-consumer")
         history = HistoryService(self.repository)
-        snapshots = SnapshotService(self.repository)
         users = UserService(
             self.repository,
             PreferencesCache(
@@ -72,13 +70,12 @@ class PersistenceServer:
 
         def register(server: grpc.aio.Server) -> None:
             history_pb2_grpc.add_HistoryServiceServicer_to_server(history, server)
-            history_pb2_grpc.add_SnapshotServiceServicer_to_server(snapshots, server)
             history_pb2_grpc.add_UserServiceServicer_to_server(users, server)
 
         self.grpc = GrpcServer(
             settings.history_svc_listen,
             register,
-            [SERVICE_NAME, SNAPSHOT_SERVICE_NAME, USER_SERVICE_NAME],
+            [SERVICE_NAME, USER_SERVICE_NAME],
         )
         await self.grpc.start()
 

@@ -1,5 +1,4 @@
-"""HistoryService: reads of the history, each scoped to the calling user; SnapshotService:
-task_svc's recovery reads.
+"""HistoryService: reads of the history, each scoped to the calling user.
 
 Another user's task answers NOT_FOUND exactly like a missing one, so a caller cannot learn
 that a task id exists. The user id is the app's external id, as the gateway authenticated it.
@@ -71,29 +70,6 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
         if trail is None:
             raise _not_found(request.task_id)
         return history_pb2.GetTaskEventsResponse(events=trail)
-
-
-class SnapshotService(history_pb2_grpc.SnapshotServiceServicer):
-    """task_svc's recovery reads (internal: not scoped to a user, never exposed to an app)."""
-
-    def __init__(self, repository: Repository) -> None:
-        self.repository = repository
-
-    @rpc
-    async def ListSnapshots(
-        self, request: history_pb2.ListSnapshotsRequest, context: Context
-    ) -> history_pb2.ListSnapshotsResponse:
-        if request.page_size < 0:
-            raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "page_size must be >= 0")
-        try:
-            page = await call_storage(
-                self.repository.list_snapshots(request.task_ids, request.page_size, request.cursor)
-            )
-        except InvalidCursor as error:
-            raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, str(error)) from None
-        return history_pb2.ListSnapshotsResponse(
-            snapshots=page.snapshots, next_cursor=page.next_cursor
-        )
 
 
 def require_user(user_id: str) -> None:

@@ -7,10 +7,10 @@ one task are published in order, awaiting each PubAck, on one of a few lanes cho
 id; tasks on different lanes do not wait for each other. If NATS is briefly unavailable the
 lane retries with backoff rather than lose the event.
 
-Snapshots go to `switchboard.tasks.<task_id>.snapshot`, message id
-`<task_id>:snapshot:<seq>` (history.proto; persistence_svc keeps the latest per task), on the
-same lane as the task's lifecycle events, so the last message stored for a task always holds
-its highest stored seq.
+Snapshots (checkpoints: seq, owner and attempts only) go to
+`switchboard.tasks.<task_id>.snapshot`, message id `<task_id>:snapshot:<seq>`; persistence_svc
+acks them without storing. They take the same lane as the task's lifecycle events, so the
+last message stored for a task always holds its highest stored seq.
 """
 
 from __future__ import annotations

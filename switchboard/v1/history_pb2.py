@@ -27,7 +27,7 @@ from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 from switchboard.v1 import events_pb2 as switchboard_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchboard/v1/history.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\x1a\x1bswitchboard/v1/events.proto\"\xd2\x03\n\x0bHistoryTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x10\n\x08response\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x03\x12$\n\x05usage\x18\x0c \x01(\x0b\x32\x15.switchboard.v1.Usage\x12.\n\ncreated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x15GetHistoryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"F\n\x10ListTasksRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\"T\n\x11ListTasksResponse\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.HistoryTask\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"8\n\x14GetTaskEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"G\n\x15GetTaskEventsResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.switchboard.v1.LifecycleEvent\"f\n\x0cTaskSnapshot\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\x12,\n\x08taken_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x14ListSnapshotsRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\"]\n\x15ListSnapshotsResponse\x12/\n\tsnapshots\x18\x01 \x03(\x0b\x32\x1c.switchboard.v1.TaskSnapshot\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\x89\x01\n\x0bPreferences\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12\x35\n\x05\x65xtra\x18\x02 \x03(\x0b\x32&.switchboard.v1.Preferences.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x15GetPreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"Z\n\x15SetPreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x30\n\x0bpreferences\x18\x02 \x01(\x0b\x32\x1b.switchboard.v1.Preferences2\x8f\x02\n\x0eHistoryService\x12M\n\x07GetTask\x12%.switchboard.v1.GetHistoryTaskRequest\x1a\x1b.switchboard.v1.HistoryTask\x12P\n\tListTasks\x12 .switchboard.v1.ListTasksRequest\x1a!.switchboard.v1.ListTasksResponse\x12\\\n\rGetTaskEvents\x12$.switchboard.v1.GetTaskEventsRequest\x1a%.switchboard.v1.GetTaskEventsResponse2o\n\x0fSnapshotService\x12\\\n\rListSnapshots\x12$.switchboard.v1.ListSnapshotsRequest\x1a%.switchboard.v1.ListSnapshotsResponse2\xb9\x01\n\x0bUserService\x12T\n\x0eGetPreferences\x12%.switchboard.v1.GetPreferencesRequest\x1a\x1b.switchboard.v1.Preferences\x12T\n\x0eSetPreferences\x12%.switchboard.v1.SetPreferencesRequest\x1a\x1b.switchboard.v1.Preferencesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchboard/v1/history.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\x1a\x1bswitchboard/v1/events.proto\"\xd2\x03\n\x0bHistoryTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x10\n\x08response\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x03\x12$\n\x05usage\x18\x0c \x01(\x0b\x32\x15.switchboard.v1.Usage\x12.\n\ncreated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x15GetHistoryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"F\n\x10ListTasksRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\"T\n\x11ListTasksResponse\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.HistoryTask\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"8\n\x14GetTaskEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"G\n\x15GetTaskEventsResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.switchboard.v1.LifecycleEvent\"f\n\x0cTaskSnapshot\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\x12,\n\x08taken_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x01\n\x0bPreferences\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12\x35\n\x05\x65xtra\x18\x02 \x03(\x0b\x32&.switchboard.v1.Preferences.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x15GetPreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"Z\n\x15SetPreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x30\n\x0bpreferences\x18\x02 \x01(\x0b\x32\x1b.switchboard.v1.Preferences2\x8f\x02\n\x0eHistoryService\x12M\n\x07GetTask\x12%.switchboard.v1.GetHistoryTaskRequest\x1a\x1b.switchboard.v1.HistoryTask\x12P\n\tListTasks\x12 .switchboard.v1.ListTasksRequest\x1a!.switchboard.v1.ListTasksResponse\x12\\\n\rGetTaskEvents\x12$.switchboard.v1.GetTaskEventsRequest\x1a%.switchboard.v1.GetTaskEventsResponse2\xb9\x01\n\x0bUserService\x12T\n\x0eGetPreferences\x12%.switchboard.v1.GetPreferencesRequest\x1a\x1b.switchboard.v1.Preferences\x12T\n\x0eSetPreferences\x12%.switchboard.v1.SetPreferencesRequest\x1a\x1b.switchboard.v1.Preferencesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,22 +50,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTASKEVENTSRESPONSE']._serialized_end=954
   _globals['_TASKSNAPSHOT']._serialized_start=956
   _globals['_TASKSNAPSHOT']._serialized_end=1058
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1060
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1135
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1137
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1230
-  _globals['_PREFERENCES']._serialized_start=1233
-  _globals['_PREFERENCES']._serialized_end=1370
-  _globals['_PREFERENCES_EXTRAENTRY']._serialized_start=1326
-  _globals['_PREFERENCES_EXTRAENTRY']._serialized_end=1370
-  _globals['_GETPREFERENCESREQUEST']._serialized_start=1372
-  _globals['_GETPREFERENCESREQUEST']._serialized_end=1412
-  _globals['_SETPREFERENCESREQUEST']._serialized_start=1414
-  _globals['_SETPREFERENCESREQUEST']._serialized_end=1504
-  _globals['_HISTORYSERVICE']._serialized_start=1507
-  _globals['_HISTORYSERVICE']._serialized_end=1778
-  _globals['_SNAPSHOTSERVICE']._serialized_start=1780
-  _globals['_SNAPSHOTSERVICE']._serialized_end=1891
-  _globals['_USERSERVICE']._serialized_start=1894
-  _globals['_USERSERVICE']._serialized_end=2079
+  _globals['_PREFERENCES']._serialized_start=1061
+  _globals['_PREFERENCES']._serialized_end=1198
+  _globals['_PREFERENCES_EXTRAENTRY']._serialized_start=1154
+  _globals['_PREFERENCES_EXTRAENTRY']._serialized_end=1198
+  _globals['_GETPREFERENCESREQUEST']._serialized_start=1200
+  _globals['_GETPREFERENCESREQUEST']._serialized_end=1240
+  _globals['_SETPREFERENCESREQUEST']._serialized_start=1242
+  _globals['_SETPREFERENCESREQUEST']._serialized_end=1332
+  _globals['_HISTORYSERVICE']._serialized_start=1335
+  _globals['_HISTORYSERVICE']._serialized_end=1606
+  _globals['_USERSERVICE']._serialized_start=1609
+  _globals['_USERSERVICE']._serialized_end=1794
 # @@protoc_insertion_point(module_scope)

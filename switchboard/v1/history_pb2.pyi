@@ -215,10 +215,10 @@ Global___GetTaskEventsResponse: _TypeAlias = GetTaskEventsResponse  # noqa: Y015
 class TaskSnapshot(_message.Message):
     """---- Snapshots of active tasks (task_svc's crash recovery) ----------------------------
 
-    task_svc publishes a TaskSnapshot of each active task periodically on JetStream, subject
-    `switchboard.tasks.<task_id>.snapshot`, message id `<task_id>:snapshot:<state.seq>`.
-    persistence_svc keeps the latest one per task (highest state.seq), drops it when the task
-    reaches a terminal status, and serves them back through SnapshotService.
+    task_svc publishes a TaskSnapshot of each active task as a checkpoint on JetStream, subject
+    `switchboard.tasks.<task_id>.snapshot`, message id `<task_id>:snapshot:<state.seq>`, and
+    reads them back from JetStream itself after a crash. They are not history:
+    persistence_svc acks them and stores nothing.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -244,60 +244,6 @@ class TaskSnapshot(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskSnapshot: _TypeAlias = TaskSnapshot  # noqa: Y015
-
-@_typing.final
-class ListSnapshotsRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TASK_IDS_FIELD_NUMBER: _builtins.int
-    PAGE_SIZE_FIELD_NUMBER: _builtins.int
-    CURSOR_FIELD_NUMBER: _builtins.int
-    page_size: _builtins.int
-    """0: a default page"""
-    cursor: _builtins.str
-    """from the previous page's next_cursor"""
-    @_builtins.property
-    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """empty: every active task"""
-
-    def __init__(
-        self,
-        *,
-        task_ids: _abc.Iterable[_builtins.str] | None = ...,
-        page_size: _builtins.int = ...,
-        cursor: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "page_size", b"page_size", "task_ids", b"task_ids"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListSnapshotsRequest: _TypeAlias = ListSnapshotsRequest  # noqa: Y015
-
-@_typing.final
-class ListSnapshotsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SNAPSHOTS_FIELD_NUMBER: _builtins.int
-    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
-    next_cursor: _builtins.str
-    """empty on the last page"""
-    @_builtins.property
-    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSnapshot]: ...
-    def __init__(
-        self,
-        *,
-        snapshots: _abc.Iterable[Global___TaskSnapshot] | None = ...,
-        next_cursor: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_cursor", b"next_cursor", "snapshots", b"snapshots"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListSnapshotsResponse: _TypeAlias = ListSnapshotsResponse  # noqa: Y015
 
 @_typing.final
 class Preferences(_message.Message):

@@ -78,37 +78,6 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
 
 def add_HistoryServiceServicer_to_server(servicer: HistoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
-class SnapshotServiceStub:
-    """Internal (task_svc only, never exposed to an app): not scoped to a user."""
-
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> SnapshotServiceAsyncStub: ...
-    ListSnapshots: _grpc.UnaryUnaryMultiCallable[_history_pb2.ListSnapshotsRequest, _history_pb2.ListSnapshotsResponse]
-    """The latest snapshot of every active task (or of the given tasks), in task id order."""
-
-@_typing.type_check_only
-class SnapshotServiceAsyncStub(SnapshotServiceStub):
-    """Internal (task_svc only, never exposed to an app): not scoped to a user."""
-
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    ListSnapshots: _aio.UnaryUnaryMultiCallable[_history_pb2.ListSnapshotsRequest, _history_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
-    """The latest snapshot of every active task (or of the given tasks), in task id order."""
-
-class SnapshotServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Internal (task_svc only, never exposed to an app): not scoped to a user."""
-
-    @_abc_1.abstractmethod
-    def ListSnapshots(
-        self,
-        request: _history_pb2.ListSnapshotsRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_history_pb2.ListSnapshotsResponse, _abc.Awaitable[_history_pb2.ListSnapshotsResponse]]:
-        """The latest snapshot of every active task (or of the given tasks), in task id order."""
-
-def add_SnapshotServiceServicer_to_server(servicer: SnapshotServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
-
 class UserServiceStub:
     """---- Users' preferences --------------------------------------------------------------
 

@@ -35,6 +35,7 @@ def event(
     at: datetime = T0,
     prompt: str = "Why is the sky blue?",
     model: str = "local-small",
+    priority: int = 1,
     **fields: object,
 ) -> events_pb2.LifecycleEvent:
     message = events_pb2.LifecycleEvent(
@@ -45,7 +46,7 @@ def event(
         status=_KIND_STATUS[kind],
         prompt=prompt,
         model=model,
-        priority=1,
+        priority=priority,
         attempt=1,
         **fields,  # type: ignore[arg-type]
     )
@@ -72,6 +73,17 @@ def completed_lifecycle(
             usage=common_pb2.Usage(prompt_tokens=5, completion_tokens=3, total_tokens=8),
         ),
     ]
+
+
+def slim_lifecycle(
+    task_id: str, *, user: str = "alice", at: datetime = T0
+) -> list[events_pb2.LifecycleEvent]:
+    """As completed_lifecycle, the way task_svc is moving to: the prompt and priority only on
+    QUEUED, the answer (content, usage, finish_reason) only on COMPLETED."""
+    queued, started, done = completed_lifecycle(task_id, user=user, at=at)
+    for later in (started, done):
+        later.prompt, later.priority = "", 0
+    return [queued, started, done]
 
 
 def snapshot(

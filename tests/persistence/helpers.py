@@ -1,17 +1,20 @@
-"""Helpers the persistence tests share: bounded polling, and publishing as task_svc does."""
+"""Helpers the persistence tests share: bounded polling, publishing as task_svc does, and
+watching the SQL a repository sends."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
+from sqlalchemy import event as sa_event
 
 from persistence_svc.consumer import EventConsumer
+from persistence_svc.repository import Repository
 from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import events_pb2, history_pb2
 from tests.conftest import eventually, timeout
@@ -66,3 +69,18 @@ async def publish_snapshot(js: JetStreamContext, snapshot: history_pb2.TaskSnaps
 class Bus:
     nc: Client
     js: JetStreamContext
+
+
+@contextmanager
+def statements(repo: Repository) -> Iterator[list[str]]:
+    """Every SQL statement the repository's engine sends while the block runs."""
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    sa_event.listen(repo.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        sa_event.remove(repo.engine.sync_engine, "before_cursor_execute", record)

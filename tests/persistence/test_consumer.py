@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
 from collections.abc import Sequence
@@ -9,14 +10,14 @@ from collections.abc import Sequence
 import psycopg
 from psycopg import sql
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence_svc import models
 from persistence_svc.consumer import DURABLE_NAME, EventConsumer, consumer_config
 from persistence_svc.errors import StorageRejected, StorageUnavailable
+from persistence_svc.events import ParsedEvent
 from persistence_svc.repository import ApplyResult, Repository
-from svckit.nats import (
-    TASK_EVENTS_STREAM,
-)
+from svckit.nats import TASK_EVENTS_STREAM
 from switchboard.v1 import common_pb2, events_pb2, history_pb2
 from tests.conftest import eventually, timeout
 from tests.persistence.factory import Kind, completed_lifecycle, new_task_id
@@ -111,15 +112,19 @@ class FlakyRepository(Repository):
     """The real repository, with a switch that makes the database look down."""
 
     down = True
+    up_for: int | None = None  # when set: down again after this many more batches
+    refused = 0  # batches refused while down
 
-    async def apply(
-        self,
-        events: Sequence[events_pb2.LifecycleEvent],
-        snapshots: Sequence[history_pb2.TaskSnapshot] = (),
-    ) -> ApplyResult:
+    async def apply_parsed(self, events: Sequence[ParsedEvent]) -> ApplyResult:
         if self.down:
+            self.refused += 1
             raise StorageUnavailable("connection refused (test)")
-        return await super().apply(events, snapshots)
+        result = await super().apply_parsed(events)
+        if self.up_for is not None:
+            self.up_for -= 1
+            if self.up_for == 0:
+                self.down, self.up_for = True, None
+        return result
 
 
 async def test_database_down_keeps_events_until_it_is_back(bus: Bus, database_url: str) -> None:
@@ -188,14 +193,10 @@ class PickyRepository(Repository):
 
     poisoned = ""
 
-    async def apply(
-        self,
-        events: Sequence[events_pb2.LifecycleEvent],
-        snapshots: Sequence[history_pb2.TaskSnapshot] = (),
-    ) -> ApplyResult:
-        if any(event.task_id == self.poisoned for event in events):
+    async def apply_parsed(self, events: Sequence[ParsedEvent]) -> ApplyResult:
+        if any(str(event.task_id) == self.poisoned for event in events):
             raise StorageRejected("value refused (test)")
-        return await super().apply(events, snapshots)
+        return await super().apply_parsed(events)
 
 
 async def test_refused_event_is_isolated_and_the_rest_applied(bus: Bus, database_url: str) -> None:
@@ -242,3 +243,100 @@ async def test_postgres_that_appears_later_gets_every_event(bus: Bus) -> None:
             await conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+class SlowRepository(Repository):
+    """The real repository, whose writes take a while; it notes, as each write starts, how
+    many messages the consumer had acked and how many JetStream had handed out unacked."""
+
+    delay_s = 0.3
+    consumer: EventConsumer | None = None
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.writes: list[tuple[int, int]] = []  # (batch size, acked when it started)
+        self.in_flight: list[int] = []  # ack pending seen half-way through each write
+
+    async def apply_parsed(self, events: Sequence[ParsedEvent]) -> ApplyResult:
+        assert self.consumer is not None
+        self.writes.append((len(events), self.consumer.stats.acked))
+        await asyncio.sleep(self.delay_s / 2)
+        info = await self.consumer.js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
+        self.in_flight.append(info.num_ack_pending or 0)
+        await asyncio.sleep(self.delay_s / 2)
+        return await super().apply_parsed(events)
+
+
+async def test_next_batch_is_fetched_while_one_is_written_one_ahead_at_most(
+    bus: Bus, database_url: str
+) -> None:
+    repo = await SlowRepository.open(database_url)
+    try:
+        tasks = [new_task_id() for _ in range(4)]
+        for task_id in tasks:  # 12 events, in batches of 3
+            for one in completed_lifecycle(task_id):
+                await publish(bus.js, one)
+        consumer = EventConsumer(bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S)
+        repo.consumer = consumer
+        async with running(consumer):
+            await until(lambda: consumer.stats.acked == 12)
+        # Each batch was written only once the one before was acked: settled in order.
+        assert repo.writes == [(3, 0), (3, 3), (3, 6), (3, 9)]
+        # While a batch was written, the next one was already fetched, and no other.
+        assert repo.in_flight == [6, 6, 6, 3]
+        for task_id in tasks:
+            assert await completed(repo, task_id) is not None
+    finally:
+        await repo.close()
+
+
+async def test_batch_fetched_ahead_is_handed_back_at_stop(bus: Bus, database_url: str) -> None:
+    repo = await SlowRepository.open(database_url)
+    try:
+        for task_id in (new_task_id(), new_task_id()):
+            for one in completed_lifecycle(task_id):
+                await publish(bus.js, one)
+        consumer = EventConsumer(bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S)
+        repo.consumer = consumer
+        async with running(consumer):
+            await until(lambda: len(repo.in_flight) == 1)  # half-way through the first write
+            consumer.stop()
+        assert consumer.stats.acked == 3 and consumer.stats.nacked == 3
+        assert await event_rows(repo) == 3
+        # Back in JetStream at once (nak'ed), not after ack_wait (60 s): the next run gets
+        # them straight away.
+        repo.delay_s = 0.0
+        again = EventConsumer(bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S)
+        repo.consumer = again
+        async with running(again):
+            await until(lambda: again.stats.acked == 3, seconds=5)
+        assert await event_rows(repo) == 6
+    finally:
+        await repo.close()
+
+
+async def test_batch_fetched_ahead_goes_back_when_the_database_is_down(
+    bus: Bus, database_url: str
+) -> None:
+    repo = await FlakyRepository.open(database_url)
+    try:
+        repo.down, repo.up_for = False, 1  # down once the first batch is committed
+        task_ids = [new_task_id() for _ in range(3)]
+        for task_id in task_ids:
+            for one in completed_lifecycle(task_id):
+                await publish(bus.js, one)
+        consumer = EventConsumer(
+            bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S, retry_delays_s=(1.0,)
+        )
+        async with running(consumer):
+            # The second batch is refused, and the third, fetched meanwhile, goes back with
+            # it at once, unwritten, instead of waiting out the back-off unacked.
+            await until(lambda: consumer.stats.nacked >= 6)
+            assert (repo.refused, consumer.stats.acked, consumer.stats.nacked) == (1, 3, 6)
+            repo.down = False
+            await until(lambda: consumer.stats.acked == 9)
+        for task_id in task_ids:
+            assert await completed(repo, task_id) is not None
+        assert await event_rows(repo) == 9
+    finally:
+        await repo.close()

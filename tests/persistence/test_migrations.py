@@ -8,7 +8,7 @@ from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import JSON, BigInteger, Column, ForeignKey, MetaData, Table, Uuid, inspect
 from sqlalchemy.engine import Connection
 
 from persistence_svc import migrate, models
@@ -39,6 +39,38 @@ def _revision(connection: Connection) -> str | None:
     return migrate.current_revision(connection)
 
 
+def _snapshots_table(connection: Connection) -> dict[str, Any] | None:
+    """task_snapshots as the database describes it, or None if there is none."""
+    inspector = inspect(connection)
+    if not inspector.has_table("task_snapshots"):
+        return None
+    return {
+        "columns": [
+            (c["name"], str(c["type"]), c["nullable"])
+            for c in inspector.get_columns("task_snapshots")
+        ],
+        "pk": inspector.get_pk_constraint("task_snapshots"),
+        "fks": inspector.get_foreign_keys("task_snapshots"),
+    }
+
+
+def _create_all_as_before_migrations(connection: Connection) -> None:
+    """What the service's create_all made before migrations existed: the models of then,
+    which had task_snapshots too (revision 0001's schema)."""
+    metadata = MetaData(naming_convention=models.NAMING_CONVENTION)
+    for table in models.Base.metadata.sorted_tables:
+        table.to_metadata(metadata)
+    Table(
+        "task_snapshots",
+        metadata,
+        Column("task_id", Uuid, ForeignKey("tasks.id"), primary_key=True),
+        Column("seq", BigInteger, nullable=False),
+        Column("state", JSON, nullable=False),
+        Column("taken_at", models.UtcDateTime, nullable=False),
+    )
+    metadata.create_all(connection)
+
+
 async def test_upgrade_head_equals_the_metadata(empty_database_url: str) -> None:
     await migrate.upgrade(empty_database_url)
     assert await _inspect(empty_database_url, _diff) == []
@@ -48,7 +80,6 @@ async def test_upgrade_head_equals_the_metadata(empty_database_url: str) -> None
         "users",
         "tasks",
         "task_events",
-        "task_snapshots",
     }
 
 
@@ -77,7 +108,7 @@ async def test_database_made_by_create_all_is_adopted(empty_database_url: str) -
     recreated, and keeps its rows."""
     engine = create_engine(empty_database_url)
     async with engine.begin() as conn:
-        await conn.run_sync(models.Base.metadata.create_all)
+        await conn.run_sync(_create_all_as_before_migrations)
     await engine.dispose()
     repo = await Repository.open(empty_database_url, create_schema=False)
     task_id = new_task_id()
@@ -90,6 +121,7 @@ async def test_database_made_by_create_all_is_adopted(empty_database_url: str) -
     await migrate.upgrade(empty_database_url)
     assert await _inspect(empty_database_url, _revision) == migrate.head_revision()
     assert await _inspect(empty_database_url, _diff) == []
+    assert await _inspect(empty_database_url, _snapshots_table) is None
     repo = await Repository.open(empty_database_url)
     try:
         task = await repo.get_task(task_id, "alice")
@@ -102,3 +134,31 @@ async def test_repository_migrates_at_open(empty_database_url: str) -> None:
     repo = await Repository.open(empty_database_url)
     await repo.close()
     assert await _inspect(empty_database_url, _revision) == migrate.head_revision()
+
+
+async def test_0002_drops_task_snapshots_and_its_downgrade_restores_0001s(
+    empty_database_url: str,
+) -> None:
+    await migrate.upgrade(empty_database_url, "0001")
+    as_made_by_0001 = await _inspect(empty_database_url, _snapshots_table)
+    assert as_made_by_0001 is not None
+    repo = await Repository.open(empty_database_url, create_schema=False)
+    task_id = new_task_id()
+    try:
+        repo._schema_ready = True  # write at revision 0001
+        await repo.apply(completed_lifecycle(task_id))
+    finally:
+        await repo.close()
+    await migrate.upgrade(empty_database_url, "0002")
+    assert await _inspect(empty_database_url, _snapshots_table) is None
+    await migrate.downgrade(empty_database_url, "0001")
+    assert await _inspect(empty_database_url, _snapshots_table) == as_made_by_0001
+    assert await _inspect(empty_database_url, _revision) == "0001"
+    await migrate.upgrade(empty_database_url)
+    assert await _inspect(empty_database_url, _diff) == []
+    repo = await Repository.open(empty_database_url)
+    try:
+        task = await repo.get_task(task_id, "alice")  # the history went through untouched
+        assert task is not None and task.version == 7
+    finally:
+        await repo.close()

@@ -129,9 +129,6 @@ async def test_events_published_while_postgres_is_down_are_all_written_once(
             user_count = (
                 await conn.execute(select(func.count()).select_from(models.users))
             ).scalar_one()
-            snapshots = (
-                await conn.execute(select(func.count()).select_from(models.task_snapshots))
-            ).scalar_one()
     finally:
         await engine.dispose()
     # Every event once, none twice, none missing.
@@ -145,7 +142,6 @@ async def test_events_published_while_postgres_is_down_are_all_written_once(
         assert row.external_id == user
         assert row.started_at is not None and row.completed_at is not None
     assert user_count == 2
-    assert snapshots == 0  # every task finished: no active task left
 
 
 async def test_a_crash_of_the_database_mid_task(

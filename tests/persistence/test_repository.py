@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from persistence_svc import models
-from persistence_svc.errors import InvalidEvent, StorageUnavailable
+from persistence_svc.errors import InvalidEvent, StorageUnavailable, WriteConflict
+from persistence_svc.events import parse_event
 from persistence_svc.repository import Repository
-from switchboard.v1 import common_pb2
-from tests.persistence.factory import T0, Kind, completed_lifecycle, event, new_task_id
+from switchboard.v1 import common_pb2, events_pb2
+from tests.persistence.factory import (
+    T0,
+    Kind,
+    completed_lifecycle,
+    event,
+    new_task_id,
+    slim_lifecycle,
+)
+from tests.persistence.helpers import statements
 
 
 async def count(repo: Repository, table: object) -> int:
@@ -86,21 +98,6 @@ async def test_user_created_once_on_first_sight(repository: Repository) -> None:
     assert await count(repository, models.tasks) == 4
 
 
-async def test_snapshots_hold_active_tasks_only(repository: Repository) -> None:
-    task_id = new_task_id()
-    queued, started, completed = completed_lifecycle(task_id)
-    await repository.apply([queued, started])
-    async with repository.engine.connect() as conn:
-        row = (await conn.execute(select(models.task_snapshots))).one()
-    assert (row.task_id, row.seq) == (uuid.UUID(task_id), 2)
-    (snapshot,) = (await repository.list_snapshots()).snapshots
-    assert snapshot.state.status == common_pb2.TASK_STATUS_PROCESSING
-    assert (snapshot.state.task_id, snapshot.state.user_id) == (task_id, "alice")
-    assert (snapshot.state.seq, snapshot.state.prompt) == (2, "Why is the sky blue?")
-    await repository.apply([completed])
-    assert await count(repository, models.task_snapshots) == 0
-
-
 async def test_invalid_event_rejects_the_batch_and_writes_nothing(repository: Repository) -> None:
     good = completed_lifecycle(new_task_id())
     bad = event("not-a-uuid", 1, Kind.LIFECYCLE_KIND_QUEUED)
@@ -172,3 +169,122 @@ async def test_nul_in_text_is_stored_on_every_database(repository: Repository) -
     assert task is not None and task.response == "a\ufffdb"
     trail = await repository.get_task_events(task_id, "alice")
     assert trail is not None and trail[-1].content == "a\x00b"  # the audit trail is verbatim
+
+
+async def test_parsed_events_are_applied_as_handed_over(repository: Repository) -> None:
+    """The consumer's entry: events parsed once, as it decoded them."""
+    task_id = new_task_id()
+    parsed = [parse_event(one) for one in completed_lifecycle(task_id)]
+    result = await repository.apply_parsed(parsed + parsed[:1])  # a duplicate inside too
+    assert (result.events_recorded, result.tasks_changed) == (3, 1)
+    task = await repository.get_task(task_id, "alice")
+    assert task is not None and (task.version, task.response) == (7, "Rayleigh.")
+
+
+async def test_queued_after_a_later_event_still_sets_the_prompt(repository: Repository) -> None:
+    """Slim events (prompt and priority on QUEUED only): a QUEUED redelivered after the later
+    events fills the fields they left empty, and changes nothing else."""
+    task_id = new_task_id()
+    queued, started, done = slim_lifecycle(task_id)
+    await repository.apply([started])
+    await repository.apply([done])
+    task = await repository.get_task(task_id, "alice")
+    assert task is not None and (task.prompt, task.priority) == ("", 0)
+    result = await repository.apply([queued])
+    assert (result.events_recorded, result.tasks_changed) == (1, 1)
+    task = await repository.get_task(task_id, "alice")
+    assert task is not None
+    assert (task.prompt, task.priority, task.model) == ("Why is the sky blue?", 1, "local-small")
+    assert (task.status, task.version, task.response) == (
+        common_pb2.TASK_STATUS_COMPLETED,
+        7,
+        "Rayleigh.",
+    )
+    assert task.created_at.ToDatetime().replace(tzinfo=T0.tzinfo) == T0
+    # Delivered once more, it has no gap left to fill: nothing changes.
+    again = await repository.apply([queued])
+    assert (again.events_recorded, again.tasks_changed) == (0, 0)
+
+
+async def test_known_owners_are_not_looked_up_again(repository: Repository) -> None:
+    await repository.apply(completed_lifecycle(new_task_id()))
+    with statements(repository) as sent:
+        await repository.apply(completed_lifecycle(new_task_id()))
+    assert not [text for text in sent if "users" in text]
+    assert len(sent) == 3  # lock the task rows, upsert them, insert the events
+    with statements(repository) as sent:
+        await repository.apply(completed_lifecycle(new_task_id(), user="bob"))  # first sight
+    assert [text for text in sent if "users" in text]
+    assert await count(repository, models.users) == 2
+
+
+class BlindRepository(Repository):
+    """Finds no task row when it locks them: as if another writer had created each one
+    between this batch's read and its write."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self._sql.lock_tasks = select(models.tasks).where(false())
+
+
+async def test_a_row_created_by_another_writer_is_never_overwritten(database_url: str) -> None:
+    task_id = new_task_id()
+    queued, started, done = completed_lifecycle(task_id)
+    first = await Repository.open(database_url)
+    blind = await BlindRepository.open(database_url)
+    try:
+        await first.apply([queued, done])
+        with pytest.raises(WriteConflict):
+            await blind.apply([started])  # would replace the row with one built from STARTED
+        task = await first.get_task(task_id, "alice")
+        assert task is not None and (task.status, task.version) == (
+            common_pb2.TASK_STATUS_COMPLETED,
+            7,
+        )
+        trail = await first.get_task_events(task_id, "alice")
+        assert trail is not None and [e.seq for e in trail] == [1, 7]  # rolled back whole
+        await first.apply([started])  # the retry reads the row and applies
+        trail = await first.get_task_events(task_id, "alice")
+        assert trail is not None and [e.seq for e in trail] == [1, 2, 7]
+    finally:
+        await first.close()
+        await blind.close()
+
+
+async def test_two_writers_on_the_same_tasks_converge(database_url: str) -> None:
+    """Two replicas applying shuffled batches of the same tasks at once: locks, the upsert's
+    guard and retries of what comes back as transient leave every task in its final state
+    and every event recorded once, whatever the interleaving."""
+    task_ids = [new_task_id() for _ in range(12)]
+    events = [one for task_id in task_ids for one in completed_lifecycle(task_id)]
+    random.Random(7).shuffle(events)
+    batches = [events[start : start + 4] for start in range(0, len(events), 4)]
+    writers = [await Repository.open(database_url) for _ in range(2)]
+
+    async def write(repo: Repository, mine: list[list[events_pb2.LifecycleEvent]]) -> None:
+        for batch in mine:
+            for _ in range(50):
+                try:
+                    await repo.apply(batch)
+                    break
+                except StorageUnavailable:  # a lock timeout, a deadlock, a WriteConflict
+                    await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("a batch never applied")
+
+    try:
+        await asyncio.gather(write(writers[0], batches[0::2]), write(writers[1], batches[1::2]))
+        for task_id in task_ids:
+            task = await writers[0].get_task(task_id, "alice")
+            assert task is not None
+            assert (task.status, task.version, task.prompt, task.response) == (
+                common_pb2.TASK_STATUS_COMPLETED,
+                7,
+                "Why is the sky blue?",
+                "Rayleigh.",
+            )
+            assert task.HasField("started_at")
+        assert await count(writers[0], models.task_events) == len(events)
+    finally:
+        for repo in writers:
+            await repo.close()

@@ -15,12 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from persistence_svc.config import Settings
-from persistence_svc.server import (
-    SERVICE_NAME,
-    SNAPSHOT_SERVICE_NAME,
-    USER_SERVICE_NAME,
-    PersistenceServer,
-)
+from persistence_svc.server import SERVICE_NAME, USER_SERVICE_NAME, PersistenceServer
 from svckit.grpc_server import insecure_channel
 from svckit.nats import connect_nats
 from switchboard.v1 import common_pb2, history_pb2, history_pb2_grpc
@@ -72,11 +67,23 @@ async def test_server_in_process(nats_url: str, database_url: str) -> None:
         assert (task.version, task.response) == (7, "Rayleigh.")
         async with insecure_channel(target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            for name in (SERVICE_NAME, SNAPSHOT_SERVICE_NAME, USER_SERVICE_NAME):
+            for name in (SERVICE_NAME, USER_SERVICE_NAME):
                 reply = await health.Check(
                     health_pb2.HealthCheckRequest(service=name), timeout=timeout(5)
                 )
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # SnapshotService is gone: neither served nor known to health checking.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await health.Check(
+                    health_pb2.HealthCheckRequest(service="switchboard.v1.SnapshotService"),
+                    timeout=timeout(5),
+                )
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary("/switchboard.v1.SnapshotService/ListSnapshots")(
+                    b"", timeout=timeout(5)
+                )
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
             users = history_pb2_grpc.UserServiceStub(channel)
             wanted = history_pb2.Preferences(default_model="local-small", extra={"a": "b"})
             await users.SetPreferences(
@@ -87,11 +94,6 @@ async def test_server_in_process(nats_url: str, database_url: str) -> None:
                 history_pb2.GetPreferencesRequest(user_id="alice"), timeout=timeout(5)
             )
             assert got == wanted
-            snapshots = history_pb2_grpc.SnapshotServiceStub(channel)
-            page = await snapshots.ListSnapshots(
-                history_pb2.ListSnapshotsRequest(), timeout=timeout(5)
-            )
-            assert list(page.snapshots) == []  # the only task has completed
     finally:
         await server.shutdown()
         await server.shutdown()  # idempotent

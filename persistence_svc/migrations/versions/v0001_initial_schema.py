@@ -1,4 +1,4 @@
-"""The history schema of DESIGN.md: users, tasks, task_events, task_snapshots.
+"""The first history schema: users, tasks, task_events, task_snapshots.
 
 Revision ID: 0001
 Revises:
