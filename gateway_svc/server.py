@@ -31,6 +31,7 @@ from gateway_svc.config import Settings
 from gateway_svc.connection import CLOSE_GOING_AWAY, Auth, Connection
 from gateway_svc.limits import ConnectionCounter, RateLimiter
 from gateway_svc.task_channel import ChannelDeps
+from gateway_svc.watches import TaskWatches
 from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import tasks_pb2_grpc
 
@@ -108,8 +109,10 @@ class Gateway:
         self.stub = stub
         self.metrics = metrics if metrics is not None else m.GatewayMetrics()
         self.user_connections = ConnectionCounter(settings.gateway_max_connections_per_user)
+        self.watches = TaskWatches(stub)
         self.deps = ChannelDeps(
             stub,
+            self.watches,
             self.metrics,
             RateLimiter(settings.gateway_generate_rate_per_s, settings.gateway_generate_burst),
             settings.gateway_max_prompt_chars,
@@ -162,6 +165,7 @@ class Gateway:
             await asyncio.wait_for(server.wait_closed(), self.settings.gateway_shutdown_grace_s)
         except TimeoutError:
             log.warning("sockets still open after the shutdown grace")
+        await self.watches.close()
 
     async def _sweep_idle(self) -> None:
         # An idle socket is closed between `idle` and `idle * 1.25` after its last frame; a

@@ -23,6 +23,7 @@ from gateway_svc import metrics as m
 from gateway_svc import task_payloads as tp
 from gateway_svc.limits import RateLimiter
 from gateway_svc.phoenix import Message, reply
+from gateway_svc.watches import TaskWatches, Watch
 from svckit.errors import ServiceError
 from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
@@ -40,6 +41,7 @@ class ChannelDeps:
     """What every channel of a gateway shares."""
 
     stub: tasks_pb2_grpc.TaskServiceStub
+    watches: TaskWatches  # every channel's watch, over one stream
     metrics: m.GatewayMetrics
     generate_limiter: RateLimiter  # per user, across all of the user's sockets
     max_prompt_chars: int = tp.DEFAULT_MAX_PROMPT_CHARS
@@ -81,7 +83,7 @@ class TaskChannel:
         self._on_crash = on_crash
         self._writable = writable
         self._join_timeout = deps.join_timeout
-        self._watch: Any = None  # the Watch call (grpc.aio.UnaryStreamCall)
+        self._watch: Watch | None = None
         self._terminal = False
         self._closed = False
         self._out = asyncio.Lock()
@@ -105,22 +107,21 @@ class TaskChannel:
         request = tasks_pb2.WatchRequest(
             task_id=self.task_id, user_id=self.user, after_seq=after_seq
         )
-        self._watch = self.stub.Watch(request)
+        self._watch = watch = self.deps.watches.open(request)
         try:
-            first = await asyncio.wait_for(self._watch.read(), self._join_timeout)
-        except grpc.aio.AioRpcError as rpc_error:
-            self._watch.cancel()
-            refusal = ServiceError.from_rpc_error(rpc_error)
+            first = await asyncio.wait_for(watch.read(), self._join_timeout)
+        except ServiceError as refusal:
+            watch.cancel()
             if refusal.code == Code.ERROR_CODE_FORBIDDEN:
                 return False, {"reason": "unauthorized"}
             log.warning("join failed", extra={"topic": self.topic, "error": repr(refusal)})
             return False, tp.error_reply(refusal)
         except TimeoutError:
-            self._watch.cancel()
+            watch.cancel()
             log.warning("join timed out", extra={"topic": self.topic})
             return False, {"reason": "timeout", "message": "the task service did not answer"}
-        if first is grpc.aio.EOF or not first.HasField("state"):
-            self._watch.cancel()
+        if first is None or not first.HasField("state"):
+            watch.cancel()
             log.error("watch began without a state", extra={"topic": self.topic})
             return False, {"reason": "internal", "message": "no task state"}
         self._terminal = first.state.status in tp.TERMINAL
@@ -131,12 +132,13 @@ class TaskChannel:
         self._pump = asyncio.create_task(self._pump_events(), name=f"pump {self.topic}")
 
     async def _pump_events(self) -> None:
+        assert self._watch is not None
         try:
             while True:
                 if self._writable is not None:
-                    await self._writable()  # the socket's queue paces the Watch stream
+                    await self._writable()  # the socket's queue paces the watch
                 message = await self._watch.read()
-                if message is grpc.aio.EOF:
+                if message is None:
                     break
                 if not message.HasField("event"):
                     continue
@@ -147,12 +149,12 @@ class TaskChannel:
                     self.metrics.pushes.labels(push[0]).inc()
                     async with self._out:
                         await self._send(Message(self.join_ref, None, self.topic, *push))
-        except grpc.aio.AioRpcError as error:
+        except ServiceError as error:
             if self._closed:
                 return
             log.warning(
-                "watch stream broke",
-                extra={"topic": self.topic, "code": error.code().name, "details": error.details()},
+                "watch broke",
+                extra={"topic": self.topic, "code": error.reason, "error": error.message},
             )
         except Exception:
             if self._closed:

@@ -110,11 +110,18 @@ class ServiceError(Exception):
 
     @classmethod
     def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> ServiceError:
-        for key, value in error.trailing_metadata() or ():
+        return cls.from_status(error.code(), error.details(), error.trailing_metadata())
+
+    @classmethod
+    def from_status(
+        cls, status: grpc.StatusCode, details: str | None, metadata: Any = ()
+    ) -> ServiceError:
+        """The typed error of a gRPC status and its trailing metadata (`abort`'s inverse)."""
+        for key, value in metadata or ():
             if key == ERROR_METADATA_KEY and isinstance(value, bytes):
                 return cls.from_proto(common_pb2.Error.FromString(value))
-        code = _FROM_STATUS.get(error.code(), Code.ERROR_CODE_INTERNAL)
-        return cls(code, error.details() or error.code().name)
+        code = _FROM_STATUS.get(status, Code.ERROR_CODE_INTERNAL)
+        return cls(code, details or status.name)
 
     def __repr__(self) -> str:
         name = common_pb2.ErrorCode.Name(self.code)

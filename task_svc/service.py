@@ -6,7 +6,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from task_svc.jobs import JobEngine
 from task_svc.registry import forbidden
 from task_svc.task_server import DROPPED, TaskServer
 from task_svc.task_state import TaskSpec, Transition, now_ns
+from task_svc.watch_mux import serve_watch_many
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 yield response
         except ServiceError as error:
             await error.abort(context)
+
+    async def WatchMany(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterable[tasks_pb2.WatchCommand],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        await serve_watch_many(request_iterator, context, self._watch)
 
     async def _watch(
         self, request: tasks_pb2.WatchRequest

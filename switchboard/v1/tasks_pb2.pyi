@@ -498,3 +498,96 @@ class RequeueDeadLetterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RequeueDeadLetterResponse: _TypeAlias = RequeueDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class WatchCommand(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    WATCH_FIELD_NUMBER: _builtins.int
+    UNWATCH_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """unique on its stream, chosen by the caller"""
+    unwatch: _builtins.bool
+    """close watch `id`"""
+    credit: _builtins.int
+    """How many more responses watch `id` may be sent (with `watch`: its first window). A watch
+    out of credit waits; its task's own bounded queue drops it if it waits too long.
+    """
+    @_builtins.property
+    def watch(self) -> Global___WatchRequest:
+        """open watch `id`"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        watch: Global___WatchRequest | None = ...,
+        unwatch: _builtins.bool = ...,
+        credit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "unwatch", b"unwatch", "watch", b"watch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "id", b"id", "kind", b"kind", "unwatch", b"unwatch", "watch", b"watch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["watch", "unwatch"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchCommand: _TypeAlias = WatchCommand  # noqa: Y015
+
+@_typing.final
+class WatchItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    end: _builtins.bool
+    """the watch ended normally (after its task's terminal event)"""
+    @_builtins.property
+    def response(self) -> Global___WatchResponse: ...
+    @_builtins.property
+    def error(self) -> _common_pb2.Error:
+        """the watch ended with an error (not found, forbidden, fell behind, ...)"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        response: Global___WatchResponse | None = ...,
+        error: _common_pb2.Error | None = ...,
+        end: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "error", b"error", "kind", b"kind", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "error", b"error", "id", b"id", "kind", b"kind", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["response", "error", "end"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchItem: _TypeAlias = WatchItem  # noqa: Y015
+
+@_typing.final
+class WatchBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___WatchItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchBatch: _TypeAlias = WatchBatch  # noqa: Y015

@@ -45,6 +45,11 @@ class TaskServiceStub:
                 request_serializer=switchboard_dot_v1_dot_tasks__pb2.WatchRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_tasks__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.WatchMany = channel.stream_stream(
+                '/switchboard.v1.TaskService/WatchMany',
+                request_serializer=switchboard_dot_v1_dot_tasks__pb2.WatchCommand.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_tasks__pb2.WatchBatch.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/switchboard.v1.TaskService/Cancel',
                 request_serializer=switchboard_dot_v1_dot_tasks__pb2.CancelRequest.SerializeToString,
@@ -80,6 +85,16 @@ class TaskServiceServicer:
 
     def Watch(self, request, context):
         """The task's current state first, then every event after `after_seq`, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchMany(self, request_iterator, context):
+        """Many Watches over one long-lived stream (what the gateway uses: one per process instead
+        of a call per joined channel). Each watch is opened and closed by an id the caller
+        chooses; its responses come back tagged with that id, batched, in order, under a credit
+        window the caller refills as it consumes (so a slow socket paces only its own watch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +140,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=switchboard_dot_v1_dot_tasks__pb2.WatchRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_tasks__pb2.WatchResponse.SerializeToString,
+            ),
+            'WatchMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchMany,
+                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.WatchCommand.FromString,
+                    response_serializer=switchboard_dot_v1_dot_tasks__pb2.WatchBatch.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -202,6 +222,33 @@ class TaskService:
             '/switchboard.v1.TaskService/Watch',
             switchboard_dot_v1_dot_tasks__pb2.WatchRequest.SerializeToString,
             switchboard_dot_v1_dot_tasks__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchboard.v1.TaskService/WatchMany',
+            switchboard_dot_v1_dot_tasks__pb2.WatchCommand.SerializeToString,
+            switchboard_dot_v1_dot_tasks__pb2.WatchBatch.FromString,
             options,
             channel_credentials,
             insecure,

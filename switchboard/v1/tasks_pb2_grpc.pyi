@@ -37,6 +37,12 @@ class TaskServiceStub:
     """Accepts a task durably (stored in JetStream before the reply). Idempotent on task_id."""
     Watch: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WatchRequest, _tasks_pb2.WatchResponse]
     """The task's current state first, then every event after `after_seq`, in order."""
+    WatchMany: _grpc.StreamStreamMultiCallable[_tasks_pb2.WatchCommand, _tasks_pb2.WatchBatch]
+    """Many Watches over one long-lived stream (what the gateway uses: one per process instead
+    of a call per joined channel). Each watch is opened and closed by an id the caller
+    chooses; its responses come back tagged with that id, batched, in order, under a credit
+    window the caller refills as it consumes (so a slow socket paces only its own watch).
+    """
     Cancel: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelRequest, _tasks_pb2.CancelResponse]
     Get: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListDeadLettersRequest, _tasks_pb2.ListDeadLettersResponse]
@@ -57,6 +63,12 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Accepts a task durably (stored in JetStream before the reply). Idempotent on task_id."""
     Watch: _aio.UnaryStreamMultiCallable[_tasks_pb2.WatchRequest, _tasks_pb2.WatchResponse]  # type: ignore[assignment]
     """The task's current state first, then every event after `after_seq`, in order."""
+    WatchMany: _aio.StreamStreamMultiCallable[_tasks_pb2.WatchCommand, _tasks_pb2.WatchBatch]  # type: ignore[assignment]
+    """Many Watches over one long-lived stream (what the gateway uses: one per process instead
+    of a call per joined channel). Each watch is opened and closed by an id the caller
+    chooses; its responses come back tagged with that id, batched, in order, under a credit
+    window the caller refills as it consumes (so a slow socket paces only its own watch).
+    """
     Cancel: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelRequest, _tasks_pb2.CancelResponse]  # type: ignore[assignment]
     Get: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]  # type: ignore[assignment]
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListDeadLettersRequest, _tasks_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
@@ -86,6 +98,18 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tasks_pb2.WatchResponse], _abc.AsyncIterator[_tasks_pb2.WatchResponse]]:
         """The task's current state first, then every event after `after_seq`, in order."""
+
+    @_abc_1.abstractmethod
+    def WatchMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_tasks_pb2.WatchCommand],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tasks_pb2.WatchBatch], _abc.AsyncIterator[_tasks_pb2.WatchBatch]]:
+        """Many Watches over one long-lived stream (what the gateway uses: one per process instead
+        of a call per joined channel). Each watch is opened and closed by an id the caller
+        chooses; its responses come back tagged with that id, batched, in order, under a credit
+        window the caller refills as it consumes (so a slow socket paces only its own watch).
+        """
 
     @_abc_1.abstractmethod
     def Cancel(

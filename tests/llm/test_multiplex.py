@@ -45,7 +45,7 @@ async def test_concurrent_generations_share_one_stream_and_each_gets_its_answer(
     )
     for prompt, events in zip(prompts, results, strict=True):
         assert check_stream(events).final.content == complete(prompt, 256).content
-    assert client._link is not None and not client._old  # one stream carried them all
+    assert client.mux.streams_opened == 1  # one stream carried them all
 
 
 async def test_closing_one_generation_cancels_its_provider_and_not_the_others(
@@ -99,7 +99,7 @@ async def test_a_broken_stream_fails_its_generations_and_the_next_one_opens_a_ne
             assert broken.value.retryable
             with pytest.raises(ServiceError):  # still down: the new stream fails too
                 await asyncio.wait_for(events_of(client, "again"), timeout(5))
-            assert len(client._old) >= 1
+            assert client.mux.streams_opened == 2
             await client.close()
     finally:
         await second.shutdown()
