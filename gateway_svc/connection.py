@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidState
 from websockets.protocol import State
 
 from gateway_svc import channels as ch
@@ -59,6 +59,7 @@ class Connection:
         "_closer",
         "_closing",
         "_drained",
+        "_flush_soon",
         "_outbox",
         "_writer",
         "channels",
@@ -88,6 +89,7 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._closing = False  # no frame is queued any more
+        self._flush_soon = False  # frames written directly wait for the end of this iteration
         self.last_seen = asyncio.get_running_loop().time()
 
     async def run(self) -> None:
@@ -164,7 +166,8 @@ class Connection:
         """Send or queue one frame; never waits for the client (the channels' SendFn).
 
         Fast path, the common case: nothing is queued, the transport's buffer is empty and the
-        frame is small, so websockets writes it at once and its drain() cannot wait (the
+        frame is small, so it is framed at once (websockets' sans-I/O protocol) and written
+        with the others of this loop iteration (`_flush`); nothing can wait on drain (the
         buffer stays under the write limit). No task, no queue. Otherwise the frame joins
         the outbox behind the others."""
         if self._closing:
@@ -177,11 +180,31 @@ class Connection:
             and self.ws.transport.get_write_buffer_size() == 0
         ):
             try:
-                await self.ws.send(data, text=True)
-            except ConnectionClosed:
+                self.ws.protocol.send_text(data)
+            except InvalidState:
                 self._closing = True  # the read loop notices the close and cleans up
+                return
+            if not self._flush_soon:
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self._flush)
             return
         self._enqueue(message, data)
+
+    def _flush(self) -> None:
+        """Write every frame framed directly during this loop iteration at once: a task's
+        events often arrive together (one batch from task_svc), and one write is one system
+        call, where websockets' own send makes one per frame."""
+        self._flush_soon = False
+        chunks = self.ws.protocol.data_to_send()
+        if all(chunks):
+            if chunks and not self.ws.transport.is_closing():
+                self.ws.transport.write(b"".join(chunks))
+            return
+        for chunk in chunks:  # an end of stream (a close) framed meanwhile: keep its order
+            if chunk:
+                self.ws.transport.write(chunk)
+            elif self.ws.transport.can_write_eof():
+                self.ws.transport.write_eof()
 
     def _enqueue(self, message: phoenix.Message, data: bytes) -> None:
         # Only pushes (ref null) of non-terminal progress are coalesced, per channel.
