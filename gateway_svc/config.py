@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from svckit.requests import MAX_PROMPT_CHARS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
@@ -34,7 +36,7 @@ class Settings(BaseSettings):
 
     # Limits (each refusal is counted in gateway_limit_hits_total{limit=...}).
     # The same bound as task_svc's TASK_MAX_PROMPT_CHARS, checked here before any gRPC call.
-    gateway_max_prompt_chars: int = 32_000
+    gateway_max_prompt_chars: int = MAX_PROMPT_CHARS
     # Beyond this many open sockets per user a connect gets HTTP 403 (0 = no limit).
     gateway_max_connections_per_user: int = 20
     # Token bucket per user on llm_generate: refilled at RATE per second up to BURST

@@ -26,6 +26,7 @@ from gateway_svc.phoenix import Message, reply
 from gateway_svc.watches import TaskWatches, Watch
 from svckit.errors import ServiceError
 from svckit.lifecycle import cancel_and_wait
+from svckit.requests import MAX_PROMPT_CHARS, InvalidRequest, TooLong
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class ChannelDeps:
     watches: TaskWatches  # every channel's watch, over one stream
     metrics: m.GatewayMetrics
     generate_limiter: RateLimiter  # per user, across all of the user's sockets
-    max_prompt_chars: int = tp.DEFAULT_MAX_PROMPT_CHARS
+    max_prompt_chars: int = MAX_PROMPT_CHARS
     join_timeout: float = 10.0
     clock: Callable[[], float] = field(default=time.monotonic)
     # Submit and Cancel (the acks' own path, see __main__); None: `stub`.
@@ -102,8 +103,8 @@ class TaskChannel:
     async def _join(self, params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         try:
             after_seq = tp.last_seq_of(params)
-        except tp.InvalidRequest as error:
-            return False, {"reason": "invalid_request", "message": str(error)}
+        except InvalidRequest as error:
+            return False, {"reason": "invalid_request", "message": error.message}
         request = tasks_pb2.WatchRequest(
             task_id=self.task_id, user_id=self.user, after_seq=after_seq
         )
@@ -207,10 +208,10 @@ class TaskChannel:
             request = tp.submit_request(
                 self.task_id, self.user, message.payload, self.deps.max_prompt_chars
             )
-        except tp.InvalidRequest as error:
-            if isinstance(error, tp.PromptTooLong):
+        except InvalidRequest as error:
+            if isinstance(error, TooLong):
                 self.metrics.limit(m.LIMIT_PROMPT_SIZE)
-            refused = {"reason": "invalid_request", "message": str(error)}
+            refused = {"reason": "invalid_request", "message": error.message}
             await self._reply(message.ref, "error", refused)
             return refused
         wait_ms = self.deps.generate_limiter.take(self.user, self.deps.clock())

@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 from svckit.errors import ServiceError
+from svckit.requests import MAX_PRIORITY, MAX_PROMPT_CHARS, InvalidRequest, check_submit
 from switchboard.v1 import common_pb2, tasks_pb2
 
 Status = common_pb2.TaskStatus
@@ -17,18 +18,6 @@ TOPIC_PREFIX = "task:"
 TERMINAL = frozenset(
     {Status.TASK_STATUS_COMPLETED, Status.TASK_STATUS_FAILED, Status.TASK_STATUS_CANCELLED}
 )
-MAX_PRIORITY = 9
-
-
-DEFAULT_MAX_PROMPT_CHARS = 32_000  # task_svc's TASK_MAX_PROMPT_CHARS default
-
-
-class InvalidRequest(ValueError):
-    """A client payload with a wrong shape; replied with reason `invalid_request`."""
-
-
-class PromptTooLong(InvalidRequest):
-    """A prompt over the configured size: also `invalid_request`, and counted as a limit."""
 
 
 def task_id_of(topic: str) -> str | None:
@@ -163,16 +152,14 @@ def submit_request(
     task_id: str,
     user: str,
     payload: dict[str, Any],
-    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+    max_prompt_chars: int = MAX_PROMPT_CHARS,
 ) -> tasks_pb2.SubmitRequest:
     """`llm_generate` {prompt, model?, priority?, options?{max_tokens, temperature, system}}
-    → SubmitRequest; InvalidRequest names the first wrong field. The prompt is measured in
-    characters, as task_svc does, with the same message."""
+    → SubmitRequest. The JSON types are checked here, every value rule by task_svc's own
+    `check_submit` (svckit/requests.py); InvalidRequest names the first wrong field."""
     prompt = payload.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
         raise InvalidRequest("prompt must be a non-empty string")
-    if len(prompt) > max_prompt_chars:
-        raise PromptTooLong(f"prompt is longer than {max_prompt_chars} characters")
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest("model must be a string")
@@ -183,30 +170,30 @@ def submit_request(
         task_id=task_id, user_id=user, prompt=prompt, model=model or "", priority=priority or 0
     )
     options = payload.get("options")
-    if options is None:
-        return request
-    if not isinstance(options, dict):
+    if options is not None:
+        _set_options(request.options, options)
+    check_submit(request, max_prompt_chars)
+    return request
+
+
+def _set_options(options: common_pb2.GenerationOptions, given: object) -> None:
+    if not isinstance(given, dict):
         raise InvalidRequest("options must be an object")
-    max_tokens = options.get("max_tokens")
+    max_tokens = given.get("max_tokens")
     if max_tokens is not None:
         if not _int(max_tokens) or not 0 <= max_tokens < 2**31:
             raise InvalidRequest("options.max_tokens must be a non-negative integer")
-        request.options.max_tokens = max_tokens
-    temperature = options.get("temperature")
+        options.max_tokens = max_tokens
+    temperature = given.get("temperature")
     if temperature is not None:
         if not isinstance(temperature, int | float) or isinstance(temperature, bool):
             raise InvalidRequest("options.temperature must be a number")
-        if not 0.0 <= temperature <= 2.0:
-            raise InvalidRequest("options.temperature must be between 0 and 2")
-        request.options.temperature = float(temperature)
-    system = options.get("system")
+        options.temperature = float(temperature)
+    system = given.get("system")
     if system is not None:
         if not isinstance(system, str):
             raise InvalidRequest("options.system must be a string")
-        if len(system) > max_prompt_chars:
-            raise PromptTooLong(f"options.system is longer than {max_prompt_chars} characters")
-        request.options.system = system
-    return request
+        options.system = system
 
 
 def error_reply(error: ServiceError) -> dict[str, Any]:

@@ -44,12 +44,11 @@ from llm_svc.providers.base import (
 from llm_svc.providers.local import count_tokens
 from llm_svc.quota import UserQuota
 from svckit.errors import ServiceError
+from svckit.requests import InvalidRequest, check_options
 from switchboard.v1 import common_pb2, llm_pb2
 
 log = logging.getLogger(__name__)
 Code = common_pb2.ErrorCode
-
-MAX_TEMPERATURE = 2.0
 
 
 def delta_event(
@@ -177,14 +176,9 @@ class Generator:
 
     def _resolve(self, request: llm_pb2.GenerateRequest) -> list[ModelEntry]:
         if not request.prompt.strip():
-            raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "the prompt is empty")
-        options = request.options
-        if options.max_tokens < 0:
-            raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "max_tokens must not be negative")
-        if options.HasField("temperature") and not 0.0 <= options.temperature <= MAX_TEMPERATURE:
-            raise ServiceError(
-                Code.ERROR_CODE_INVALID_REQUEST, f"temperature must be in 0 to {MAX_TEMPERATURE}"
-            )
+            raise InvalidRequest("prompt must be a non-empty string")
+        # The same rules task_svc enforced at Submit (llm_svc also serves other callers).
+        check_options(request.options)
         chain = self.catalogue.chain(request.model)
         if not chain:
             provider = self.catalogue.unavailable.get(request.model)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,12 @@ from typing import Any
 import grpc
 
 from svckit.errors import ServiceError, rpc
+from svckit.requests import (
+    InvalidRequest,
+    check_submit,
+    check_task_id,
+    check_user,
+)
 from switchboard.v1 import common_pb2, llm_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from task_svc.jobs import JobEngine
 from task_svc.registry import forbidden
@@ -24,25 +29,6 @@ log = logging.getLogger(__name__)
 
 Code = common_pb2.ErrorCode
 _QUEUE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def invalid(message: str) -> ServiceError:
-    return ServiceError(Code.ERROR_CODE_INVALID_REQUEST, message)
-
-
-def check_task_id(task_id: str) -> None:
-    # The id becomes a NATS subject token: only the canonical 8-4-4-4-12 form is accepted.
-    try:
-        valid = len(task_id) == 36 and uuid.UUID(task_id) is not None
-    except ValueError:
-        valid = False
-    if not valid:
-        raise invalid("task_id must be a UUID")
-
-
-def check_user(user_id: str) -> None:
-    if not user_id:
-        raise invalid("user_id is required")
 
 
 @dataclass(frozen=True)
@@ -101,14 +87,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def Submit(
         self, request: tasks_pb2.SubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tasks_pb2.SubmitResponse:
-        check_task_id(request.task_id)
-        check_user(request.user_id)
-        if not request.prompt.strip():
-            raise invalid("prompt is empty")
-        if len(request.prompt) > self.max_prompt_chars:
-            raise invalid(f"prompt is longer than {self.max_prompt_chars} characters")
-        if not 0 <= request.priority <= 9:
-            raise invalid("priority must be between 0 and 9")
+        check_submit(request, self.max_prompt_chars)
         resolved = await self.catalog.resolve(request.model)
         spec = TaskSpec(
             task_id=request.task_id,
@@ -218,7 +197,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> tasks_pb2.ListDeadLettersResponse:
         if request.limit < 0:
-            raise invalid("limit must not be negative")
+            raise InvalidRequest("limit must not be negative")
         letters = await self.engine.list_dead_letters(request.queue, request.limit)
         return tasks_pb2.ListDeadLettersResponse(dead_letters=letters)
 

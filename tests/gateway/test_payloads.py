@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway_svc import task_payloads as tp
+from svckit.requests import InvalidRequest
 from switchboard.v1 import common_pb2, tasks_pb2
 
 Status = common_pb2.TaskStatus
@@ -131,7 +132,7 @@ def test_llm_generate_validation() -> None:
         {"prompt": "x", "options": {"temperature": 9}},
         {"prompt": "x", "options": {"system": 1}},
     ):
-        with pytest.raises(tp.InvalidRequest):
+        with pytest.raises(InvalidRequest):
             tp.submit_request(ID, "a", bad)
 
 
@@ -140,7 +141,7 @@ def test_last_seq() -> None:
     assert tp.last_seq_of({"last_seq": None}) == 0
     assert tp.last_seq_of({"last_seq": 7}) == 7
     for bad in (-1, "7", 1.5, True):
-        with pytest.raises(tp.InvalidRequest):
+        with pytest.raises(InvalidRequest):
             tp.last_seq_of({"last_seq": bad})
 
 
