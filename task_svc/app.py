@@ -23,46 +23,16 @@ from svckit.nats import (
     task_events_stream_config,
 )
 from switchboard.v1 import llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
-from task_svc.config import QueueSettings, Settings
+from task_svc.config import Settings, engine_config
 from task_svc.events import LifecyclePublisher
-from task_svc.job import EngineConfig
+from task_svc.jetstream_store import JetStreamJobStore
 from task_svc.jobs import JobEngine
 from task_svc.llm_client import LlmClient
-from task_svc.queues import QueueConfig
 from task_svc.service import ModelCatalog, TaskService
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
-
-
-def queue_config(settings: Settings, override: QueueSettings | None = None) -> QueueConfig:
-    override = override or QueueSettings()
-    return QueueConfig(
-        concurrency=override.concurrency or settings.task_concurrency,
-        max_attempts=override.max_attempts or settings.task_max_attempts,
-        max_depth=override.max_depth or settings.task_max_queue_depth,
-        aging_s=settings.task_aging_s,
-    )
-
-
-def engine_config(settings: Settings) -> EngineConfig:
-    return EngineConfig(
-        queues={name: queue_config(settings, q) for name, q in settings.task_queues.items()},
-        default_queue=queue_config(settings),
-        retry_base_s=settings.task_retry_base_s,
-        retry_max_s=settings.task_retry_max_s,
-        ack_wait_s=settings.task_job_ack_wait_s,
-        max_ack_pending=settings.task_max_ack_pending,
-        consumer=settings.task_consumer,
-        watcher_limit=settings.task_watcher_queue,
-        retain_s=settings.task_retain_finished_s,
-        max_restarts=settings.task_max_restarts,
-        restart_period_s=settings.task_restart_period_s,
-        restart_backoff_s=settings.task_restart_backoff_s,
-        seq_reserve=settings.task_seq_reserve,
-        position_interval_s=settings.task_position_interval_s,
-    )
 
 
 class TaskApp:
@@ -100,7 +70,13 @@ class TaskApp:
         publisher = LifecyclePublisher(js)
         publisher.start()
         llm_client = LlmClient(llm)
-        engine = JobEngine(nc, publisher, llm_client, engine_config(settings))
+        store = JetStreamJobStore(
+            nc,
+            consumer=settings.task_consumer,
+            ack_wait_s=settings.task_job_ack_wait_s,
+            max_ack_pending=settings.task_max_ack_pending,
+        )
+        engine = JobEngine(store, publisher, llm_client, engine_config(settings))
         service = TaskService(
             engine,
             ModelCatalog(llm, settings.task_models_cache_s),

@@ -1,9 +1,19 @@
-"""task_svc settings, from the environment (names as in the shared brief)."""
+"""task_svc settings, from the environment (names as in the README's table), and the engine's
+view of them.
+
+Every default lives here, once, in `Settings`; `QueueConfig` and `EngineConfig` have none, so
+a value the engine uses is always the one the environment (or a test) gave.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from svckit.requests import MAX_PROMPT_CHARS
 
 
 class QueueSettings(BaseModel):
@@ -32,7 +42,7 @@ class Settings(BaseSettings):
     task_retry_base_s: float = 1.0  # retry backoff: base * 2^(attempt-1), full jitter ...
     task_retry_max_s: float = 60.0  # ... at most this, at least the provider's retry-after
     task_position_interval_s: float = 1.0  # how often watchers get their queue position
-    task_max_prompt_chars: int = 32_000
+    task_max_prompt_chars: int = MAX_PROMPT_CHARS
     task_shutdown_grace_s: float = 10.0
     task_job_ack_wait_s: float = 60.0  # in-progress acks go out every third of it
     task_max_ack_pending: int = 100_000  # jobs held in memory (JetStream's default is 1000)
@@ -44,3 +54,56 @@ class Settings(BaseSettings):
     task_restart_backoff_s: float = 0.05  # first restart delay, doubling per recent crash
     task_seq_reserve: int = 64  # events allowed past the last stored snapshot (checkpoints)
     task_models_cache_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """One job queue (model class)."""
+
+    concurrency: int  # running tasks at once
+    max_attempts: int  # runs of a task that keep failing with retryable errors
+    max_depth: int  # waiting tasks before Submit is refused (load shedding)
+    aging_s: float  # see scheduler.py: one priority level gained per aging_s waited
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the job engine needs from the settings (jobs.py)."""
+
+    queues: Mapping[str, QueueConfig]  # by queue name; others get `default_queue`
+    default_queue: QueueConfig
+    retry_base_s: float
+    retry_max_s: float
+    position_interval_s: float
+    retain_s: float
+    watcher_limit: int
+    seq_reserve: int
+    max_restarts: int
+    restart_period_s: float
+    restart_backoff_s: float
+
+
+def queue_config(settings: Settings, override: QueueSettings | None = None) -> QueueConfig:
+    override = override or QueueSettings()
+    return QueueConfig(
+        concurrency=override.concurrency or settings.task_concurrency,
+        max_attempts=override.max_attempts or settings.task_max_attempts,
+        max_depth=override.max_depth or settings.task_max_queue_depth,
+        aging_s=settings.task_aging_s,
+    )
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        queues={name: queue_config(settings, q) for name, q in settings.task_queues.items()},
+        default_queue=queue_config(settings),
+        retry_base_s=settings.task_retry_base_s,
+        retry_max_s=settings.task_retry_max_s,
+        position_interval_s=settings.task_position_interval_s,
+        retain_s=settings.task_retain_finished_s,
+        watcher_limit=settings.task_watcher_queue,
+        seq_reserve=settings.task_seq_reserve,
+        max_restarts=settings.task_max_restarts,
+        restart_period_s=settings.task_restart_period_s,
+        restart_backoff_s=settings.task_restart_backoff_s,
+    )

@@ -52,8 +52,24 @@ def dead_letter(spec: TaskSpec, core: TaskCore, reason: ServiceError) -> tasks_p
     )
 
 
+def requeued_spec(letter: tasks_pb2.DeadLetter) -> TaskSpec:
+    """What a dead letter says was submitted, to run it again."""
+    return TaskSpec(
+        task_id=letter.task_id,
+        user_id=letter.user_id,
+        prompt=letter.prompt,
+        model=letter.model,
+        priority=letter.priority,
+        queue=letter.queue or "default",
+        options=letter.options,
+        submitted_ns=letter.submitted_at.ToNanoseconds(),
+    )
+
+
 class DeadLetters:
-    def __init__(self, js: JetStreamContext, timeout_s: float = 5.0) -> None:
+    """The stream itself (jetstream_store.py uses it)."""
+
+    def __init__(self, js: JetStreamContext, timeout_s: float) -> None:
         self.js = js
         self.timeout_s = timeout_s
 

@@ -1,221 +1,200 @@
-"""The job engine's shared plumbing: its state (jobs, queues, registry, supervisor), and the
-steps every path uses: create and register a task's server, put it in QUEUED and into its
-queue's scheduler, count queue depth, ack, notify observers, own spawned tasks.
+"""Every way a job comes in: a Submit, a requeued dead letter, and the jobs a previous
+incarnation left in the store (recovery, at start). Each creates the job (ACCEPTING), has it
+stored, registers its TaskServer, and puts it in QUEUED and in its queue.
 
-Layers (each module one concern, each class extending the previous):
-`intake.EngineBase` → `runner.Runner` (running, retries, finishing, dead letters) →
-`recovery.Recovery` (jobs from the stream, rebuilt after a restart) → `jobs.JobEngine`
-(start/stop and the gRPC-facing operations).
+Submit is durable and idempotent: it replies only once the store has confirmed the job, with
+message id = task id, so a Submit repeated while this process runs finds the job in memory,
+and one repeated after a restart is deduplicated by the store; what was stored about the task
+then says whether it finished (restored, not rerun) or must run on.
+
+A job from a previous incarnation runs again unless its task had finished (then it is only
+removed), its seq continuing above anything a watcher may have seen (task_server.py,
+checkpoints) and its first event saying that the text restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
-
-import nats.errors
-from nats.aio.client import Client
-from nats.aio.msg import Msg
+import time
+from functools import partial
 
 from svckit.errors import ServiceError
-from switchboard.v1 import common_pb2, events_pb2
-from task_svc.consumer import JobConsumer
-from task_svc.deadletters import DeadLetters
-from task_svc.events import LifecyclePublisher, Stored, read_stored
-from task_svc.job import EngineConfig, Job
-from task_svc.llm_client import LlmClient
-from task_svc.positions import PositionReporter
-from task_svc.queues import JobQueue, RetryPolicy
-from task_svc.registry import Registry
-from task_svc.supervisor import Supervisor
-from task_svc.task_server import Host, TaskServer, TaskServerDown
+from switchboard.v1 import common_pb2, tasks_pb2
+from task_svc.deadletters import requeued_spec
+from task_svc.events import Stored
+from task_svc.job import RESTARTED, Job
+from task_svc.job_state import Step
+from task_svc.queues import Queues
+from task_svc.registry import forbidden
+from task_svc.runner import Runner, apply
+from task_svc.servers import Servers
+from task_svc.store import JobStore, Lifecycle, Pending, Put, StoreUnavailable
+from task_svc.task_server import TaskServer
 from task_svc.task_state import TaskCore, TaskSpec
 
 log = logging.getLogger(__name__)
 
+Code = common_pb2.ErrorCode
 
-class EngineBase:
+
+def not_stored() -> ServiceError:
+    return ServiceError(Code.ERROR_CODE_OVERLOADED, "the task could not be stored; try again")
+
+
+class Intake:
     def __init__(
         self,
-        nc: Client,
-        publisher: LifecyclePublisher,
-        llm: LlmClient,
-        config: EngineConfig | None = None,
+        jobs: dict[str, Job],
+        queues: Queues,
+        store: JobStore,
+        publisher: Lifecycle,
+        servers: Servers,
+        runner: Runner,
+        seq_reserve: int,
     ) -> None:
-        self.js = js = nc.jetstream()
+        self.jobs = jobs
+        self.queues = queues
+        self.store = store
         self.publisher = publisher
-        self.llm = llm
-        self.config = config = config or EngineConfig()
-        self.registry = Registry()
-        self.supervisor = Supervisor(
-            "tasks",
-            max_restarts=config.max_restarts,
-            period_s=config.restart_period_s,
-            backoff_s=config.restart_backoff_s,
-        )
-        self.host = Host(
-            supervisor=self.supervisor,
-            watcher_limit=config.watcher_limit,
-            checkpoint_every=config.seq_reserve,
-            checkpoint=publisher.publish_snapshot,
-            gave_up=self._gave_up,
-        )
-        self.dead_letters = DeadLetters(js, config.publish_timeout_s)
-        self.consumer = JobConsumer(
-            nc,
-            name=config.consumer,
-            ack_wait_s=config.ack_wait_s,
-            max_ack_pending=config.max_ack_pending,
-            batch=config.fetch_batch,
-        )
-        self._jobs: dict[str, Job] = {}
-        self._queues: dict[str, JobQueue] = {}
-        self._owned: set[asyncio.Task[Any]] = set()
-        self.positions = PositionReporter(self._jobs, self._queues, config.position_interval_s)
-        self._intake_open = False
-        self._stopping = False
-        # Called with (what, task_id) on "scheduled", "started", "retrying", "dead" and
-        # "finished": for metrics and for tests that must await a step rather than sleep.
-        self.observers: list[Callable[[str, str], None]] = []
+        self.servers = servers
+        self.registry = servers.registry
+        self.runner = runner
+        self.seq_reserve = seq_reserve
 
-    def queue(self, name: str) -> JobQueue:
-        queue = self._queues.get(name)
-        if queue is None:
-            config = self.config.queues.get(name, self.config.default_queue)
-            retry = RetryPolicy(
-                config.max_attempts, self.config.retry_base_s, self.config.retry_max_s
-            )
-            queue = self._queues[name] = JobQueue(name, config, retry)
-        return queue
-
-    def _fresh(self, server: TaskServer) -> common_pb2.TaskState:
-        return self.positions.fresh_state(server)
-
-    def _held(self) -> Iterator[Msg]:
-        for job in self._jobs.values():
-            if job.msg is not None and not job.finished.is_set():
-                yield job.msg
-
-    def _new_job(self, spec: TaskSpec, *, seq_base: int = 0) -> Job:
-        job = Job(spec, TaskServer(TaskCore(spec, seq_base=seq_base), self.host))
-        self._jobs[spec.task_id] = job
-        self._count(job)
-        return job
-
-    def _continue_seq(self, job: Job, stored: Stored) -> None:
-        """Start above any seq a watcher may have seen (task_server.py, checkpoints): not
-        registered yet, so nothing else sees the state; set it directly."""
-        core = job.server.core
-        core.seq = stored.seq + self.config.seq_reserve
-        core.attempts = stored.attempts
-        job.server.durable_seq = stored.seq
-
-    def _count(self, job: Job) -> None:
-        if not job.counted:
-            job.counted = True
-            self.queue(job.spec.queue).depth += 1
-
-    def _uncount(self, job: Job) -> None:
-        if job.counted:
-            job.counted = False
-            self.queue(job.spec.queue).depth -= 1
-
-    def _register(self, job: Job) -> None:
+    async def submit(self, spec: TaskSpec) -> tuple[TaskServer, bool]:
+        """Accept a task durably: its server, and whether it had been submitted before."""
+        self.registry.check_owner(spec.task_id, spec.user_id)
+        job = self.jobs.get(spec.task_id)
+        if job is not None:  # running, queued, or its first Submit still being stored
+            if job.spec.user_id != spec.user_id:
+                raise forbidden(spec.task_id)
+            await job.accepted.wait()
+            server = self.registry.get(spec.task_id)
+            if server is None:  # that first Submit failed
+                raise not_stored()
+            return server, True
+        server = self.registry.get(spec.task_id)
+        if server is not None:  # finished, still in memory
+            return server, True
+        refusal = self.queues[spec.queue].refuse()
+        if refusal is not None:
+            raise refusal
+        job = self._new(spec)
+        put = await self._put(job, spec.task_id)
+        if put.duplicate:
+            return await self._resubmitted(job), True
         self.registry.add(job.server)
+        await self._enqueue(job)
+        # Per task, so DEBUG: at hundreds of tasks a second, INFO is for what goes wrong.
+        log.debug("task accepted", extra={"task_id": spec.task_id, "queue": spec.queue})
+        return job.server, False
 
-    def _expire_later(self, server: TaskServer) -> None:
-        """A finished server leaves memory after `retain_s` (history keeps its state)."""
+    async def _resubmitted(self, job: Job) -> TaskServer:
+        """The store knew the id: submitted before a restart, and not pending any more (or
+        recovery would have rebuilt it). What was stored says how it ended, or where its seq
+        must continue."""
+        stored = await self.last_stored(job.task_id)
+        if stored is not None and stored.user_id and stored.user_id != job.spec.user_id:
+            self._drop(job)
+            raise forbidden(job.task_id)
+        last = stored.lifecycle if stored is not None and stored.terminal else None
+        if last is not None:
+            job.server.core.restore_terminal(last)
+            self.registry.add(job.server)
+            self._drop(job)
+            self.servers.retire_later(job.server)
+            return job.server
+        if stored is not None:
+            continue_seq(job, stored, self.seq_reserve)
+        self.registry.add(job.server)
+        await self._enqueue(job, RESTARTED if stored is not None else "")
+        return job.server
 
-        def expire() -> None:
-            if self.registry.get(server.task_id) is server:
-                self.registry.remove(server)
-            server.end()
+    async def requeue(self, letter: tasks_pb2.DeadLetter, seq_base: int) -> TaskServer:
+        """Run a dead-lettered task again: same id, seq continuing, attempts from zero."""
+        job = self._new(requeued_spec(letter), seq_base=seq_base)
+        # A new message id: the store's deduplication still knows the task id.
+        await self._put(job, f"{job.task_id}:requeue:{time.time_ns()}")
+        self.registry.add(job.server)
+        await self._enqueue(job, f"{RESTARTED}: requeued from the dead letters")
+        return job.server
 
-        asyncio.get_running_loop().call_later(self.config.retain_s, expire)
+    async def recover(self, pending: list[Pending]) -> None:
+        """Rebuild the jobs a previous incarnation left, all of them before this returns."""
+        recovered: list[Job] = []
+        for item in pending:
+            if item.spec.task_id in self.jobs:  # stored twice: the one held is enough
+                await self.runner.remove(item.seq, item.spec.task_id)
+                continue
+            job = self._new(item.spec)
+            job.seq = item.seq
+            recovered.append(job)
+        await asyncio.gather(*(self._recover(job) for job in recovered))
 
-    def _abandon(self, job: Job, error: ServiceError) -> None:
-        """Forget a job that was never accepted (not registered yet)."""
-        self._uncount(job)
-        self._jobs.pop(job.task_id, None)
-        job.accepted.set_exception(error)
-        job.accepted.exception()  # retrieved: waiters re-raise it themselves
-        job.finished.set()
+    async def _recover(self, job: Job) -> None:
+        stored = await self.last_stored(job.task_id)
+        last = stored.lifecycle if stored is not None and stored.terminal else None
+        log.info("job recovered", extra={"task_id": job.task_id, "finished": last is not None})
+        if last is not None:
+            job.server.core.restore_terminal(last)
+            self.registry.add(job.server)
+            await self.runner.finish(job)  # re-published: the store drops the duplicate
+            return
+        continue_seq(job, stored or Stored(0, job.spec.user_id, 0), self.seq_reserve)
+        self.registry.add(job.server)
+        await self._enqueue(job, RESTARTED)
 
-    async def _stored(self, task_id: str) -> Stored | None:
+    async def last_stored(self, task_id: str) -> Stored | None:
+        """What was stored about a task; a failed lookup is logged and read as nothing."""
         try:
-            return await read_stored(self.js, task_id)
-        except (nats.errors.Error, OSError, TimeoutError) as error:
+            return await self.store.last_stored(task_id)
+        except StoreUnavailable as error:
             log.warning("stored state lookup failed", extra={"task_id": task_id, "e": repr(error)})
             return None
 
-    async def _accept(self, job: Job, restart: str = "") -> None:
-        """Put the task in QUEUED (seq, position, eta) and let it be scheduled."""
-        queue = self.queue(job.spec.queue)
-        position = queue.scheduler.position_for(job.spec.priority)
-        eta_ms = queue.eta_ms(position)
+    # -- the steps every way in takes --------------------------------------------------
+
+    def _new(self, spec: TaskSpec, *, seq_base: int = 0) -> Job:
+        job = Job(spec, self.servers.new(spec, seq_base=seq_base), self.queues[spec.queue])
+        self.jobs[spec.task_id] = job
+        return job
+
+    async def _put(self, job: Job, msg_id: str) -> Put:
         try:
-            lifecycle = await job.server.apply(lambda core: core.queued(position, eta_ms, restart))
-        finally:
-            if not job.accepted.done():
-                job.accepted.set_result(None)
-        if lifecycle is not None:
-            self.publisher.publish(lifecycle)
-        self._maybe_schedule(job)
+            put = await self.store.put(job.spec, msg_id)
+        except StoreUnavailable as error:
+            log.warning("job not stored", extra={"task_id": job.task_id, "error": repr(error)})
+            self._drop(job)
+            raise not_stored() from error
+        job.seq = put.seq
+        return put
 
-    def _maybe_schedule(self, job: Job) -> None:
-        # Both halves are needed: the task accepted (QUEUED applied) and its job stored (so it
-        # can be removed when done: stored by Submit here, or delivered at recovery).
-        if job.scheduled or job.cancel_requested or (job.msg is None and not job.stream_seq):
-            return
-        if not job.accepted.done() or job.server.core.terminal or job.retry_timer is not None:
-            return
-        job.scheduled = True
-        queue = self.queue(job.spec.queue)
-        queue.scheduler.push(job.task_id, job.spec.priority)
-        self._notify("scheduled", job.task_id)
-        self._pump(queue)
+    def _drop(self, job: Job) -> None:
+        """Forget a job that has nothing to run."""
+        job.move(Step.DROP)
+        if self.jobs.get(job.task_id) is job:
+            del self.jobs[job.task_id]
 
-    def _pump(self, queue: JobQueue) -> None:
-        raise NotImplementedError  # runner.Runner
+    async def _enqueue(self, job: Job, restart: str = "") -> None:
+        """Put the task in QUEUED (with its position and eta) and the job in its queue."""
+        position = job.queue.scheduler.position_for(job.spec.priority)
+        eta_ms = job.queue.eta_ms(position)
+        change = partial(TaskCore.queued, position=position, eta_ms=eta_ms, restart=restart)
+        queued = await apply(job, change)
+        if queued is not None:
+            self.publisher.publish(queued)
+        job.move(Step.ACCEPT)
+        if job.server.core.terminal:  # its server crashed too often meanwhile
+            await self.runner.finish(job)
+        else:
+            self.runner.schedule(job)
 
-    def _gave_up(self, server: TaskServer, error: BaseException) -> None:
-        raise NotImplementedError  # runner.Runner
 
-    async def _apply_or_none(self, job: Job, change: Any) -> events_pb2.LifecycleEvent | None:
-        try:
-            result: events_pb2.LifecycleEvent | None = await job.server.apply(change)
-            return result
-        except TaskServerDown:
-            return None
-
-    def _notify(self, what: str, task_id: str) -> None:
-        for observer in self.observers:
-            observer(what, task_id)
-
-    async def _done(self, job: Job) -> None:
-        """The job is finished: take it off SB_JOBS (its delivery acked, or the message that
-        Submit stored removed)."""
-        if job.msg is not None:
-            await self._ack(job.msg)
-        elif job.stream_seq:
-            try:
-                await self.consumer.remove(job.stream_seq)
-            except (nats.errors.Error, OSError) as error:
-                # Not fatal: recovery acks a job of a finished task without running it.
-                log.warning("job removal failed", extra={"error": repr(error)})
-
-    async def _ack(self, msg: Msg) -> None:
-        try:
-            # Confirmed, so a finished job is gone from the work queue once this returns.
-            await msg.ack_sync(timeout=self.config.publish_timeout_s)
-        except (nats.errors.Error, OSError) as error:
-            # Not fatal: a redelivered job of a finished task is only acked (see _recover).
-            log.warning("job ack failed", extra={"error": repr(error)})
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
-        self._owned.add(task)
-        task.add_done_callback(self._owned.discard)
-        return task
+def continue_seq(job: Job, stored: Stored, reserve: int) -> None:
+    """Start above any seq a watcher may have seen (task_server.py, checkpoints). The server
+    is not registered yet, so nothing else sees its state: set it directly."""
+    core = job.server.core
+    core.seq = stored.seq + reserve
+    core.attempts = stored.attempts
+    job.server.durable_seq = stored.seq

@@ -15,7 +15,7 @@ from functools import partial
 
 from switchboard.v1 import common_pb2
 from task_svc.job import Job
-from task_svc.queues import JobQueue
+from task_svc.queues import JobQueue, Queues
 from task_svc.task_server import TaskServer, TaskServerDown
 from task_svc.task_state import TaskCore
 
@@ -23,9 +23,7 @@ Status = common_pb2.TaskStatus
 
 
 class PositionReporter:
-    def __init__(
-        self, jobs: Mapping[str, Job], queues: Mapping[str, JobQueue], interval_s: float
-    ) -> None:
+    def __init__(self, jobs: Mapping[str, Job], queues: Queues, interval_s: float) -> None:
         self.jobs = jobs
         self.queues = queues
         self.interval_s = interval_s
@@ -44,11 +42,8 @@ class PositionReporter:
         job = self.jobs.get(server.task_id)
         if job is None or server.core.status != Status.TASK_STATUS_QUEUED:
             return None
-        queue = self.queues.get(job.spec.queue)
-        if queue is None:
-            return None
-        position = queue.scheduler.position(server.task_id)
-        return (queue, position) if position else None
+        position = job.queue.scheduler.position(server.task_id)
+        return (job.queue, position) if position else None
 
     def fresh_state(self, server: TaskServer) -> common_pb2.TaskState:
         """The task's state, with its position and eta as of now when it is queued."""
@@ -72,7 +67,7 @@ class PositionReporter:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            for queue in list(self.queues.values()):
+            for queue in self.queues:
                 if queue.scheduler.waiting:
                     await self._update(queue)
 

@@ -1,25 +1,19 @@
 """Job queues, one per model class: each with its own concurrency, attempts and depth limit
-(configuration), its scheduler, its measured throughput and its load shedding."""
+(config.QueueConfig), its scheduler, its measured throughput and its load shedding."""
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2
+from task_svc.config import EngineConfig, QueueConfig
 from task_svc.scheduler import Scheduler, ThroughputMeter
 
 Code = common_pb2.ErrorCode
-
-
-@dataclass(frozen=True)
-class QueueConfig:
-    concurrency: int = 16
-    max_attempts: int = 3  # runs of a task that keep failing with retryable errors
-    max_depth: int = 10_000  # waiting tasks before Submit is refused (load shedding)
-    aging_s: float = 10.0  # see scheduler.py: one priority level gained per aging_s waited
 
 
 @dataclass(frozen=True)
@@ -29,9 +23,9 @@ class RetryPolicy:
     retry-after; only for retryable errors (rate limited, overloaded, timeout, network: see
     svckit.errors), never for permanent ones (invalid request, auth, ...)."""
 
-    max_attempts: int = 3
-    base_delay_s: float = 1.0
-    max_delay_s: float = 60.0
+    max_attempts: int
+    base_delay_s: float
+    max_delay_s: float
 
     def delay_s(self, attempt: int, error: ServiceError) -> float | None:
         """The delay before the next attempt after `attempt` failed with `error`; None when
@@ -43,8 +37,8 @@ class RetryPolicy:
 
 
 class JobQueue:
-    """The in-memory side of one queue. `depth` counts its accepted tasks that wait (not
-    running, not finished): what load shedding limits."""
+    """The in-memory side of one queue. `depth` counts its jobs that wait (job_state.WAITING):
+    what load shedding limits. Jobs keep it up to date as they change state (job.py)."""
 
     def __init__(self, name: str, config: QueueConfig, retry: RetryPolicy) -> None:
         self.name = name
@@ -72,3 +66,24 @@ class JobQueue:
             retryable=True,
             retry_after_ms=retry_after_ms,
         )
+
+
+class Queues:
+    """Every job queue, created on first use from its configuration (or the default one)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._queues: dict[str, JobQueue] = {}
+
+    def __getitem__(self, name: str) -> JobQueue:
+        queue = self._queues.get(name)
+        if queue is None:
+            config = self.config.queues.get(name, self.config.default_queue)
+            retry = RetryPolicy(
+                config.max_attempts, self.config.retry_base_s, self.config.retry_max_s
+            )
+            queue = self._queues[name] = JobQueue(name, config, retry)
+        return queue
+
+    def __iter__(self) -> Iterator[JobQueue]:
+        return iter(list(self._queues.values()))

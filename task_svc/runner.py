@@ -1,187 +1,267 @@
-"""Running tasks: a queue's free slots start its next tasks; one run's outcome becomes a
-retry (back to QUEUED after a backoff), a terminal state, or a dead letter; finishing
-publishes the terminal event and acks the job, in that order."""
+"""Running jobs and ending them: a queue's free slots start its next jobs; a run's outcome
+becomes a retry (QUEUED again after a backoff) or the end of the job; cancel, the supervisor
+giving up on a TaskServer and shutdown stop jobs wherever they are.
+
+Every job ends in `finish`: dead letter (if due), terminal lifecycle event, removal from the
+store, each stored before the next, so a crash in between repeats the rest at the next start.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
-
-import nats.errors
 
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, events_pb2
 from task_svc.deadletters import dead_letter
-from task_svc.intake import EngineBase
 from task_svc.job import RESTARTED, Job
+from task_svc.job_state import JobState, Step
+from task_svc.llm_client import LlmClient
 from task_svc.queues import JobQueue
+from task_svc.servers import Servers
+from task_svc.store import JobStore, Lifecycle, StoreUnavailable
 from task_svc.task_server import TaskServer, TaskServerDown
-from task_svc.worker import run_task
+from task_svc.task_state import TaskCore, Transition
+from task_svc.worker import Outcome, run_task
 
 log = logging.getLogger(__name__)
 
 Code = common_pb2.ErrorCode
 Status = common_pb2.TaskStatus
 Kind = events_pb2.LifecycleKind
+Change = Callable[[TaskCore], Transition | None]
+Notify = Callable[[str, str], None]
 
-_TERMINAL_KIND = {
+TERMINAL_KIND = {
     Status.TASK_STATUS_COMPLETED: Kind.LIFECYCLE_KIND_COMPLETED,
     Status.TASK_STATUS_FAILED: Kind.LIFECYCLE_KIND_FAILED,
     Status.TASK_STATUS_CANCELLED: Kind.LIFECYCLE_KIND_CANCELLED,
 }
+WAITING_IN_QUEUE = (JobState.QUEUED, JobState.RETRY_WAIT)
 
 
-class Runner(EngineBase):
-    def _pump(self, queue: JobQueue) -> None:
-        if not self._intake_open:
-            return  # starting or stopping: what waits stays (for later, or redelivery)
-        while (task_id := queue.scheduler.next_ready()) is not None:
-            job = self._jobs.get(task_id)
-            if job is None:
-                queue.scheduler.finished(task_id)
-                continue
-            self._uncount(job)
-            job.runner = asyncio.create_task(self._run(job, queue), name=f"run:{task_id}")
-            self._notify("started", task_id)
-
-    async def _run(self, job: Job, queue: JobQueue) -> None:
-        """Own one run of a task. The worker is its own asyncio task so that cancelling it (a
-        user's Cancel, shutdown, a supervisor giving up) always lands in code that runs."""
-        started = time.monotonic()
-        lifecycle: events_pb2.LifecycleEvent | None = None
-        dead: ServiceError | None = None
-        retry_in: float | None = None
-        try:
-            if self._stopping:
-                return  # shutdown came first: the job stays for redelivery
-            outcome: Any = None
-            if not job.cancel_requested:
-                job.worker = asyncio.create_task(
-                    run_task(job.server, self.llm, self.publisher.publish),
-                    name=f"work:{job.task_id}",
-                )
-                try:
-                    outcome = await job.worker
-                except asyncio.CancelledError:
-                    if job.stop_reason == "shutdown":
-                        return  # the job stays unacked: shutdown naks it for redelivery
-            if job.cancel_requested:
-                cancelled = await self._apply_or_none(job, lambda core: core.cancelled())
-                lifecycle = cancelled or lifecycle
-            elif isinstance(outcome, ServiceError):
-                attempts = job.server.core.attempts
-                retry_in = None if self._stopping else queue.retry.delay_s(attempts, outcome)
-                if retry_in is None:
-                    error = outcome.to_proto()
-                    lifecycle = await self._apply_or_none(job, lambda core: core.failed(error))
-                    dead = outcome if outcome.retryable else None
-            else:
-                lifecycle = outcome
-                if job.stop_reason == "failed":
-                    dead = ServiceError(Code.ERROR_CODE_INTERNAL, "task server crashed")
-        except TaskServerDown:
-            pass  # the supervisor gave up: give_up failed the task
-        except Exception as error:
-            log.exception("task runner failed", extra={"task_id": job.task_id})
-            failure = ServiceError(Code.ERROR_CODE_INTERNAL, f"task runner failed: {error!r}")
-            lifecycle = await self._apply_or_none(job, lambda core: core.failed(failure.to_proto()))
-        finally:
-            queue.meter.record(time.monotonic() - started)
-            queue.scheduler.finished(job.task_id)
-            self._pump(queue)
-        if retry_in is not None and isinstance(outcome, ServiceError):
-            await self._retry_later(job, queue, retry_in, outcome)
-            return
-        await self._finish(job, lifecycle, dead)
-
-    async def _retry_later(
-        self, job: Job, queue: JobQueue, delay_s: float, error: ServiceError
+class Runner:
+    def __init__(
+        self,
+        jobs: dict[str, Job],
+        store: JobStore,
+        publisher: Lifecycle,
+        llm: LlmClient,
+        servers: Servers,
+        notify: Notify,
     ) -> None:
-        """Back to QUEUED, and into the scheduler again after `delay_s`."""
+        self.jobs = jobs
+        self.store = store
+        self.publisher = publisher
+        self.llm = llm
+        self.servers = servers
+        self.notify = notify
+        self.open = False  # jobs start only while open (after start, before shutdown)
+        self.stopping = False  # past the shutdown grace: what has not finished stays stored
+        self._owned: set[asyncio.Task[None]] = set()
+
+    # -- starting ---------------------------------------------------------------------
+
+    def schedule(self, job: Job) -> None:
+        """A QUEUED job goes into its queue's scheduler; free slots start at once."""
+        job.queue.scheduler.push(job.task_id, job.spec.priority)
+        self.notify("scheduled", job.task_id)
+        self.pump(job.queue)
+
+    def pump(self, queue: JobQueue) -> None:
+        while self.open and (task_id := queue.scheduler.next_ready()) is not None:
+            job = self.jobs[task_id]  # the scheduler holds QUEUED jobs only
+            job.move(Step.START)
+            job.worker = asyncio.create_task(
+                run_task(job.server, self.llm, self.publisher.publish), name=f"work:{task_id}"
+            )
+            job.runner = asyncio.create_task(self._run(job), name=f"run:{task_id}")
+            self.notify("started", task_id)
+
+    async def _run(self, job: Job) -> None:
+        """Wait for the worker, then decide. The worker is its own asyncio task so that
+        cancelling it (Cancel, shutdown, a supervisor giving up) always lands here."""
+        assert job.worker is not None
+        started = time.monotonic()
+        await asyncio.wait([job.worker])
+        job.queue.meter.record(time.monotonic() - started)
+        job.queue.scheduler.finished(job.task_id)
+        self.pump(job.queue)
+        core = job.server.core
+        result = outcome(job)
+        if self.stopping and not core.terminal:
+            job.move(Step.RELEASE)  # cancelled by shutdown: the next start runs it again
+        elif isinstance(result, ServiceError) and not core.terminal:
+            delay_s = job.queue.retry.delay_s(core.attempts, result)
+            if delay_s is not None:
+                await self._retry_later(job, delay_s, result)
+            else:
+                failed = partial(TaskCore.failed, error=result.to_proto())
+                await self.finish(job, failed, dead=result if result.retryable else None)
+        else:
+            await self.finish(job)  # completed, or cancelled, or failed by a give-up
+
+    async def _retry_later(self, job: Job, delay_s: float, error: ServiceError) -> None:
+        """Back to QUEUED (the text restarts), and into the scheduler after `delay_s`."""
         attempt = job.server.core.attempts + 1
         message = (
-            f"{RESTARTED}: attempt {attempt} of {queue.config.max_attempts} "
+            f"{RESTARTED}: attempt {attempt} of {job.queue.config.max_attempts} "
             f"in {delay_s:.1f}s after {error.reason}"
         )
         eta_ms = int(delay_s * 1000)
-        lifecycle = await self._apply_or_none(job, lambda core: core.queued(0, eta_ms, message))
-        if lifecycle is not None:
-            self.publisher.publish(lifecycle)
-        job.runner = job.worker = None
-        job.scheduled = False
-        if job.cancel_requested or job.server.core.terminal:
-            await self._finish(job, await self._apply_or_none(job, lambda c: c.cancelled()))
+        queued = await apply(
+            job, partial(TaskCore.queued, position=0, eta_ms=eta_ms, restart=message)
+        )
+        if queued is not None:
+            self.publisher.publish(queued)
+        if job.server.core.terminal:  # cancelled, or crashed, meanwhile
+            await self.finish(job)
             return
-        self._count(job)
+        job.move(Step.RETRY)
+        job.retry_timer = asyncio.get_running_loop().call_later(delay_s, self._due, job)
+        self.notify("retrying", job.task_id)
 
-        def due() -> None:
-            job.retry_timer = None
-            if self._jobs.get(job.task_id) is job and not job.cancel_requested:
-                self._maybe_schedule(job)
+    def _due(self, job: Job) -> None:
+        job.retry_timer = None
+        job.move(Step.DUE)
+        self.schedule(job)
 
-        job.retry_timer = asyncio.get_running_loop().call_later(delay_s, due)
-        self._notify("retrying", job.task_id)
+    # -- ending -----------------------------------------------------------------------
 
-    async def _finish(
-        self,
-        job: Job,
-        lifecycle: events_pb2.LifecycleEvent | None,
-        dead: ServiceError | None = None,
+    async def finish(
+        self, job: Job, change: Change | None = None, dead: ServiceError | None = None
     ) -> None:
-        """Dead-letter if due, publish the terminal lifecycle event (await its PubAck), then
-        ack the job: each step is stored before the next, so a crash in between repeats it."""
-        self._uncount(job)
+        """End the job: apply `change` (the terminal one, if not made yet), then store the
+        dead letter if due, the terminal lifecycle event, and remove the job from the store."""
+        job.move(Step.FINISH)  # before any await: nobody else starts or ends it now
+        if change is not None:
+            await apply(job, change)
         core = job.server.core
+        if dead is None and job.server.down and core.status == Status.TASK_STATUS_FAILED:
+            # Failed by the supervisor giving up on its server.
+            dead = ServiceError(Code.ERROR_CODE_INTERNAL, "task server crashed")
         if dead is not None:
             await self._dead_letter(job, dead)
-        if lifecycle is None and core.terminal:
-            lifecycle = core.lifecycle(_TERMINAL_KIND[core.status])
-        if lifecycle is not None:
-            await self.publisher.publish(lifecycle)
-        await self._done(job)
-        if self._jobs.get(job.task_id) is job:
-            del self._jobs[job.task_id]
-        job.finished.set()
-        self._expire_later(job.server)
+        if core.terminal:
+            await self.publisher.publish(core.lifecycle(TERMINAL_KIND[core.status]))
+        await self.remove(job.seq, job.task_id)
+        job.move(Step.REMOVED)
+        if self.jobs.get(job.task_id) is job:
+            del self.jobs[job.task_id]
+        self.servers.retire_later(job.server)
         # Per task, so DEBUG: at hundreds of tasks a second, INFO is for what goes wrong.
         log.debug(
             "task finished",
             extra={"task_id": job.task_id, "status": Status.Name(core.status), "seq": core.seq},
         )
-        self._notify("finished", job.task_id)
+        self.notify("finished", job.task_id)
+
+    async def remove(self, seq: int, task_id: str) -> None:
+        try:
+            await self.store.done(seq)
+        except StoreUnavailable as error:
+            # Not fatal: at the next start the job comes back, its task finished: only removed.
+            log.warning("job removal failed", extra={"task_id": task_id, "e": repr(error)})
 
     async def _dead_letter(self, job: Job, reason: ServiceError) -> None:
         letter = dead_letter(job.spec, job.server.core, reason)
         backoff = 0.05
-        while True:  # never acked without its dead letter stored
+        while True:  # never removed without its dead letter stored
             try:
-                await self.dead_letters.put(letter)
+                await self.store.put_dead_letter(letter)
                 break
-            except (nats.errors.Error, OSError, TimeoutError) as error:
+            except StoreUnavailable as error:
                 log.warning("dead letter not stored, retrying", extra={"error": repr(error)})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
         log.warning("task dead-lettered", extra={"task_id": job.task_id, "code": reason.reason})
-        self._notify("dead", job.task_id)
+        self.notify("dead", job.task_id)
 
-    def _gave_up(self, server: TaskServer, error: BaseException) -> None:
-        lifecycle = server.give_up(error)
-        job = self._jobs.get(server.task_id)
-        if job is None:
-            if lifecycle is not None:
-                self.publisher.publish(lifecycle)
-            self._expire_later(server)
-            return
-        if job.runner is not None:
-            job.stop_reason = "failed"
+    def _withdraw(self, job: Job) -> None:
+        """Take a waiting job out of its queue (its scheduler place, or its retry timer)."""
+        job.queue.scheduler.remove(job.task_id)
+        if job.retry_timer is not None:
+            job.retry_timer.cancel()
+            job.retry_timer = None
+
+    async def cancel(self, job: Job) -> None:
+        """Cancel the job's task, and return once the job is done. A running one is
+        cancelled first, then its worker (which closes the generation upstream), and its
+        runner ends it; a waiting one is ended here."""
+        await job.accepted.wait()
+        if job.state is JobState.RUNNING:
+            await apply(job, TaskCore.cancelled)
             if job.worker is not None:
                 job.worker.cancel()
-        else:
-            if job.retry_timer is not None:
-                job.retry_timer.cancel()
-            self.queue(job.spec.queue).scheduler.remove(job.task_id)
-            job.cancel_requested = True
-            reason = ServiceError(Code.ERROR_CODE_INTERNAL, "task server crashed")
-            self._spawn(self._finish(job, lifecycle, reason), f"finish:{job.task_id}")
+        if job.state in WAITING_IN_QUEUE:  # waiting, or gone back to waiting meanwhile
+            self._withdraw(job)
+            await self.finish(job, TaskCore.cancelled)
+        await job.finished.wait()
+
+    def gave_up(self, server: TaskServer, error: BaseException) -> None:
+        """The supervisor gave up on a TaskServer: its task fails (and is dead-lettered)
+        wherever its job is. Called by the supervisor, so it must not block."""
+        failed = server.give_up(error)
+        job = self.jobs.get(server.task_id)
+        if job is None or job.server is not server:
+            if failed is not None:
+                self.publisher.publish(failed)
+            self.servers.retire_later(server)
+        elif job.state is JobState.RUNNING and job.worker is not None:
+            job.worker.cancel()  # its runner ends the job
+        elif job.state in WAITING_IN_QUEUE:
+            self._withdraw(job)
+            self._spawn(self.finish(job), f"finish:{job.task_id}")
+        # ACCEPTING: the apply in progress fails, and intake ends the job.
+
+    async def stop(self, grace_s: float) -> None:
+        """Shutdown: running jobs may finish for `grace_s`, then are cancelled; every job not
+        finished by then is released (it stays in the store for the next start)."""
+        self.open = False
+        runs = [j.runner for j in self.jobs.values() if j.runner and not j.runner.done()]
+        if runs:
+            await asyncio.wait(runs, timeout=grace_s)
+        self.stopping = True
+        for job in list(self.jobs.values()):
+            if job.state is JobState.RUNNING and job.worker is not None:
+                job.worker.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        for job in list(self.jobs.values()):
+            if job.state in WAITING_IN_QUEUE:
+                self._withdraw(job)
+                job.move(Step.RELEASE)
+        for task in list(self._owned):
+            task.cancel()
+        await asyncio.gather(*self._owned, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._owned.add(task)
+        task.add_done_callback(self._owned.discard)
+
+
+def outcome(job: Job) -> Outcome:
+    """What the job's worker ended with: None when it was cancelled or its server is gone."""
+    worker = job.worker
+    assert worker is not None and worker.done()
+    if worker.cancelled():
+        return None
+    error = worker.exception()
+    if error is None:
+        return worker.result()
+    if isinstance(error, TaskServerDown):
+        return None  # the supervisor gave up: the task is failed already
+    log.error("task runner failed", exc_info=error, extra={"task_id": job.task_id})
+    return ServiceError(Code.ERROR_CODE_INTERNAL, f"task runner failed: {error!r}")
+
+
+async def apply(job: Job, change: Change) -> events_pb2.LifecycleEvent | None:
+    """Apply a change to the job's task; None also when its server is gone (given up)."""
+    try:
+        return await job.server.apply(change)
+    except TaskServerDown:
+        return None

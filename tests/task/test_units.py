@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, history_pb2, llm_pb2
-from task_svc.queues import JobQueue, QueueConfig, RetryPolicy
+from task_svc.config import QueueConfig
+from task_svc.queues import JobQueue, RetryPolicy
 from task_svc.scheduler import Scheduler, ThroughputMeter
 from task_svc.supervisor import Supervisor
 from task_svc.task_server import DROPPED, Host, TaskServer, TaskServerDown
@@ -373,7 +374,8 @@ async def test_supervisor_backs_off_exponentially_between_restarts() -> None:
 
 
 def test_a_full_queue_refuses_with_a_retry_after() -> None:
-    queue = JobQueue("q", QueueConfig(concurrency=2, max_depth=3), RetryPolicy())
+    config = QueueConfig(concurrency=2, max_attempts=3, max_depth=3, aging_s=10.0)
+    queue = JobQueue("q", config, RetryPolicy(max_attempts=3, base_delay_s=1.0, max_delay_s=60))
     queue.depth = 2
     assert queue.refuse() is None
     queue.depth = 3

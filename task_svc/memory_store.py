@@ -1,0 +1,77 @@
+"""A JobStore in dicts, for the engine's tests: the same contract as JetStreamJobStore (a job
+stays until `done`, message ids deduplicate, pending jobs are held until done or given back at
+close), and every operation recorded in `log` so a test can check what was stored in which
+order. One instance may outlive an engine: a second engine on it is "the next start".
+
+Set `unavailable` to make every write fail as an unreachable store would. `stored` (what
+SB_TASK_EVENTS would answer) is the test's to fill, usually by the lifecycle publisher.
+"""
+
+from __future__ import annotations
+
+from switchboard.v1 import tasks_pb2
+from task_svc.deadletters import MAX_LIST
+from task_svc.events import Stored
+from task_svc.store import Pending, Put, StoreUnavailable
+from task_svc.task_state import TaskSpec
+
+
+class MemoryJobStore:
+    def __init__(self) -> None:
+        self.jobs: dict[int, TaskSpec] = {}  # the stream: seq -> job
+        self.msg_ids: dict[str, int] = {}  # every message id ever stored (dedup)
+        self.held: set[int] = set()  # pending jobs handed to the current engine
+        self.stored: dict[str, Stored] = {}  # task id -> last lifecycle event or snapshot
+        self.letters: dict[str, tasks_pb2.DeadLetter] = {}  # oldest first
+        self.log: list[tuple[str, str | int]] = []
+        self.unavailable = False
+        self._next_seq = 1
+
+    def _write(self, what: str, key: str | int) -> None:
+        if self.unavailable:
+            raise StoreUnavailable(f"{what} {key}: the store is unavailable")
+        self.log.append((what, key))
+
+    async def open(self) -> None:
+        self.held = set()
+
+    async def close(self) -> None:
+        for seq in sorted(self.held):
+            self.log.append(("nak", seq))
+        self.held = set()
+
+    async def put(self, spec: TaskSpec, msg_id: str) -> Put:
+        self._write("put", spec.task_id)
+        if msg_id in self.msg_ids:
+            return Put(self.msg_ids[msg_id], duplicate=True)
+        seq = self.msg_ids[msg_id] = self._next_seq
+        self._next_seq += 1
+        self.jobs[seq] = spec
+        return Put(seq, duplicate=False)
+
+    async def take_pending(self) -> list[Pending]:
+        self.held = set(self.jobs)
+        return [Pending(spec, seq) for seq, spec in self.jobs.items()]
+
+    async def done(self, seq: int) -> None:
+        self._write("ack" if seq in self.held else "remove", seq)
+        self.held.discard(seq)
+        self.jobs.pop(seq, None)
+
+    async def last_stored(self, task_id: str) -> Stored | None:
+        return self.stored.get(task_id)
+
+    async def put_dead_letter(self, letter: tasks_pb2.DeadLetter) -> None:
+        self._write("dead", letter.task_id)
+        self.letters.pop(letter.task_id, None)
+        self.letters[letter.task_id] = letter
+
+    async def dead_letter(self, task_id: str) -> tasks_pb2.DeadLetter | None:
+        return self.letters.get(task_id)
+
+    async def remove_dead_letter(self, task_id: str) -> None:
+        self.letters.pop(task_id, None)
+
+    async def dead_letters(self, queue: str, limit: int) -> list[tasks_pb2.DeadLetter]:
+        limit = min(limit or MAX_LIST, MAX_LIST)
+        return [d for d in self.letters.values() if not queue or d.queue == queue][:limit]

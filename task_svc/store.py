@@ -1,0 +1,77 @@
+"""What the job engine needs to be durable, as two small interfaces: the `JobStore` (jobs,
+what was stored about a task, dead letters) and the `Lifecycle` publisher (events.py).
+
+`JetStreamJobStore` (jetstream_store.py) is the real one; `MemoryJobStore` (memory_store.py)
+keeps everything in dicts, so the engine's tests run without NATS.
+
+A job is stored at a sequence number (`seq`) and stays stored until `done(seq)`: that is what
+makes it survive a crash. Whoever stored it runs it; `take_pending` hands over, at start, what
+a previous incarnation left (killed, or stopped with the job unfinished).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+from switchboard.v1 import events_pb2, history_pb2, tasks_pb2
+from task_svc.events import Stored
+from task_svc.task_state import TaskSpec
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or did not confirm in time; nothing is known stored."""
+
+
+@dataclass(frozen=True)
+class Put:
+    seq: int  # where the job is stored
+    duplicate: bool  # the message id was stored before (seq is that earlier job's)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A job left in the store by a previous incarnation, now held by this one."""
+
+    spec: TaskSpec
+    seq: int
+
+
+class JobStore(Protocol):
+    async def open(self) -> None:
+        """Get ready; after this, `take_pending` returns what is left from before."""
+
+    async def close(self) -> None:
+        """Give back every pending job not `done` (redelivered at the next start)."""
+
+    async def put(self, spec: TaskSpec, msg_id: str) -> Put:
+        """Store a job durably (deduplicated on `msg_id`)."""
+
+    async def take_pending(self) -> list[Pending]:
+        """Every job this store's shard still holds: at start, a previous incarnation's. A
+        store may be restricted to some shards (several instances); this one has one."""
+
+    async def done(self, seq: int) -> None:
+        """The job at `seq` is finished: remove it (a pending one is acknowledged)."""
+
+    async def last_stored(self, task_id: str) -> Stored | None:
+        """The last lifecycle event or snapshot stored for a task, if any."""
+
+    async def put_dead_letter(self, letter: tasks_pb2.DeadLetter) -> None: ...
+
+    async def dead_letter(self, task_id: str) -> tasks_pb2.DeadLetter | None: ...
+
+    async def remove_dead_letter(self, task_id: str) -> None: ...
+
+    async def dead_letters(self, queue: str, limit: int) -> list[tasks_pb2.DeadLetter]:
+        """Oldest first, of one queue (all when empty), at most `limit` (0: the store's)."""
+
+
+class Lifecycle(Protocol):
+    """Where lifecycle events and checkpoints go (events.LifecyclePublisher); each future
+    resolves once the event is stored."""
+
+    def publish(self, event: events_pb2.LifecycleEvent) -> asyncio.Future[None]: ...
+
+    def publish_snapshot(self, snapshot: history_pb2.TaskSnapshot) -> asyncio.Future[None]: ...

@@ -1,0 +1,324 @@
+"""The job engine against the in-memory store (memory_store.py): no NATS, no gRPC. The store's
+log shows what was stored, in order: ("put", task id), ("lifecycle", kind), ("dead", task
+id), ("remove" | "ack" | "nak", seq)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from svckit.errors import ServiceError
+from switchboard.v1 import common_pb2
+from task_svc.config import Settings, engine_config
+from task_svc.events import Stored
+from task_svc.jobs import JobEngine
+from task_svc.memory_store import MemoryJobStore
+from task_svc.task_state import TaskCore, TaskSpec
+from tests.conftest import timeout
+from tests.task.fakes import Recorder, ScriptedLlm
+
+Code = common_pb2.ErrorCode
+Status = common_pb2.TaskStatus
+
+
+class Engine:
+    """A started engine on `store`, with its recorder and a way to await its steps."""
+
+    def __init__(self, store: MemoryJobStore, llm: ScriptedLlm, **settings: Any) -> None:
+        self.store = store
+        self.llm = llm
+        self.recorder = Recorder(store)
+        settings.setdefault("task_position_interval_s", 60.0)
+        config = engine_config(Settings(**settings))
+        self.engine = JobEngine(store, self.recorder, llm, config)
+        self.steps: defaultdict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
+        self.engine.observers.append(lambda what, task_id: self.steps[what, task_id].set())
+
+    async def reached(self, what: str, task_id: str) -> None:
+        async with asyncio.timeout(timeout(5)):
+            await self.steps[what, task_id].wait()
+
+    async def submit(
+        self, prompt: str = "one two", *, task_id: str = "", user: str = "alice"
+    ) -> common_pb2.TaskState:
+        state, _ = await self.engine.submit(spec(prompt, task_id=task_id, user=user))
+        return state
+
+    async def state(self, task_id: str) -> common_pb2.TaskState:
+        return await self.engine.state(task_id, "alice")
+
+
+MakeEngine = Callable[..., Awaitable[Engine]]
+
+
+@pytest.fixture
+def store() -> MemoryJobStore:
+    return MemoryJobStore()
+
+
+@pytest.fixture
+def llm() -> ScriptedLlm:
+    return ScriptedLlm()
+
+
+@pytest.fixture
+async def make_engine(store: MemoryJobStore, llm: ScriptedLlm) -> AsyncIterator[MakeEngine]:
+    started: list[Engine] = []
+
+    async def make(**settings: Any) -> Engine:
+        engine = Engine(store, llm, **settings)
+        await engine.engine.start()
+        started.append(engine)
+        return engine
+
+    yield make
+    for engine in started:
+        await engine.engine.shutdown(0)
+
+
+def spec(prompt: str, *, task_id: str = "", user: str = "alice") -> TaskSpec:
+    return TaskSpec(task_id or str(uuid.uuid4()), user, prompt, "m", 0)
+
+
+async def error_of(awaitable: Awaitable[object]) -> ServiceError:
+    with pytest.raises(ServiceError) as caught:
+        await awaitable
+    return caught.value
+
+
+async def test_a_job_is_stored_then_run_then_removed_after_its_terminal_event(
+    make_engine: MakeEngine, store: MemoryJobStore
+) -> None:
+    e = await make_engine()
+    state = await e.submit("one two")
+    assert state.status == Status.TASK_STATUS_QUEUED and state.seq == 1
+    await e.reached("finished", state.task_id)
+    assert store.log == [
+        ("put", state.task_id),
+        ("lifecycle", "queued"),
+        ("lifecycle", "started"),
+        ("lifecycle", "completed"),
+        ("remove", 1),
+    ]
+    assert store.jobs == {} and e.engine.jobs == {}
+    assert (await e.state(state.task_id)).content == "one two"
+
+
+async def test_a_repeated_submit_is_answered_from_memory(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    e = await make_engine()
+    first = await e.submit("hold on")
+    again, duplicate = await e.engine.submit(spec("hold on", task_id=first.task_id))
+    assert duplicate and again.created_at == first.created_at
+    error = await error_of(e.submit("hold on", task_id=first.task_id, user="bob"))
+    assert error.code == Code.ERROR_CODE_FORBIDDEN
+    llm.release(first.task_id)
+    await e.reached("finished", first.task_id)
+    after, duplicate = await e.engine.submit(spec("hold on", task_id=first.task_id))
+    assert duplicate and after.status == Status.TASK_STATUS_COMPLETED
+    assert llm.order == [first.task_id] and [w for w, _ in store.log].count("put") == 1
+
+
+async def test_a_submit_the_store_cannot_take_is_overloaded_and_forgotten(
+    make_engine: MakeEngine, store: MemoryJobStore
+) -> None:
+    e = await make_engine()
+    store.unavailable = True
+    task_id = str(uuid.uuid4())
+    error = await error_of(e.submit(task_id=task_id))
+    assert error.code == Code.ERROR_CODE_OVERLOADED and error.retryable
+    assert e.engine.jobs == {} and e.engine.registry.get(task_id) is None
+    assert e.engine.queues["default"].depth == 0
+    store.unavailable = False
+    assert (await e.submit(task_id=task_id)).status == Status.TASK_STATUS_QUEUED
+
+
+async def test_a_full_queue_sheds_load(make_engine: MakeEngine, llm: ScriptedLlm) -> None:
+    e = await make_engine(task_concurrency=1, task_max_queue_depth=1)
+    running = await e.submit("hold running")
+    await llm.started[running.task_id].wait()
+    waiting = await e.submit("hold waiting")
+    error = await error_of(e.submit())
+    assert error.code == Code.ERROR_CODE_OVERLOADED and error.retry_after_ms >= 1000
+    assert e.engine.queues["default"].depth == 1
+    llm.release(running.task_id)
+    llm.release(waiting.task_id)
+    await e.reached("finished", waiting.task_id)
+    assert e.engine.queues["default"].depth == 0
+
+
+async def test_after_a_restart_a_finished_task_is_restored_not_rerun(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    first = await make_engine()
+    done = await first.submit("only once")
+    await first.reached("finished", done.task_id)
+    await first.engine.shutdown(0)
+    second = await make_engine()  # nothing in memory; the store knows the message id
+    error = await error_of(second.submit("only once", task_id=done.task_id, user="bob"))
+    assert error.code == Code.ERROR_CODE_FORBIDDEN
+    state, duplicate = await second.engine.submit(spec("only once", task_id=done.task_id))
+    assert duplicate and state.status == Status.TASK_STATUS_COMPLETED
+    assert state.content == "only once" and llm.order == [done.task_id]
+    assert second.engine.jobs == {}
+
+
+async def test_after_a_restart_an_unfinished_task_runs_on_above_its_stored_seq(
+    make_engine: MakeEngine, store: MemoryJobStore
+) -> None:
+    # Stored by a previous incarnation, its job removed, only a snapshot at seq 10 left.
+    task = spec("run on")
+    put = await store.put(task, task.task_id)
+    await store.done(put.seq)
+    store.stored[task.task_id] = Stored(seq=10, user_id="alice", attempts=1)
+    e = await make_engine()
+    state, duplicate = await e.engine.submit(task)
+    assert duplicate and state.seq == 10 + 64 + 1 and state.attempts == 1
+    await e.reached("finished", task.task_id)
+    final = await e.state(task.task_id)
+    assert final.status == Status.TASK_STATUS_COMPLETED and final.attempts == 2
+
+
+async def test_jobs_left_in_the_store_are_rebuilt_before_start_returns(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    left, finished = spec("hold left"), spec("finished before")
+    left_seq = (await store.put(left, left.task_id)).seq
+    finished_seq = (await store.put(finished, finished.task_id)).seq
+    store.stored[left.task_id] = Stored(seq=5, user_id="alice", attempts=1)
+    core = TaskCore(finished)
+    core.started()
+    done = core.cancelled()
+    assert done is not None and done.lifecycle is not None
+    store.stored[finished.task_id] = Stored(3, "alice", 1, done.lifecycle)
+    del store.log[:]
+    e = await make_engine()
+    rebuilt = await e.state(left.task_id)  # known as soon as start returns
+    assert rebuilt.status in (Status.TASK_STATUS_QUEUED, Status.TASK_STATUS_PROCESSING)
+    server = e.engine.registry.get(left.task_id)
+    assert server is not None
+    first = server.core.events_after(0)[0]
+    assert first.seq == 5 + 64 + 1 and first.progress.message == "restarted"
+    # The job of a task that had finished is only acknowledged, never run.
+    assert ("ack", finished_seq) in store.log and finished.task_id not in llm.order
+    assert (await e.state(finished.task_id)).status == Status.TASK_STATUS_CANCELLED
+    llm.release(left.task_id)
+    await e.reached("finished", left.task_id)
+    assert store.log[-2:] == [("lifecycle", "completed"), ("ack", left_seq)]
+    assert store.jobs == {}
+
+
+async def test_retries_then_a_dead_letter_stored_before_the_removal_then_requeue(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    e = await make_engine(task_max_attempts=2, task_retry_base_s=0.01)
+    state = await e.submit("flaky answer")
+    task_id = state.task_id
+    await e.reached("retrying", task_id)
+    await e.reached("finished", task_id)
+    assert llm.order == [task_id, task_id]
+    assert e.recorder.kinds(task_id) == ["queued", "started", "queued", "started", "failed"]
+    assert store.log[-3:] == [("dead", task_id), ("lifecycle", "failed"), ("remove", 1)]
+    letters = await e.engine.list_dead_letters("", 0)
+    assert [d.task_id for d in letters] == [task_id] and letters[0].attempts == 2
+    last_seq = (await e.state(task_id)).seq
+    e.steps.pop(("finished", task_id))
+    requeued = await e.engine.requeue_dead_letter(task_id)
+    assert requeued.seq > last_seq
+    await e.reached("finished", task_id)
+    final = await e.state(task_id)
+    assert final.status == Status.TASK_STATUS_COMPLETED and final.content == "flaky answer"
+    assert await e.engine.list_dead_letters("", 0) == []
+
+
+async def test_cancel_a_queued_task_and_a_running_one(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    e = await make_engine(task_concurrency=1)
+    running = await e.submit("hold the slot")
+    await llm.started[running.task_id].wait()
+    queued = await e.submit("never runs")
+    cancelled = await e.engine.cancel(queued.task_id, "alice")
+    assert cancelled.status == Status.TASK_STATUS_CANCELLED
+    assert e.recorder.kinds(queued.task_id) == ["queued", "cancelled"]
+    assert ("remove", 2) in store.log and queued.task_id not in llm.order
+    stopped = await e.engine.cancel(running.task_id, "alice")
+    assert stopped.status == Status.TASK_STATUS_CANCELLED and stopped.content == "hold"
+    assert running.task_id in llm.cancelled  # its generation was closed
+    assert store.jobs == {} and e.engine.jobs == {}
+    again = await e.engine.cancel(running.task_id, "alice")
+    assert again.status == Status.TASK_STATUS_CANCELLED
+
+
+async def test_shutdown_leaves_unfinished_jobs_stored_and_gives_pending_ones_back(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    first = await make_engine(task_concurrency=1)
+    running = await first.submit("hold running")
+    await llm.started[running.task_id].wait()
+    queued = await first.submit("hold queued")
+    await first.engine.shutdown(0)
+    assert running.task_id in llm.cancelled
+    assert sorted(store.jobs) == [1, 2]  # nothing removed: both run at the next start
+    assert not [w for w, _ in store.log if w in ("remove", "ack")]
+    second = await make_engine(task_concurrency=1)
+    assert (await second.state(queued.task_id)).status == Status.TASK_STATUS_QUEUED
+    await second.engine.shutdown(0)
+    assert store.log[-2:] == [("nak", 1), ("nak", 2)]
+
+
+def crash(core: TaskCore) -> None:
+    raise RuntimeError(f"injected crash in {core.task_id}")
+
+
+async def test_a_task_server_crashing_too_often_fails_and_is_dead_lettered(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    e = await make_engine(task_concurrency=1, task_max_restarts=1, task_restart_period_s=60)
+    running = await e.submit("hold running")
+    await llm.started[running.task_id].wait()
+    queued = await e.submit("hold queued")
+    for victim in (queued, running):  # the queued one first: it never gets the slot
+        server = e.engine.registry.get(victim.task_id)
+        assert server is not None
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                await server.call(crash)
+        await e.reached("finished", victim.task_id)
+        state = await e.state(victim.task_id)
+        assert state.status == Status.TASK_STATUS_FAILED and "crashed" in state.error.message
+        assert ("dead", victim.task_id) in store.log
+    assert running.task_id in llm.cancelled and queued.task_id not in llm.order
+    assert store.jobs == {}
+
+
+async def test_a_submit_repeated_while_the_first_is_being_stored_waits_for_it(
+    make_engine: MakeEngine, store: MemoryJobStore
+) -> None:
+    e = await make_engine()
+    task = spec("one two")
+    (first, first_dup), (again, again_dup) = await asyncio.gather(
+        e.engine.submit(task), e.engine.submit(task)
+    )
+    assert not first_dup and again_dup and again.task_id == first.task_id
+    assert [w for w, _ in store.log].count("put") == 1
+
+
+async def test_cancel_during_the_retry_backoff(
+    make_engine: MakeEngine, store: MemoryJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("task_svc.queues.random.uniform", lambda low, high: high)  # no jitter
+    e = await make_engine(task_max_attempts=3, task_retry_base_s=60)
+    state = await e.submit("flaky answer")
+    await e.reached("retrying", state.task_id)
+    cancelled = await e.engine.cancel(state.task_id, "alice")
+    assert cancelled.status == Status.TASK_STATUS_CANCELLED
+    assert e.recorder.kinds(state.task_id) == ["queued", "started", "queued", "cancelled"]
+    assert store.log[-1] == ("remove", 1) and ("dead", state.task_id) not in store.log
+    assert e.engine.queues["default"].depth == 0 and e.engine.jobs == {}
