@@ -13,6 +13,7 @@ import grpc
 
 from svckit.errors import ServiceError, rpc
 from svckit.requests import (
+    MAX_PROMPT_CHARS,
     InvalidRequest,
     check_submit,
     check_task_id,
@@ -77,7 +78,7 @@ class ModelCatalog:
 
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     def __init__(
-        self, engine: JobEngine, catalog: ModelCatalog, *, max_prompt_chars: int = 32_000
+        self, engine: JobEngine, catalog: ModelCatalog, *, max_prompt_chars: int = MAX_PROMPT_CHARS
     ) -> None:
         self.engine = engine
         self.catalog = catalog
