@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from functools import partial
 
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, tasks_pb2
@@ -27,11 +26,11 @@ from task_svc.job import RESTARTED, Job
 from task_svc.job_state import Step
 from task_svc.queues import Queues
 from task_svc.registry import forbidden
-from task_svc.runner import Runner, apply
+from task_svc.runner import Runner
 from task_svc.servers import Servers
 from task_svc.store import JobStore, Lifecycle, Pending, Put, StoreUnavailable
 from task_svc.task_server import TaskServer
-from task_svc.task_state import TaskCore, TaskSpec
+from task_svc.task_state import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,7 @@ class Intake:
         put = await self._put(job, spec.task_id)
         if put.duplicate:
             return await self._resubmitted(job), True
-        self.registry.add(job.server)
-        await self._enqueue(job)
+        self._enqueue(job)
         # Per task, so DEBUG: at hundreds of tasks a second, INFO is for what goes wrong.
         log.debug("task accepted", extra={"task_id": spec.task_id, "queue": spec.queue})
         return job.server, False
@@ -107,8 +105,7 @@ class Intake:
             return job.server
         if stored is not None:
             continue_seq(job, stored, self.seq_reserve)
-        self.registry.add(job.server)
-        await self._enqueue(job, RESTARTED if stored is not None else "")
+        self._enqueue(job, RESTARTED if stored is not None else "")
         return job.server
 
     async def requeue(self, letter: tasks_pb2.DeadLetter, seq_base: int) -> TaskServer:
@@ -116,8 +113,7 @@ class Intake:
         job = self._new(requeued_spec(letter), seq_base=seq_base)
         # A new message id: the store's deduplication still knows the task id.
         await self._put(job, f"{job.task_id}:requeue:{time.time_ns()}")
-        self.registry.add(job.server)
-        await self._enqueue(job, f"{RESTARTED}: requeued from the dead letters")
+        self._enqueue(job, f"{RESTARTED}: requeued from the dead letters")
         return job.server
 
     async def recover(self, pending: list[Pending]) -> None:
@@ -142,8 +138,7 @@ class Intake:
             await self.runner.finish(job)  # re-published: the store drops the duplicate
             return
         continue_seq(job, stored or Stored(0, job.spec.user_id, 0), self.seq_reserve)
-        self.registry.add(job.server)
-        await self._enqueue(job, RESTARTED)
+        self._enqueue(job, RESTARTED)
 
     async def last_stored(self, task_id: str) -> Stored | None:
         """What was stored about a task; a failed lookup is logged and read as nothing."""
@@ -176,19 +171,22 @@ class Intake:
         if self.jobs.get(job.task_id) is job:
             del self.jobs[job.task_id]
 
-    async def _enqueue(self, job: Job, restart: str = "") -> None:
-        """Put the task in QUEUED (with its position and eta) and the job in its queue."""
+    def _enqueue(self, job: Job, restart: str = "") -> None:
+        """Put the task in QUEUED (with its position and eta), register its server, and put
+        the job in its queue.
+
+        QUEUED is applied to the state directly, not through the mailbox: the server is not
+        registered yet, so nothing else can reach it (no watcher, no message), and the ack
+        waits for no mailbox round trip. A watcher that joined before the Submit gets the
+        QUEUED event from the log when it subscribes, just after `registry.add`."""
         position = job.queue.scheduler.position_for(job.spec.priority)
         eta_ms = job.queue.eta_ms(position)
-        change = partial(TaskCore.queued, position=position, eta_ms=eta_ms, restart=restart)
-        queued = await apply(job, change)
-        if queued is not None:
-            self.publisher.publish(queued)
+        queued = job.server.core.queued(position, eta_ms, restart)
+        self.registry.add(job.server)
+        if queued is not None and queued.lifecycle is not None:
+            self.publisher.publish(queued.lifecycle)
         job.move(Step.ACCEPT)
-        if job.server.core.terminal:  # its server crashed too often meanwhile
-            await self.runner.finish(job)
-        else:
-            self.runner.schedule(job)
+        self.runner.schedule(job)
 
 
 def continue_seq(job: Job, stored: Stored, reserve: int) -> None:
