@@ -89,6 +89,7 @@ class EventConsumer:
         ack_wait_s: float = 60.0,
         fetch_timeout_s: float = 1.0,
         retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+        linger_s: float = 0.0,
     ) -> None:
         self.js = js
         self.repository = repository
@@ -96,6 +97,9 @@ class EventConsumer:
         self.ack_wait_s = ack_wait_s
         self.fetch_timeout_s = fetch_timeout_s
         self.retry_delays_s = tuple(retry_delays_s)
+        # After a batch smaller than batch_size (no backlog), wait this long before taking
+        # the next: events wait in JetStream, and fewer, larger transactions cost less.
+        self.linger_s = linger_s
         self.stats = ConsumerStats()
         self._failures = 0
         self._retry_in_s = 0.0  # set by a back-off: run() pauses this long before going on
@@ -135,7 +139,8 @@ class EventConsumer:
                     # JetStream round trips overlap. One batch ahead at most, started only
                     # once the batch before is in hand, so memory and unacked messages stay
                     # bounded; it is written only after this one is settled.
-                    ahead = asyncio.create_task(self._fetch(), name="persistence-fetch-ahead")
+                    linger = self.linger_s if len(messages) < self.batch_size else 0.0
+                    ahead = asyncio.create_task(self._fetch(linger), name="persistence-fetch-ahead")
                 try:
                     await self.process(messages)
                 except NatsError as error:
@@ -196,9 +201,12 @@ class EventConsumer:
             return
         await self._ack([msg for msg, _ in batch])
 
-    async def _fetch(self) -> list[Msg]:
-        """The next batch; empty when nothing came within fetch_timeout_s."""
+    async def _fetch(self, linger_s: float = 0.0) -> list[Msg]:
+        """The next batch, taken after `linger_s`; empty when nothing came within
+        fetch_timeout_s."""
         assert self._sub is not None
+        if linger_s > 0:
+            await self._pause(linger_s)
         try:
             return await self._sub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
         except TimeoutError:

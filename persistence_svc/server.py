@@ -54,6 +54,7 @@ class PersistenceServer:
             js,
             self.repository,
             batch_size=settings.persistence_batch_size,
+            linger_s=settings.persistence_linger_ms / 1000,
             ack_wait_s=settings.persistence_ack_wait_s,
             retry_delays_s=[min(d, settings.persistence_retry_max_s) for d in RETRY_DELAYS_S],
         )

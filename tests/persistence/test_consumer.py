@@ -340,3 +340,18 @@ async def test_batch_fetched_ahead_goes_back_when_the_database_is_down(
         assert await event_rows(repo) == 9
     finally:
         await repo.close()
+
+
+async def test_events_arriving_while_it_lingers_are_written_in_one_batch(
+    bus: Bus, repository: Repository
+) -> None:
+    first, later = new_task_id(), [new_task_id() for _ in range(3)]
+    consumer = EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S, linger_s=timeout(2))
+    async with running(consumer):
+        await publish(bus.js, completed_lifecycle(first)[0])
+        await until(lambda: consumer.stats.batches == 1)
+        # The consumer now waits before it fetches again: these all go in its next batch.
+        for task_id in later:
+            await publish(bus.js, completed_lifecycle(task_id)[0])
+        await until(lambda: consumer.stats.acked == 4)
+    assert consumer.stats.batches == 2
