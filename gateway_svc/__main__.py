@@ -28,7 +28,8 @@ SERVICE_NAME = "switchboard.gateway"  # what the health check reports on; no gRP
 
 async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
     channel = insecure_channel(settings.task_svc_addr)  # every socket's Watch streams
-    # Submit and Cancel on a connection of their own: an ack never queues behind pushes.
+    # Submits (one SubmitMany stream) and Cancel on a connection of their own: an ack never
+    # queues behind the watches' traffic.
     control = insecure_channel(settings.task_svc_addr, own_connection=True)
     health = GrpcServer(settings.gateway_grpc_listen, lambda _server: None, [SERVICE_NAME])
     # The process-wide registry: it also holds the process collector (RSS, CPU, open fds).

@@ -30,6 +30,7 @@ from gateway_svc import phoenix, tokens
 from gateway_svc.config import Settings
 from gateway_svc.connection import CLOSE_GOING_AWAY, Auth, Connection
 from gateway_svc.limits import ConnectionCounter, RateLimiter
+from gateway_svc.submits import Submits
 from gateway_svc.task_channel import ChannelDeps
 from gateway_svc.watches import TaskWatches
 from svckit.lifecycle import cancel_and_wait
@@ -110,9 +111,11 @@ class Gateway:
         self.metrics = metrics if metrics is not None else m.GatewayMetrics()
         self.user_connections = ConnectionCounter(settings.gateway_max_connections_per_user)
         self.watches = TaskWatches(stub)
+        self.submits = Submits(control or stub)
         self.deps = ChannelDeps(
             stub,
             self.watches,
+            self.submits,
             self.metrics,
             RateLimiter(settings.gateway_generate_rate_per_s, settings.gateway_generate_burst),
             settings.gateway_max_prompt_chars,
@@ -166,6 +169,7 @@ class Gateway:
         except TimeoutError:
             log.warning("sockets still open after the shutdown grace")
         await self.watches.close()
+        await self.submits.close()
 
     async def _sweep_idle(self) -> None:
         # An idle socket is closed between `idle` and `idle * 1.25` after its last frame; a

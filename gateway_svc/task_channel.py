@@ -23,6 +23,7 @@ from gateway_svc import metrics as m
 from gateway_svc import task_payloads as tp
 from gateway_svc.limits import RateLimiter
 from gateway_svc.phoenix import Message, reply
+from gateway_svc.submits import Submits
 from gateway_svc.watches import TaskWatches, Watch
 from svckit.errors import ServiceError
 from svckit.lifecycle import cancel_and_wait
@@ -43,12 +44,13 @@ class ChannelDeps:
 
     stub: tasks_pb2_grpc.TaskServiceStub
     watches: TaskWatches  # every channel's watch, over one stream
+    submits: Submits  # every llm_generate's Submit, over one stream of its own
     metrics: m.GatewayMetrics
     generate_limiter: RateLimiter  # per user, across all of the user's sockets
     max_prompt_chars: int = MAX_PROMPT_CHARS
     join_timeout: float = 10.0
     clock: Callable[[], float] = field(default=time.monotonic)
-    # Submit and Cancel (the acks' own path, see __main__); None: `stub`.
+    # Cancel, on the acks' connection (see __main__); None: `stub`.
     control: tasks_pb2_grpc.TaskServiceStub | None = None
 
 
@@ -228,9 +230,8 @@ class TaskChannel:
         # Holding `_out` keeps the pushes this Submit causes behind its reply.
         async with self._out:
             try:
-                response = await self.control.Submit(request)
-            except grpc.aio.AioRpcError as rpc_error:
-                refusal = ServiceError.from_rpc_error(rpc_error)
+                response = await self.deps.submits.submit(request)
+            except ServiceError as refusal:
                 log.info("submit refused", extra={"topic": self.topic, "error": repr(refusal)})
                 if refusal.code == Code.ERROR_CODE_RATE_LIMITED:
                     self.metrics.rate_limited.labels("task_svc").inc()

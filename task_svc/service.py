@@ -22,6 +22,7 @@ from svckit.requests import (
 from switchboard.v1 import common_pb2, llm_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from task_svc.jobs import JobEngine
 from task_svc.registry import forbidden
+from task_svc.submit_mux import serve_submits
 from task_svc.task_server import DROPPED, TaskServer
 from task_svc.task_state import TaskSpec, Transition, now_ns
 from task_svc.watch_mux import serve_watch_many
@@ -88,6 +89,17 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def Submit(
         self, request: tasks_pb2.SubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tasks_pb2.SubmitResponse:
+        return await self.submit(request)
+
+    async def SubmitMany(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterable[tasks_pb2.SubmitCommand],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        await serve_submits(request_iterator, context, self.submit)
+
+    async def submit(self, request: tasks_pb2.SubmitRequest) -> tasks_pb2.SubmitResponse:
+        """Accept a task (both Submit and SubmitMany); raises ServiceError when refused."""
         check_submit(request, self.max_prompt_chars)
         resolved = await self.catalog.resolve(request.model)
         spec = TaskSpec(

@@ -88,6 +88,7 @@ async def serve_tasks() -> None:
     """A TaskService that answers at once: what the gateway costs, not what task_svc does."""
     from svckit.grpc_server import GrpcServer
     from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+    from task_svc.submit_mux import serve_submits
     from task_svc.watch_mux import serve_watch_many
 
     queued = common_pb2.TaskStatus.TASK_STATUS_QUEUED
@@ -99,6 +100,9 @@ async def serve_tasks() -> None:
             )
             state.queue_position = 1
             return tasks_pb2.SubmitResponse(state=state)
+
+        async def SubmitMany(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
+            await serve_submits(request_iterator, context, lambda r: self.Submit(r, None))
 
         async def WatchMany(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
             await serve_watch_many(request_iterator, context, lambda r: self.Watch(r, None))

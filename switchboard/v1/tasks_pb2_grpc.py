@@ -50,6 +50,11 @@ class TaskServiceStub:
                 request_serializer=switchboard_dot_v1_dot_tasks__pb2.WatchCommand.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_tasks__pb2.WatchBatch.FromString,
                 _registered_method=True)
+        self.SubmitMany = channel.stream_stream(
+                '/switchboard.v1.TaskService/SubmitMany',
+                request_serializer=switchboard_dot_v1_dot_tasks__pb2.SubmitCommand.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_tasks__pb2.SubmitReplies.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/switchboard.v1.TaskService/Cancel',
                 request_serializer=switchboard_dot_v1_dot_tasks__pb2.CancelRequest.SerializeToString,
@@ -100,6 +105,15 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitMany(self, request_iterator, context):
+        """Submit over one long-lived stream (what the gateway uses for its acks: a connection of
+        their own, no call set-up per task, answers batched): each SubmitCommand is one Submit,
+        answered by the SubmitReply with its id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Cancel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -145,6 +159,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WatchMany,
                     request_deserializer=switchboard_dot_v1_dot_tasks__pb2.WatchCommand.FromString,
                     response_serializer=switchboard_dot_v1_dot_tasks__pb2.WatchBatch.SerializeToString,
+            ),
+            'SubmitMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitMany,
+                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.SubmitCommand.FromString,
+                    response_serializer=switchboard_dot_v1_dot_tasks__pb2.SubmitReplies.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -249,6 +268,33 @@ class TaskService:
             '/switchboard.v1.TaskService/WatchMany',
             switchboard_dot_v1_dot_tasks__pb2.WatchCommand.SerializeToString,
             switchboard_dot_v1_dot_tasks__pb2.WatchBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchboard.v1.TaskService/SubmitMany',
+            switchboard_dot_v1_dot_tasks__pb2.SubmitCommand.SerializeToString,
+            switchboard_dot_v1_dot_tasks__pb2.SubmitReplies.FromString,
             options,
             channel_credentials,
             insecure,

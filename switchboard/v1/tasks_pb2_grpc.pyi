@@ -43,6 +43,11 @@ class TaskServiceStub:
     chooses; its responses come back tagged with that id, batched, in order, under a credit
     window the caller refills as it consumes (so a slow socket paces only its own watch).
     """
+    SubmitMany: _grpc.StreamStreamMultiCallable[_tasks_pb2.SubmitCommand, _tasks_pb2.SubmitReplies]
+    """Submit over one long-lived stream (what the gateway uses for its acks: a connection of
+    their own, no call set-up per task, answers batched): each SubmitCommand is one Submit,
+    answered by the SubmitReply with its id.
+    """
     Cancel: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelRequest, _tasks_pb2.CancelResponse]
     Get: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListDeadLettersRequest, _tasks_pb2.ListDeadLettersResponse]
@@ -68,6 +73,11 @@ class TaskServiceAsyncStub(TaskServiceStub):
     of a call per joined channel). Each watch is opened and closed by an id the caller
     chooses; its responses come back tagged with that id, batched, in order, under a credit
     window the caller refills as it consumes (so a slow socket paces only its own watch).
+    """
+    SubmitMany: _aio.StreamStreamMultiCallable[_tasks_pb2.SubmitCommand, _tasks_pb2.SubmitReplies]  # type: ignore[assignment]
+    """Submit over one long-lived stream (what the gateway uses for its acks: a connection of
+    their own, no call set-up per task, answers batched): each SubmitCommand is one Submit,
+    answered by the SubmitReply with its id.
     """
     Cancel: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelRequest, _tasks_pb2.CancelResponse]  # type: ignore[assignment]
     Get: _aio.UnaryUnaryMultiCallable[_tasks_pb2.GetTaskRequest, _tasks_pb2.GetTaskResponse]  # type: ignore[assignment]
@@ -109,6 +119,17 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         of a call per joined channel). Each watch is opened and closed by an id the caller
         chooses; its responses come back tagged with that id, batched, in order, under a credit
         window the caller refills as it consumes (so a slow socket paces only its own watch).
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_tasks_pb2.SubmitCommand],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tasks_pb2.SubmitReplies], _abc.AsyncIterator[_tasks_pb2.SubmitReplies]]:
+        """Submit over one long-lived stream (what the gateway uses for its acks: a connection of
+        their own, no call set-up per task, answers batched): each SubmitCommand is one Submit,
+        answered by the SubmitReply with its id.
         """
 
     @_abc_1.abstractmethod

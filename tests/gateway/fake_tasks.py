@@ -11,6 +11,7 @@ import grpc
 
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from task_svc.submit_mux import serve_submits
 from task_svc.watch_mux import serve_watch_many
 
 Status = common_pb2.TaskStatus
@@ -55,9 +56,9 @@ class FakeTask:
         return event
 
 
-class OneWatch:
-    """The context the fake's Watch sees inside WatchMany: an abort ends that watch alone,
-    with the typed error (as task_svc's own watches end)."""
+class OneCall:
+    """The context the fake's Watch and Submit see inside WatchMany and SubmitMany: an abort
+    ends that one call, with the typed error (as task_svc's own calls end)."""
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):  # type: ignore[no-untyped-def]
         raise ServiceError.from_status(code, details, trailing_metadata)
@@ -111,9 +112,12 @@ class FakeTasks(tasks_pb2_grpc.TaskServiceServicer):
             run.add_done_callback(self.runs.discard)
         return tasks_pb2.SubmitResponse(state=task.state)
 
+    async def SubmitMany(self, request_iterator, context):  # type: ignore[no-untyped-def, override]
+        await serve_submits(request_iterator, context, lambda r: self.Submit(r, OneCall()))  # type: ignore[no-untyped-call]
+
     async def WatchMany(self, request_iterator, context):  # type: ignore[no-untyped-def, override]
         # task_svc's own server half, around the fake's Watch.
-        await serve_watch_many(request_iterator, context, lambda r: self.Watch(r, OneWatch()))  # type: ignore[no-untyped-call]
+        await serve_watch_many(request_iterator, context, lambda r: self.Watch(r, OneCall()))  # type: ignore[no-untyped-call]
 
     async def Watch(self, request, context):  # type: ignore[no-untyped-def]
         self.watches.append(request)
