@@ -23,7 +23,12 @@ def _split(batch: tasks_pb2.SubmitReplies) -> Iterable[tuple[int, Reply]]:
 
 class Submits:
     def __init__(self, stub: tasks_pb2_grpc.TaskServiceStub) -> None:
-        self.mux: MuxClient[Reply] = MuxClient(stub.SubmitMany, _split, "task_svc submits")
+        self.mux: MuxClient[Reply] = MuxClient(
+            stub.SubmitMany,
+            _split,
+            lambda commands: tasks_pb2.SubmitCommands(commands=commands),
+            "task_svc submits",
+        )
 
     async def submit(self, request: tasks_pb2.SubmitRequest) -> tasks_pb2.SubmitResponse:
         call = self.mux.call()

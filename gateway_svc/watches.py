@@ -67,7 +67,12 @@ class Watch:
 
 class TaskWatches:
     def __init__(self, stub: tasks_pb2_grpc.TaskServiceStub, window: int = WINDOW) -> None:
-        self.mux: MuxClient[Item] = MuxClient(stub.WatchMany, _split, "task_svc watches")
+        self.mux: MuxClient[Item] = MuxClient(
+            stub.WatchMany,
+            _split,
+            lambda commands: tasks_pb2.WatchCommands(commands=commands),
+            "task_svc watches",
+        )
         self.window = window
 
     def open(self, request: tasks_pb2.WatchRequest) -> Watch:

@@ -48,7 +48,7 @@ async def _run(
 
 
 async def serve_many(
-    commands: AsyncIterable[llm_pb2.GenerateCommand], context: Any, generate: Generate
+    messages: AsyncIterable[llm_pb2.GenerateCommands], context: Any, generate: Generate
 ) -> None:
     """Run one GenerateMany call to its end."""
     mux: StreamMux[llm_pb2.TaggedEvent] = StreamMux(
@@ -66,4 +66,4 @@ async def serve_many(
         else:
             mux.spawn(command.id, _run(mux, command.id, command.start, generate))
 
-    await mux.serve(commands, handle, context)
+    await mux.serve(messages, lambda m: m.commands, handle, context)

@@ -37,7 +37,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
 
     async def GenerateMany(  # type: ignore[override]
         self,
-        request_iterator: AsyncIterable[llm_pb2.GenerateCommand],
+        request_iterator: AsyncIterable[llm_pb2.GenerateCommands],
         context: grpc.aio.ServicerContext[object, object],
     ) -> None:
         await serve_many(request_iterator, context, self.events)

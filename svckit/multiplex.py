@@ -67,12 +67,14 @@ class StreamMux(Generic[Item]):
 
     async def serve(
         self,
-        commands: AsyncIterable[Command],
+        messages: AsyncIterable[Any],
+        unpack: Callable[[Any], Iterable[Command]],
         handle: Callable[[Command], None],
         context: Any,
     ) -> None:
-        """Run the stream to its end: `handle` each command as it comes, write batches."""
-        reader = asyncio.create_task(self._read(commands, handle), name="mux commands")
+        """Run the stream to its end: `handle` each command of each message as it comes
+        (`unpack` lists them), write batches."""
+        reader = asyncio.create_task(self._read(messages, unpack, handle), name="mux commands")
         try:
             while self._reading or self._running or self._outbox:
                 await self._ready.wait()
@@ -89,11 +91,15 @@ class StreamMux(Generic[Item]):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read(
-        self, commands: AsyncIterable[Command], handle: Callable[[Command], None]
+        self,
+        messages: AsyncIterable[Any],
+        unpack: Callable[[Any], Iterable[Command]],
+        handle: Callable[[Command], None],
     ) -> None:
         try:
-            async for command in commands:
-                handle(command)
+            async for message in messages:
+                for command in unpack(message):
+                    handle(command)
         finally:
             self._reading = False
             self._ready.set()
@@ -106,10 +112,15 @@ class _Link(Generic[Item]):
     """One stream-stream call, with the queue of every logical call it carries."""
 
     def __init__(
-        self, call: Any, split: Callable[[Any], Iterable[tuple[int, Item]]], name: str
+        self,
+        call: Any,
+        split: Callable[[Any], Iterable[tuple[int, Item]]],
+        pack: Callable[[list[Any]], Any],
+        name: str,
     ) -> None:
         self.call = call
         self.name = name
+        self._pack = pack
         self.queues: dict[int, asyncio.Queue[Item | ServiceError]] = {}
         self.commands: asyncio.Queue[Any] = asyncio.Queue()
         self.broken: ServiceError | None = None
@@ -118,10 +129,15 @@ class _Link(Generic[Item]):
         self._reader = asyncio.create_task(self._read(), name=f"{name} responses")
 
     async def _write(self) -> None:
-        # One writer: grpc.aio takes one write at a time.
+        # One writer (grpc.aio takes one write at a time), and everything queued meanwhile in
+        # one message: a write waits a turn of the event loop, so a burst of commands (every
+        # client starting at once) must not cost a turn each.
         try:
             while True:
-                await self.call.write(await self.commands.get())
+                commands = [await self.commands.get()]
+                while not self.commands.empty():
+                    commands.append(self.commands.get_nowait())
+                await self.call.write(self._pack(commands))
         except grpc.aio.AioRpcError as error:
             self.fail(ServiceError.from_rpc_error(error))
         except asyncio.InvalidStateError:  # the call ended; the reader says why
@@ -200,7 +216,8 @@ class MuxClient(Generic[Item]):
     """The client half: opens the stream on first use, and again after it broke.
 
     `open_call()` starts the stream-stream call; `split(batch)` lists a received batch as
-    (call id, item) pairs. A broken stream fails every call on it with the typed error of
+    (call id, item) pairs; `pack(commands)` makes the message that carries queued commands.
+    A broken stream fails every call on it with the typed error of
     the break (callers retry as they would a failed call); the next `call()` opens anew.
     """
 
@@ -208,10 +225,12 @@ class MuxClient(Generic[Item]):
         self,
         open_call: Callable[[], Any],
         split: Callable[[Any], Iterable[tuple[int, Item]]],
+        pack: Callable[[list[Any]], Any],
         name: str,
     ) -> None:
         self._open_call = open_call
         self._split = split
+        self._pack = pack
         self._name = name
         self._ids = itertools.count(1)
         self._link: _Link[Item] | None = None
@@ -223,7 +242,7 @@ class MuxClient(Generic[Item]):
         if link is None or link.broken is not None:
             if link is not None:
                 self._old.append(link)
-            link = self._link = _Link(self._open_call(), self._split, self._name)
+            link = self._link = _Link(self._open_call(), self._split, self._pack, self._name)
             self.streams_opened += 1
             self._old = [old for old in self._old if not _done(old)]  # closed at shutdown
         return MuxCall(link, next(self._ids))

@@ -26,7 +26,12 @@ def _split(batch: llm_pb2.GenerateBatch) -> Iterable[tuple[int, Event]]:
 class LlmClient:
     def __init__(self, stub: llm_pb2_grpc.LlmServiceStub) -> None:
         self.stub = stub
-        self.mux: MuxClient[Event] = MuxClient(stub.GenerateMany, _split, "llm_svc")
+        self.mux: MuxClient[Event] = MuxClient(
+            stub.GenerateMany,
+            _split,
+            lambda commands: llm_pb2.GenerateCommands(commands=commands),
+            "llm_svc",
+        )
 
     async def generate(self, request: llm_pb2.GenerateRequest) -> AsyncGenerator[Event, None]:
         """The events of one generation, up to and including its `final` or `error`; a broken

@@ -93,7 +93,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
     async def SubmitMany(  # type: ignore[override]
         self,
-        request_iterator: AsyncIterable[tasks_pb2.SubmitCommand],
+        request_iterator: AsyncIterable[tasks_pb2.SubmitCommands],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         await serve_submits(request_iterator, context, self.submit)
@@ -126,7 +126,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
     async def WatchMany(  # type: ignore[override]
         self,
-        request_iterator: AsyncIterable[tasks_pb2.WatchCommand],
+        request_iterator: AsyncIterable[tasks_pb2.WatchCommands],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         await serve_watch_many(request_iterator, context, self._watch)

@@ -36,7 +36,7 @@ async def _one(
 
 
 async def serve_submits(
-    commands: AsyncIterable[tasks_pb2.SubmitCommand], context: Any, submit: Submit
+    messages: AsyncIterable[tasks_pb2.SubmitCommands], context: Any, submit: Submit
 ) -> None:
     """Run one SubmitMany call to its end."""
     mux: StreamMux[Reply] = StreamMux(lambda replies: tasks_pb2.SubmitReplies(replies=replies))
@@ -45,4 +45,4 @@ async def serve_submits(
         if not mux.running(command.id):
             mux.spawn(command.id, _one(mux, command.id, command.request, submit))
 
-    await mux.serve(commands, handle, context)
+    await mux.serve(messages, lambda m: m.commands, handle, context)

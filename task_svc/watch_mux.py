@@ -75,7 +75,7 @@ async def _run(
 
 
 async def serve_watch_many(
-    commands: AsyncIterable[tasks_pb2.WatchCommand], context: Any, follow: Follow
+    messages: AsyncIterable[tasks_pb2.WatchCommands], context: Any, follow: Follow
 ) -> None:
     """Run one WatchMany call to its end."""
     mux: StreamMux[Item] = StreamMux(lambda items: tasks_pb2.WatchBatch(items=items))
@@ -97,4 +97,4 @@ async def serve_watch_many(
         elif command.credit > 0 and (held := credits.get(command.id)) is not None:
             held.grant(command.credit)
 
-    await mux.serve(commands, handle, context)
+    await mux.serve(messages, lambda m: m.commands, handle, context)

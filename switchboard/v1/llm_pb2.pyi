@@ -277,6 +277,28 @@ class GenerateCommand(_message.Message):
 Global___GenerateCommand: _TypeAlias = GenerateCommand  # noqa: Y015
 
 @_typing.final
+class GenerateCommands(_message.Message):
+    """The commands ready when the caller could write: a burst costs one message, not one each."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerateCommand]: ...
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___GenerateCommand] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateCommands: _TypeAlias = GenerateCommands  # noqa: Y015
+
+@_typing.final
 class TaggedEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -42,7 +42,7 @@ class LlmServiceStub:
                 _registered_method=True)
         self.GenerateMany = channel.stream_stream(
                 '/switchboard.v1.LlmService/GenerateMany',
-                request_serializer=switchboard_dot_v1_dot_llm__pb2.GenerateCommand.SerializeToString,
+                request_serializer=switchboard_dot_v1_dot_llm__pb2.GenerateCommands.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_llm__pb2.GenerateBatch.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
@@ -87,7 +87,7 @@ def add_LlmServiceServicer_to_server(servicer, server):
             ),
             'GenerateMany': grpc.stream_stream_rpc_method_handler(
                     servicer.GenerateMany,
-                    request_deserializer=switchboard_dot_v1_dot_llm__pb2.GenerateCommand.FromString,
+                    request_deserializer=switchboard_dot_v1_dot_llm__pb2.GenerateCommands.FromString,
                     response_serializer=switchboard_dot_v1_dot_llm__pb2.GenerateBatch.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
@@ -149,7 +149,7 @@ class LlmService:
             request_iterator,
             target,
             '/switchboard.v1.LlmService/GenerateMany',
-            switchboard_dot_v1_dot_llm__pb2.GenerateCommand.SerializeToString,
+            switchboard_dot_v1_dot_llm__pb2.GenerateCommands.SerializeToString,
             switchboard_dot_v1_dot_llm__pb2.GenerateBatch.FromString,
             options,
             channel_credentials,

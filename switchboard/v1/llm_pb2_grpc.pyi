@@ -34,7 +34,7 @@ class LlmServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LlmServiceAsyncStub: ...
     Generate: _grpc.UnaryStreamMultiCallable[_llm_pb2.GenerateRequest, _llm_pb2.GenerateEvent]
-    GenerateMany: _grpc.StreamStreamMultiCallable[_llm_pb2.GenerateCommand, _llm_pb2.GenerateBatch]
+    GenerateMany: _grpc.StreamStreamMultiCallable[_llm_pb2.GenerateCommands, _llm_pb2.GenerateBatch]
     """Many generations over one long-lived stream (what task_svc uses): the caller starts and
     cancels them by an id of its choosing; their events come back tagged with it, batched.
     A stream that breaks ends every generation on it; closing it cancels them all.
@@ -47,7 +47,7 @@ class LlmServiceAsyncStub(LlmServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_llm_pb2.GenerateRequest, _llm_pb2.GenerateEvent]  # type: ignore[assignment]
-    GenerateMany: _aio.StreamStreamMultiCallable[_llm_pb2.GenerateCommand, _llm_pb2.GenerateBatch]  # type: ignore[assignment]
+    GenerateMany: _aio.StreamStreamMultiCallable[_llm_pb2.GenerateCommands, _llm_pb2.GenerateBatch]  # type: ignore[assignment]
     """Many generations over one long-lived stream (what task_svc uses): the caller starts and
     cancels them by an id of its choosing; their events come back tagged with it, batched.
     A stream that breaks ends every generation on it; closing it cancels them all.
@@ -67,7 +67,7 @@ class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def GenerateMany(
         self,
-        request_iterator: _MaybeAsyncIterator[_llm_pb2.GenerateCommand],
+        request_iterator: _MaybeAsyncIterator[_llm_pb2.GenerateCommands],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_llm_pb2.GenerateBatch], _abc.AsyncIterator[_llm_pb2.GenerateBatch]]:
         """Many generations over one long-lived stream (what task_svc uses): the caller starts and

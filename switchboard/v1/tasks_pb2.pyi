@@ -538,6 +538,28 @@ class WatchCommand(_message.Message):
 Global___WatchCommand: _TypeAlias = WatchCommand  # noqa: Y015
 
 @_typing.final
+class WatchCommands(_message.Message):
+    """The commands ready when the caller could write: a burst costs one message, not one each."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchCommand]: ...
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___WatchCommand] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCommands: _TypeAlias = WatchCommands  # noqa: Y015
+
+@_typing.final
 class WatchItem(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -615,6 +637,26 @@ class SubmitCommand(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitCommand: _TypeAlias = SubmitCommand  # noqa: Y015
+
+@_typing.final
+class SubmitCommands(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitCommand]: ...
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___SubmitCommand] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitCommands: _TypeAlias = SubmitCommands  # noqa: Y015
 
 @_typing.final
 class SubmitReply(_message.Message):

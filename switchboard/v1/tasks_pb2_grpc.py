@@ -47,12 +47,12 @@ class TaskServiceStub:
                 _registered_method=True)
         self.WatchMany = channel.stream_stream(
                 '/switchboard.v1.TaskService/WatchMany',
-                request_serializer=switchboard_dot_v1_dot_tasks__pb2.WatchCommand.SerializeToString,
+                request_serializer=switchboard_dot_v1_dot_tasks__pb2.WatchCommands.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_tasks__pb2.WatchBatch.FromString,
                 _registered_method=True)
         self.SubmitMany = channel.stream_stream(
                 '/switchboard.v1.TaskService/SubmitMany',
-                request_serializer=switchboard_dot_v1_dot_tasks__pb2.SubmitCommand.SerializeToString,
+                request_serializer=switchboard_dot_v1_dot_tasks__pb2.SubmitCommands.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_tasks__pb2.SubmitReplies.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
@@ -157,12 +157,12 @@ def add_TaskServiceServicer_to_server(servicer, server):
             ),
             'WatchMany': grpc.stream_stream_rpc_method_handler(
                     servicer.WatchMany,
-                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.WatchCommand.FromString,
+                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.WatchCommands.FromString,
                     response_serializer=switchboard_dot_v1_dot_tasks__pb2.WatchBatch.SerializeToString,
             ),
             'SubmitMany': grpc.stream_stream_rpc_method_handler(
                     servicer.SubmitMany,
-                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.SubmitCommand.FromString,
+                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.SubmitCommands.FromString,
                     response_serializer=switchboard_dot_v1_dot_tasks__pb2.SubmitReplies.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
@@ -266,7 +266,7 @@ class TaskService:
             request_iterator,
             target,
             '/switchboard.v1.TaskService/WatchMany',
-            switchboard_dot_v1_dot_tasks__pb2.WatchCommand.SerializeToString,
+            switchboard_dot_v1_dot_tasks__pb2.WatchCommands.SerializeToString,
             switchboard_dot_v1_dot_tasks__pb2.WatchBatch.FromString,
             options,
             channel_credentials,
@@ -293,7 +293,7 @@ class TaskService:
             request_iterator,
             target,
             '/switchboard.v1.TaskService/SubmitMany',
-            switchboard_dot_v1_dot_tasks__pb2.SubmitCommand.SerializeToString,
+            switchboard_dot_v1_dot_tasks__pb2.SubmitCommands.SerializeToString,
             switchboard_dot_v1_dot_tasks__pb2.SubmitReplies.FromString,
             options,
             channel_credentials,

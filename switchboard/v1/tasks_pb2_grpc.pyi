@@ -37,13 +37,13 @@ class TaskServiceStub:
     """Accepts a task durably (stored in JetStream before the reply). Idempotent on task_id."""
     Watch: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WatchRequest, _tasks_pb2.WatchResponse]
     """The task's current state first, then every event after `after_seq`, in order."""
-    WatchMany: _grpc.StreamStreamMultiCallable[_tasks_pb2.WatchCommand, _tasks_pb2.WatchBatch]
+    WatchMany: _grpc.StreamStreamMultiCallable[_tasks_pb2.WatchCommands, _tasks_pb2.WatchBatch]
     """Many Watches over one long-lived stream (what the gateway uses: one per process instead
     of a call per joined channel). Each watch is opened and closed by an id the caller
     chooses; its responses come back tagged with that id, batched, in order, under a credit
     window the caller refills as it consumes (so a slow socket paces only its own watch).
     """
-    SubmitMany: _grpc.StreamStreamMultiCallable[_tasks_pb2.SubmitCommand, _tasks_pb2.SubmitReplies]
+    SubmitMany: _grpc.StreamStreamMultiCallable[_tasks_pb2.SubmitCommands, _tasks_pb2.SubmitReplies]
     """Submit over one long-lived stream (what the gateway uses for its acks: a connection of
     their own, no call set-up per task, answers batched): each SubmitCommand is one Submit,
     answered by the SubmitReply with its id.
@@ -68,13 +68,13 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Accepts a task durably (stored in JetStream before the reply). Idempotent on task_id."""
     Watch: _aio.UnaryStreamMultiCallable[_tasks_pb2.WatchRequest, _tasks_pb2.WatchResponse]  # type: ignore[assignment]
     """The task's current state first, then every event after `after_seq`, in order."""
-    WatchMany: _aio.StreamStreamMultiCallable[_tasks_pb2.WatchCommand, _tasks_pb2.WatchBatch]  # type: ignore[assignment]
+    WatchMany: _aio.StreamStreamMultiCallable[_tasks_pb2.WatchCommands, _tasks_pb2.WatchBatch]  # type: ignore[assignment]
     """Many Watches over one long-lived stream (what the gateway uses: one per process instead
     of a call per joined channel). Each watch is opened and closed by an id the caller
     chooses; its responses come back tagged with that id, batched, in order, under a credit
     window the caller refills as it consumes (so a slow socket paces only its own watch).
     """
-    SubmitMany: _aio.StreamStreamMultiCallable[_tasks_pb2.SubmitCommand, _tasks_pb2.SubmitReplies]  # type: ignore[assignment]
+    SubmitMany: _aio.StreamStreamMultiCallable[_tasks_pb2.SubmitCommands, _tasks_pb2.SubmitReplies]  # type: ignore[assignment]
     """Submit over one long-lived stream (what the gateway uses for its acks: a connection of
     their own, no call set-up per task, answers batched): each SubmitCommand is one Submit,
     answered by the SubmitReply with its id.
@@ -112,7 +112,7 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def WatchMany(
         self,
-        request_iterator: _MaybeAsyncIterator[_tasks_pb2.WatchCommand],
+        request_iterator: _MaybeAsyncIterator[_tasks_pb2.WatchCommands],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tasks_pb2.WatchBatch], _abc.AsyncIterator[_tasks_pb2.WatchBatch]]:
         """Many Watches over one long-lived stream (what the gateway uses: one per process instead
@@ -124,7 +124,7 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def SubmitMany(
         self,
-        request_iterator: _MaybeAsyncIterator[_tasks_pb2.SubmitCommand],
+        request_iterator: _MaybeAsyncIterator[_tasks_pb2.SubmitCommands],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tasks_pb2.SubmitReplies], _abc.AsyncIterator[_tasks_pb2.SubmitReplies]]:
         """Submit over one long-lived stream (what the gateway uses for its acks: a connection of
