@@ -232,9 +232,11 @@ class Connection:
         event, so a client catching up on a backlog paces the Watch stream (and, through
         gRPC flow control, task_svc) instead of overflowing the queue. A client that does
         not drain within GATEWAY_SLOW_CONSUMER_S is a slow consumer: closed with 1008."""
+        if not self._must_wait():
+            return  # the common case, once per pushed event: no timer, no event
         try:
             async with asyncio.timeout(self.settings.gateway_slow_consumer_s):
-                while (box := self._outbox) is not None and box.half_full() and not self._closing:
+                while self._must_wait():
                     if self._drained is None:
                         self._drained = asyncio.Event()
                     self._drained.clear()
@@ -242,6 +244,10 @@ class Connection:
         except TimeoutError:
             if not self._closing:
                 self._slow_consumer("outbound queue not drained in time")
+
+    def _must_wait(self) -> bool:
+        box = self._outbox
+        return box is not None and box.half_full() and not self._closing
 
     async def _write(self, box: Outbox) -> None:
         try:

@@ -6,6 +6,8 @@ bounded whatever clients send.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway_svc.channels import LIMIT_CHANNELS as LIMIT_CHANNELS  # GATEWAY_MAX_CHANNELS
@@ -78,6 +80,15 @@ class GatewayMetrics:
         self.pushes = Counter(
             "gateway_pushes", "Task events pushed to sockets, by event.", ["event"], registry=r
         )
+        self._pushed: dict[str, Any] = {}
 
     def limit(self, name: str) -> None:
         self.limit_hits.labels(name).inc()
+
+    def pushed(self, event: str) -> None:
+        """Count one push; called for every event, so the labelled child is kept (`labels`
+        takes a lock and a lookup each time)."""
+        child = self._pushed.get(event)
+        if child is None:
+            child = self._pushed[event] = self.pushes.labels(event)
+        child.inc()

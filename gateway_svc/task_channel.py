@@ -149,7 +149,7 @@ class TaskChannel:
                 self._terminal = self._terminal or tp.is_terminal(event)
                 push = tp.event_push(event)
                 if push is not None:
-                    self.metrics.pushes.labels(push[0]).inc()
+                    self.metrics.pushed(push[0])
                     async with self._out:
                         await self._send(Message(self.join_ref, None, self.topic, *push))
         except ServiceError as error:

@@ -24,7 +24,7 @@ from task_svc.jobs import JobEngine
 from task_svc.registry import forbidden
 from task_svc.submit_mux import serve_submits
 from task_svc.task_server import DROPPED, TaskServer
-from task_svc.task_state import TaskSpec, Transition, now_ns
+from task_svc.task_state import TaskSpec, ends_task, now_ns
 from task_svc.watch_mux import serve_watch_many
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 yield tasks_pb2.WatchResponse(state=state)
             for event in backlog:
                 yield tasks_pb2.WatchResponse(event=event)
-                if Transition(event).terminal:
+                if ends_task(event):
                     return
             if watcher is None:
                 return
@@ -177,7 +177,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                         "watcher fell behind; watch again with the last seq",
                     )
                 yield tasks_pb2.WatchResponse(event=item)
-                if Transition(item).terminal:
+                if ends_task(item):
                     return
         finally:
             if watcher is not None:

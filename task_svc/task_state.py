@@ -96,10 +96,15 @@ class Transition:
 
     @property
     def terminal(self) -> bool:
-        kind = self.event.WhichOneof("kind")
-        if kind in ("completed", "error"):
-            return True
-        return kind == "progress" and self.event.progress.status in TERMINAL
+        return ends_task(self.event)
+
+
+def ends_task(event: tasks_pb2.TaskEvent) -> bool:
+    """Whether `event` is its task's last: completed, failed, or a terminal progress."""
+    kind = event.WhichOneof("kind")
+    if kind in ("completed", "error"):
+        return True
+    return kind == "progress" and event.progress.status in TERMINAL
 
 
 class TaskCore:
