@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     persistence_batch_size: int = Field(default=256, ge=1, le=10_000)
     # Milliseconds to let events gather after a small batch before taking the next (history
     # lags by at most about this; 0: take each as soon as it is there).
-    persistence_linger_ms: float = Field(default=20.0, ge=0)
+    persistence_linger_ms: float = Field(default=50.0, ge=0)
     # Seconds JetStream waits for our ack before redelivering a message.
     persistence_ack_wait_s: float = Field(default=60.0, gt=0)
     # The longest pause between retries while the database is down (the back-off starts at
