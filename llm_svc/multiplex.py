@@ -7,7 +7,6 @@ command, or the stream's end) closes its provider stream, which aborts the HTTP 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -16,8 +15,6 @@ from svckit.errors import ServiceError
 from svckit.multiplex import StreamMux
 from switchboard.v1 import common_pb2, llm_pb2
 
-log = logging.getLogger(__name__)
-
 Generate = Callable[[llm_pb2.GenerateRequest], AsyncIterator[llm_pb2.GenerateEvent]]
 
 
@@ -25,11 +22,8 @@ def _tagged(generation_id: int, event: llm_pb2.GenerateEvent) -> llm_pb2.TaggedE
     return llm_pb2.TaggedEvent(id=generation_id, event=event)
 
 
-def _error(
-    generation_id: int, code: common_pb2.ErrorCode.ValueType, message: str
-) -> llm_pb2.TaggedEvent:
-    event = llm_pb2.GenerateEvent(error=ServiceError(code, message).to_proto())
-    return _tagged(generation_id, event)
+def _failed(generation_id: int, error: ServiceError) -> llm_pb2.TaggedEvent:
+    return _tagged(generation_id, llm_pb2.GenerateEvent(error=error.to_proto()))
 
 
 async def _run(
@@ -38,13 +32,11 @@ async def _run(
     request: llm_pb2.GenerateRequest,
     generate: Generate,
 ) -> None:
-    try:
-        async with aclosing(generate(request)) as events:  # type: ignore[type-var]
-            async for event in events:
-                mux.send(_tagged(generation_id, event))
-    except Exception:  # a bug of ours: that generation ends with a typed error
-        log.exception("generation failed", extra={"request_id": request.request_id})
-        mux.send(_error(generation_id, common_pb2.ERROR_CODE_INTERNAL, "llm_svc failed"))
+    # Domain failures are `error` events of the generation itself; an exception here is a
+    # bug of ours, and StreamMux ends that generation alone with a typed error (`_failed`).
+    async with aclosing(generate(request)) as events:  # type: ignore[type-var]
+        async for event in events:
+            mux.send(_tagged(generation_id, event))
 
 
 async def serve_many(
@@ -52,7 +44,7 @@ async def serve_many(
 ) -> None:
     """Run one GenerateMany call to its end."""
     mux: StreamMux[llm_pb2.TaggedEvent] = StreamMux(
-        lambda events: llm_pb2.GenerateBatch(events=events)
+        lambda events: llm_pb2.GenerateBatch(events=events), _failed
     )
 
     def handle(command: llm_pb2.GenerateCommand) -> None:
@@ -62,7 +54,8 @@ async def serve_many(
             return
         elif mux.running(command.id):
             message = f"generation {command.id} is already running"
-            mux.send(_error(command.id, common_pb2.ERROR_CODE_INVALID_REQUEST, message))
+            duplicate = ServiceError(common_pb2.ERROR_CODE_INVALID_REQUEST, message)
+            mux.send(_failed(command.id, duplicate))
         else:
             mux.spawn(command.id, _run(mux, command.id, command.start, generate))
 

@@ -35,8 +35,18 @@ Command = TypeVar("Command")
 
 
 class StreamMux(Generic[Item]):
-    def __init__(self, batch: Callable[[list[Item]], Any]) -> None:
-        self._batch = batch  # builds the batch message from the items ready
+    """`batch(items)` builds the message of the items ready; `failed(key, error)` the item
+    that ends logical call `key` with a typed error. A call that raises ServiceError ends
+    with it; any other exception is a bug of ours: logged, and the call ends INTERNAL. Either
+    way only that call ends, never the stream."""
+
+    def __init__(
+        self,
+        batch: Callable[[list[Item]], Any],
+        failed: Callable[[int, ServiceError], Item],
+    ) -> None:
+        self._batch = batch
+        self._failed = failed
         self._running: dict[int, asyncio.Task[None]] = {}
         self._outbox: collections.deque[Item] = collections.deque()
         self._ready = asyncio.Event()
@@ -47,9 +57,18 @@ class StreamMux(Generic[Item]):
 
     def spawn(self, key: int, run: Coroutine[Any, Any, None]) -> None:
         """Run one logical call (`key` must not be running: check `running` first)."""
-        task = asyncio.create_task(run, name=f"mux call {key}")
+        task = asyncio.create_task(self._guarded(key, run), name=f"mux call {key}")
         self._running[key] = task
         task.add_done_callback(lambda _: self._ended(key, task))
+
+    async def _guarded(self, key: int, run: Coroutine[Any, Any, None]) -> None:
+        try:
+            await run
+        except ServiceError as error:
+            self.send(self._failed(key, error))
+        except Exception:
+            log.exception("multiplexed call failed", extra={"call": key})
+            self.send(self._failed(key, ServiceError(Code.ERROR_CODE_INTERNAL, "it failed")))
 
     def cancel(self, key: int) -> None:
         task = self._running.get(key)
@@ -189,10 +208,6 @@ class MuxCall(Generic[Item]):
         self._queue: asyncio.Queue[Item | ServiceError] = asyncio.Queue()
         link.queues[key] = self._queue
 
-    @property
-    def broken(self) -> bool:
-        return self._link.broken is not None
-
     def send(self, command: Any) -> None:
         """Queue a command (dropped once the stream is broken: nothing is listening)."""
         if self._link.broken is None:
@@ -204,9 +219,6 @@ class MuxCall(Generic[Item]):
         if isinstance(item, ServiceError):
             raise item
         return item
-
-    def ready(self) -> bool:
-        return not self._queue.empty()
 
     def close(self) -> None:
         self._link.queues.pop(self.id, None)

@@ -8,15 +8,12 @@ any, comes back in its reply.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
 
 from svckit.errors import ServiceError
 from svckit.multiplex import StreamMux
-from switchboard.v1 import common_pb2, tasks_pb2
-
-log = logging.getLogger(__name__)
+from switchboard.v1 import tasks_pb2
 
 Submit = Callable[[tasks_pb2.SubmitRequest], Awaitable[tasks_pb2.SubmitResponse]]
 Reply = tasks_pb2.SubmitReply
@@ -25,21 +22,20 @@ Reply = tasks_pb2.SubmitReply
 async def _one(
     mux: StreamMux[Reply], call_id: int, request: tasks_pb2.SubmitRequest, submit: Submit
 ) -> None:
-    try:
-        mux.send(Reply(id=call_id, response=await submit(request)))
-    except ServiceError as error:
-        mux.send(Reply(id=call_id, error=error.to_proto()))
-    except Exception:  # a bug of ours: that Submit fails with a typed error
-        log.exception("submit failed", extra={"task_id": request.task_id})
-        failure = ServiceError(common_pb2.ERROR_CODE_INTERNAL, "the submit failed")
-        mux.send(Reply(id=call_id, error=failure.to_proto()))
+    mux.send(Reply(id=call_id, response=await submit(request)))  # a refusal: StreamMux
+
+
+def _refused(call_id: int, error: ServiceError) -> Reply:
+    return Reply(id=call_id, error=error.to_proto())
 
 
 async def serve_submits(
     messages: AsyncIterable[tasks_pb2.SubmitCommands], context: Any, submit: Submit
 ) -> None:
     """Run one SubmitMany call to its end."""
-    mux: StreamMux[Reply] = StreamMux(lambda replies: tasks_pb2.SubmitReplies(replies=replies))
+    mux: StreamMux[Reply] = StreamMux(
+        lambda replies: tasks_pb2.SubmitReplies(replies=replies), _refused
+    )
 
     def handle(command: tasks_pb2.SubmitCommand) -> None:
         if not mux.running(command.id):

@@ -13,7 +13,6 @@ up from its last seq.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -21,8 +20,6 @@ from typing import Any
 from svckit.errors import ServiceError
 from svckit.multiplex import StreamMux
 from switchboard.v1 import common_pb2, tasks_pb2
-
-log = logging.getLogger(__name__)
 
 Follow = Callable[[tasks_pb2.WatchRequest], AsyncIterator[tasks_pb2.WatchResponse]]
 Item = tasks_pb2.WatchItem
@@ -58,27 +55,25 @@ async def _run(
     credits: dict[int, _Credit],
 ) -> None:
     credit = credits[watch_id]
-    try:
+    try:  # an error ends this watch alone: StreamMux sends its item (`_failed`)
         async with aclosing(follow(request)) as responses:  # type: ignore[type-var]
             async for response in responses:
                 await credit.take()
                 mux.send(Item(id=watch_id, response=response))
         mux.send(Item(id=watch_id, end=True))
-    except ServiceError as error:
-        mux.send(Item(id=watch_id, error=error.to_proto()))
-    except Exception:  # a bug of ours: that watch ends with a typed error
-        log.exception("watch failed", extra={"task_id": request.task_id})
-        failure = ServiceError(common_pb2.ERROR_CODE_INTERNAL, "the watch failed")
-        mux.send(Item(id=watch_id, error=failure.to_proto()))
     finally:
         credits.pop(watch_id, None)
+
+
+def _failed(watch_id: int, error: ServiceError) -> Item:
+    return Item(id=watch_id, error=error.to_proto())
 
 
 async def serve_watch_many(
     messages: AsyncIterable[tasks_pb2.WatchCommands], context: Any, follow: Follow
 ) -> None:
     """Run one WatchMany call to its end."""
-    mux: StreamMux[Item] = StreamMux(lambda items: tasks_pb2.WatchBatch(items=items))
+    mux: StreamMux[Item] = StreamMux(lambda items: tasks_pb2.WatchBatch(items=items), _failed)
     credits: dict[int, _Credit] = {}
 
     def handle(command: tasks_pb2.WatchCommand) -> None:

@@ -40,6 +40,8 @@ class Follows(tasks_pb2_grpc.TaskServiceServicer):
             yield tasks_pb2.WatchResponse(state=common_pb2.TaskState(task_id=name))
             if name == "fails":
                 raise ServiceError(common_pb2.ERROR_CODE_FORBIDDEN, "another user's task")
+            if name == "crashes":
+                raise RuntimeError("a bug")
             for seq in range(1, 4 if name == "three" else 10_000):
                 self.pulled[name] = seq
                 yield tasks_pb2.WatchResponse(event=tasks_pb2.TaskEvent(seq=seq))
@@ -110,6 +112,11 @@ async def test_a_failing_watch_raises_its_error_and_the_stream_goes_on(watches: 
     with pytest.raises(ServiceError) as refused:
         await read(failing)
     assert refused.value.code == common_pb2.ERROR_CODE_FORBIDDEN
+    crashing = client.open(request("crashes"))
+    await read(crashing)
+    with pytest.raises(ServiceError) as crashed:  # a bug ends that watch, typed, not the stream
+        await read(crashing)
+    assert crashed.value.code == common_pb2.ERROR_CODE_INTERNAL
     assert (await read(other)).event.seq == 1
     assert client.mux.streams_opened == 1
 

@@ -87,16 +87,16 @@ async def test_held_text_goes_out_when_the_window_closes_without_waiting_for_mor
 
 
 async def test_a_delta_after_a_quiet_window_goes_out_at_once() -> None:
-    loop = asyncio.get_running_loop()
+    # A clock the test moves: a minute-long window has passed, so the next delta is sent
+    # without waiting for a timer (one would not fire within the test's bounded wait).
+    now = [0.0]
     source = Source()
-    stream = coalesce(source.events(), window_s=0.02)
+    stream = coalesce(source.events(), window_s=60, clock=lambda: now[0])
     source.put(delta("a"))
     await anext(stream)
-    await asyncio.sleep(0.05)  # longer than the window: the next delta is not held
+    now[0] = 61.0
     source.put(delta("b"))
-    sent = loop.time()
-    assert (await anext(stream)).delta.text == "b"
-    assert loop.time() - sent < 0.02
+    assert (await asyncio.wait_for(anext(stream), timeout(5))).delta.text == "b"
     await stream.aclose()
 
 
