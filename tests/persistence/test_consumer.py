@@ -245,32 +245,38 @@ async def test_postgres_that_appears_later_gets_every_event(bus: Bus) -> None:
             )
 
 
-class SlowRepository(Repository):
-    """The real repository, whose writes take a while; it notes, as each write starts, how
-    many messages the consumer had acked and how many JetStream had handed out unacked."""
+class GatedRepository(Repository):
+    """The real repository, whose writes each wait for the test to let them go (`release`);
+    it notes, as each write starts, its batch size and how many messages were acked."""
 
-    delay_s = 0.3
     consumer: EventConsumer | None = None
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
         self.writes: list[tuple[int, int]] = []  # (batch size, acked when it started)
-        self.in_flight: list[int] = []  # ack pending seen half-way through each write
+        self.gate: asyncio.Semaphore | None = asyncio.Semaphore(0)  # None: writes go at once
+
+    def release(self) -> None:
+        assert self.gate is not None
+        self.gate.release()
 
     async def apply_parsed(self, events: Sequence[ParsedEvent]) -> ApplyResult:
         assert self.consumer is not None
         self.writes.append((len(events), self.consumer.stats.acked))
-        await asyncio.sleep(self.delay_s / 2)
-        info = await self.consumer.js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
-        self.in_flight.append(info.num_ack_pending or 0)
-        await asyncio.sleep(self.delay_s / 2)
+        if self.gate is not None:
+            await self.gate.acquire()
         return await super().apply_parsed(events)
+
+
+async def ack_pending(bus: Bus) -> int:
+    info = await bus.js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
+    return info.num_ack_pending or 0
 
 
 async def test_next_batch_is_fetched_while_one_is_written_one_ahead_at_most(
     bus: Bus, database_url: str
 ) -> None:
-    repo = await SlowRepository.open(database_url)
+    repo = await GatedRepository.open(database_url)
     try:
         tasks = [new_task_id() for _ in range(4)]
         for task_id in tasks:  # 12 events, in batches of 3
@@ -279,19 +285,28 @@ async def test_next_batch_is_fetched_while_one_is_written_one_ahead_at_most(
         consumer = EventConsumer(bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S)
         repo.consumer = consumer
         async with running(consumer):
+            # While each batch is held in its write, the next one is fetched (6 handed out
+            # unacked), and no other: after the last batch nothing is left to fetch (3).
+            for index, expected in enumerate((6, 6, 6, 3)):
+                await until(lambda i=index: len(repo.writes) == i + 1)  # type: ignore[misc]
+                await eventually(lambda e=expected: _pending_is(bus, e))  # type: ignore[misc]
+                assert await ack_pending(bus) == expected
+                repo.release()
             await until(lambda: consumer.stats.acked == 12)
         # Each batch was written only once the one before was acked: settled in order.
         assert repo.writes == [(3, 0), (3, 3), (3, 6), (3, 9)]
-        # While a batch was written, the next one was already fetched, and no other.
-        assert repo.in_flight == [6, 6, 6, 3]
         for task_id in tasks:
             assert await completed(repo, task_id) is not None
     finally:
         await repo.close()
 
 
+async def _pending_is(bus: Bus, expected: int) -> bool:
+    return await ack_pending(bus) == expected
+
+
 async def test_batch_fetched_ahead_is_handed_back_at_stop(bus: Bus, database_url: str) -> None:
-    repo = await SlowRepository.open(database_url)
+    repo = await GatedRepository.open(database_url)
     try:
         for task_id in (new_task_id(), new_task_id()):
             for one in completed_lifecycle(task_id):
@@ -299,13 +314,15 @@ async def test_batch_fetched_ahead_is_handed_back_at_stop(bus: Bus, database_url
         consumer = EventConsumer(bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S)
         repo.consumer = consumer
         async with running(consumer):
-            await until(lambda: len(repo.in_flight) == 1)  # half-way through the first write
+            await until(lambda: len(repo.writes) == 1)  # the first write is under way ...
+            await eventually(lambda: _pending_is(bus, 6))  # ... and the next batch fetched
             consumer.stop()
+            repo.release()
         assert consumer.stats.acked == 3 and consumer.stats.nacked == 3
         assert await event_rows(repo) == 3
         # Back in JetStream at once (nak'ed), not after ack_wait (60 s): the next run gets
         # them straight away.
-        repo.delay_s = 0.0
+        repo.gate = None
         again = EventConsumer(bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S)
         repo.consumer = again
         async with running(again):
