@@ -113,7 +113,7 @@ class Gateway:
         self.watches = TaskWatches(stub)
         self.submits = Submits(control or stub)
         self.deps = ChannelDeps(
-            stub,
+            control or stub,
             self.watches,
             self.submits,
             self.metrics,
@@ -121,7 +121,6 @@ class Gateway:
             settings.gateway_max_prompt_chars,
             settings.gateway_join_timeout_s,
             clock,
-            control=control or stub,
         )
         self._server: Server | None = None
         self._handlers = 0

@@ -42,7 +42,7 @@ WritableFn = Callable[[], Awaitable[None]]
 class ChannelDeps:
     """What every channel of a gateway shares."""
 
-    stub: tasks_pb2_grpc.TaskServiceStub
+    stub: tasks_pb2_grpc.TaskServiceStub  # Cancel, on the acks' connection (see __main__)
     watches: TaskWatches  # every channel's watch, over one stream
     submits: Submits  # every llm_generate's Submit, over one stream of its own
     metrics: m.GatewayMetrics
@@ -50,8 +50,6 @@ class ChannelDeps:
     max_prompt_chars: int = MAX_PROMPT_CHARS
     join_timeout: float = 10.0
     clock: Callable[[], float] = field(default=time.monotonic)
-    # Cancel, on the acks' connection (see __main__); None: `stub`.
-    control: tasks_pb2_grpc.TaskServiceStub | None = None
 
 
 class TaskChannel:
@@ -75,8 +73,6 @@ class TaskChannel:
         writable: WritableFn | None = None,
     ) -> None:
         self.deps = deps
-        self.stub = deps.stub
-        self.control = deps.control or deps.stub
         self.metrics = deps.metrics
         self.user = user
         self.topic = topic
@@ -244,7 +240,7 @@ class TaskChannel:
     async def _cancel(self, message: Message) -> None:
         async with self._out:
             try:
-                response = await self.control.Cancel(
+                response = await self.deps.stub.Cancel(
                     tasks_pb2.CancelRequest(task_id=self.task_id, user_id=self.user)
                 )
             except grpc.aio.AioRpcError as rpc_error:

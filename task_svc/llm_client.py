@@ -25,7 +25,6 @@ def _split(batch: llm_pb2.GenerateBatch) -> Iterable[tuple[int, Event]]:
 
 class LlmClient:
     def __init__(self, stub: llm_pb2_grpc.LlmServiceStub) -> None:
-        self.stub = stub
         self.mux: MuxClient[Event] = MuxClient(
             stub.GenerateMany,
             _split,
