@@ -9,7 +9,7 @@ blocks the stream. If the database is down, the batch (and the one fetched ahead
 with a delay (`-NAK {"delay": ns}`) and we back off: the events wait in JetStream and
 nothing is lost.
 
-task_svc's snapshots travel on the same stream (snapshots.py): they are acked at once,
+task_svc's snapshots travel on the same stream (svckit.nats.is_snapshot): they are acked at once,
 neither decoded nor written.
 """
 
@@ -32,8 +32,7 @@ from nats.js.errors import BadRequestError
 from persistence_svc.errors import InvalidEvent, StorageRejected, StorageUnavailable
 from persistence_svc.events import ParsedEvent, parse_event
 from persistence_svc.repository import Repository
-from persistence_svc.snapshots import is_snapshot
-from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX
+from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX, is_snapshot
 from switchboard.v1 import events_pb2
 
 log = logging.getLogger(__name__)

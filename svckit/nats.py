@@ -28,6 +28,20 @@ JOBS_SUBJECT_PREFIX = "switchboard.jobs"
 TASK_EVENTS_STREAM = "SB_TASK_EVENTS"
 TASK_EVENTS_SUBJECT_PREFIX = "switchboard.tasks"
 
+# task_svc's checkpoints share the lifecycle stream, on their own subject per task: task_svc
+# reads them back after a crash; persistence_svc acks them without storing (not history).
+SNAPSHOT_SUFFIX = ".snapshot"
+
+
+def snapshot_subject(task_id: str) -> str:
+    return f"{TASK_EVENTS_SUBJECT_PREFIX}.{task_id}{SNAPSHOT_SUFFIX}"
+
+
+def is_snapshot(subject: str) -> bool:
+    """Whether a message on the lifecycle stream is a checkpoint (by its subject alone)."""
+    return subject.endswith(SNAPSHOT_SUFFIX)
+
+
 # Submit retries within this window are deduplicated by JetStream on the message id.
 DUPLICATE_WINDOW_S = 24 * 3600.0
 

@@ -24,7 +24,12 @@ import nats.errors
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX
+from svckit.nats import (
+    TASK_EVENTS_STREAM,
+    TASK_EVENTS_SUBJECT_PREFIX,
+    is_snapshot,
+    snapshot_subject,
+)
 from switchboard.v1 import events_pb2, history_pb2
 from task_svc.task_state import TERMINAL
 
@@ -40,13 +45,6 @@ def subject(event: events_pb2.LifecycleEvent) -> str:
 
 def msg_id(event: events_pb2.LifecycleEvent) -> str:
     return f"{event.task_id}:{event.seq}"
-
-
-SNAPSHOT_SUFFIX = ".snapshot"
-
-
-def snapshot_subject(task_id: str) -> str:
-    return f"{TASK_EVENTS_SUBJECT_PREFIX}.{task_id}{SNAPSHOT_SUFFIX}"
 
 
 @dataclass
@@ -164,7 +162,7 @@ async def read_stored(js: JetStreamContext, task_id: str) -> Stored | None:
         raw = await js.get_last_msg(TASK_EVENTS_STREAM, f"{TASK_EVENTS_SUBJECT_PREFIX}.{task_id}.>")
     except NotFoundError:
         return None
-    if (raw.subject or "").endswith(SNAPSHOT_SUFFIX):
+    if is_snapshot(raw.subject or ""):
         state = history_pb2.TaskSnapshot.FromString(raw.data or b"").state
         return Stored(state.seq, state.user_id, state.attempts)
     event = events_pb2.LifecycleEvent.FromString(raw.data or b"")

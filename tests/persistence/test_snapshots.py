@@ -13,8 +13,7 @@ from persistence_svc.consumer import DURABLE_NAME, EventConsumer
 from persistence_svc.errors import StorageUnavailable
 from persistence_svc.events import ParsedEvent
 from persistence_svc.repository import ApplyResult, Repository
-from persistence_svc.snapshots import is_snapshot
-from svckit.nats import TASK_EVENTS_STREAM
+from svckit.nats import TASK_EVENTS_STREAM, is_snapshot
 from switchboard.v1 import history_pb2
 from tests.persistence.factory import Kind, event, new_task_id, snapshot
 from tests.persistence.helpers import (
