@@ -25,12 +25,18 @@ MIN_SERVER_VERSION = (2, 11)
 
 JOBS_STREAM = "SB_JOBS"
 JOBS_SUBJECT_PREFIX = "switchboard.jobs"
+# task_svc's QueueBoard (events.proto), on core NATS: not stored, only the last one counts.
+QUEUE_BOARD_SUBJECT = "switchboard.queues"
 TASK_EVENTS_STREAM = "SB_TASK_EVENTS"
 TASK_EVENTS_SUBJECT_PREFIX = "switchboard.tasks"
 
 # task_svc's checkpoints share the lifecycle stream, on their own subject per task: task_svc
 # reads them back after a crash; persistence_svc acks them without storing (not history).
 SNAPSHOT_SUFFIX = ".snapshot"
+
+
+def job_subject(queue: str) -> str:
+    return f"{JOBS_SUBJECT_PREFIX}.{queue}"
 
 
 def snapshot_subject(task_id: str) -> str:

@@ -1,7 +1,8 @@
 """Assembling task_svc from its parts, with one ordered, idempotent shutdown.
 
 `TaskApp.start(settings)` opens NATS, ensures both streams, starts the lifecycle publisher,
-the job engine and the gRPC server; `shutdown()` reports NOT_SERVING, stops intake, lets
+the job engine (which follows the job stream from then on), the gRPC server and the queue
+board; `shutdown()` reports NOT_SERVING, stops intake, lets
 running tasks finish for the grace period, cancels the rest (their jobs are redelivered),
 then closes the gRPC server, the publisher, the LLM channel and NATS. Tests use it too.
 """
@@ -14,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from nats.aio.client import Client
 
+from svckit.catalog import ModelCatalog
 from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.nats import (
     close_nats,
@@ -28,7 +30,8 @@ from task_svc.events import LifecyclePublisher
 from task_svc.jetstream_store import JetStreamJobStore
 from task_svc.jobs import JobEngine
 from task_svc.llm_client import LlmClient
-from task_svc.service import ModelCatalog, TaskService
+from task_svc.queue_board import BoardPublisher
+from task_svc.service import TaskService
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class TaskApp:
         publisher: LifecyclePublisher,
         engine: JobEngine,
         grpc_server: GrpcServer,
+        catalog: ModelCatalog,
+        board: BoardPublisher,
     ) -> None:
         self.settings = settings
         self.nc = nc
@@ -53,6 +58,8 @@ class TaskApp:
         self.publisher = publisher
         self.engine = engine
         self.grpc_server = grpc_server
+        self.catalog = catalog
+        self.board = board
         self._closed = False
 
     @property
@@ -77,20 +84,21 @@ class TaskApp:
             max_ack_pending=settings.task_max_ack_pending,
         )
         engine = JobEngine(store, publisher, llm_client, engine_config(settings))
-        service = TaskService(
-            engine,
-            ModelCatalog(llm, settings.task_models_cache_s),
-            max_prompt_chars=settings.task_max_prompt_chars,
-        )
+        catalog = ModelCatalog(llm, settings.task_models_cache_s)
+        service = TaskService(engine, catalog, max_prompt_chars=settings.task_max_prompt_chars)
+        board = BoardPublisher(nc, engine.queues, settings.task_queue_board_interval_s)
         grpc_server = GrpcServer(
             settings.task_svc_listen,
             lambda server: tasks_pb2_grpc.add_TaskServiceServicer_to_server(service, server),
             [SERVICE_NAME],
         )
-        app = cls(settings, nc, llm_channel, llm_client, publisher, engine, grpc_server)
+        app = cls(
+            settings, nc, llm_channel, llm_client, publisher, engine, grpc_server, catalog, board
+        )
         try:
             await engine.start()
             await grpc_server.start()
+            board.start()
         except BaseException:
             await app.shutdown()
             raise
@@ -103,11 +111,13 @@ class TaskApp:
         grace = self.settings.task_shutdown_grace_s
         for name in ["", SERVICE_NAME]:
             await self.grpc_server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.board.close()
         await self.engine.shutdown(grace)
         # Watch streams of finished tasks have ended; what is left gets a short grace.
         await self.grpc_server.stop(1.0)
         # Lifecycle events are never given up lightly: at least a few seconds to go out.
         await self.publisher.close(max(grace, 5.0))
+        await self.catalog.close()
         await self.llm_client.close()
         await self.llm_channel.close()
         await close_nats(self.nc)

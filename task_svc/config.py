@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     task_restart_backoff_s: float = 0.05  # first restart delay, doubling per recent crash
     task_seq_reserve: int = 64  # events allowed past the last stored snapshot (checkpoints)
     task_models_cache_s: float = 10.0
+    # How often the queues' state goes out to the gateways (QueueBoard, queue_board.py).
+    task_queue_board_interval_s: float = 0.25
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""The durable pull consumer on SB_JOBS: it only brings back, at start, the jobs a previous
-incarnation left (killed, or stopped with them unfinished). What a running task_svc submits it
-runs itself, and removes by sequence when done (jetstream_store.py): no consumer hands it back
-the job it has just stored.
+"""The durable pull consumer on SB_JOBS: at start it brings back the jobs a previous
+incarnation left (killed, or stopped with them unfinished), then (`follow`) every job stored
+while this one runs, the moment it is stored: mostly those a gateway stored itself to
+acknowledge an `llm_generate` at once (gateway_svc/direct_submit.py), and the engine's own,
+which it recognises by task id.
 
 The deliveries it hands out are held: in-progress acks go out every third of `ack_wait_s`
 while their jobs wait or run, an ack when one is done, a nak for those still held at close.
@@ -19,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import nats.errors
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -32,7 +35,13 @@ from svckit.nats import JOBS_STREAM
 log = logging.getLogger(__name__)
 
 FETCH_BATCH = 256  # jobs asked for per pull request
-FETCH_EXPIRES_S = 0.5  # how long one pull request waits for jobs on the server
+FETCH_EXPIRES_S = 0.5  # how long one pull request of `take_pending` waits on the server
+# `follow` keeps one pull request waiting on the server, renewed when used up or expired;
+# the server sends a heartbeat while it has nothing, so a request lost with a NATS
+# reconnect is noticed after three missed ones and asked again.
+FOLLOW_EXPIRES_S = 30.0
+FOLLOW_HEARTBEAT_S = 1.0
+HEARTBEAT = "100"
 ACK_TIMEOUT_S = 5.0
 
 
@@ -46,6 +55,7 @@ class JobConsumer:
         max_ack_pending: int,
         filter_subject: str,
     ) -> None:
+        self.nc = nc
         self.js = nc.jetstream()
         self.name = name
         self.ack_wait_s = ack_wait_s
@@ -89,6 +99,41 @@ class JobConsumer:
         for msg in out:
             self.held[msg.metadata.sequence.stream] = msg
         return out
+
+    async def follow(self) -> AsyncIterator[Msg]:
+        """Every job delivered from now on, each held until `ack`ed; runs until cancelled."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        pull = orjson.dumps(
+            {
+                "batch": FETCH_BATCH,
+                "expires": int(FOLLOW_EXPIRES_S * 1e9),
+                "idle_heartbeat": int(FOLLOW_HEARTBEAT_S * 1e9),
+            }
+        )
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{self.name}"
+        messages = sub.messages
+        try:
+            while True:
+                await self.nc.publish(subject, pull, reply=inbox)
+                left = FETCH_BATCH
+                while left > 0:
+                    try:
+                        async with asyncio.timeout(3 * FOLLOW_HEARTBEAT_S):
+                            msg = await anext(messages)
+                    except TimeoutError:
+                        break  # heartbeats stopped: the request is gone, ask again
+                    status = JetStreamContext.is_status_msg(msg)
+                    if status == HEARTBEAT:
+                        continue
+                    if status:  # 408: the request expired; 409: ask again
+                        break
+                    left -= 1
+                    self.held[msg.metadata.sequence.stream] = msg
+                    yield msg
+        finally:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
 
     async def ack(self, seq: int) -> None:
         """Confirmed: a finished job is gone from the work queue once this returns."""

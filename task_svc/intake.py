@@ -108,6 +108,31 @@ class Intake:
         self._enqueue(job, RESTARTED if stored is not None else "")
         return job.server
 
+    async def arrived(self, item: Pending) -> None:
+        """A job stored while this engine runs, handed over by the store: one a gateway
+        stored itself (new here: it runs), or one of this engine's own (known already: the
+        store holds it until `done`)."""
+        task_id = item.spec.task_id
+        job = self.jobs.get(task_id)
+        if job is not None:
+            if job.seq not in (0, item.seq):  # the same task stored twice: one is enough
+                await self.runner.remove(item.seq, task_id)
+            return
+        if self.registry.get(task_id) is not None:  # finished here already
+            await self.runner.remove(item.seq, task_id)
+            return
+        if self.registry.owner(task_id) not in (None, item.spec.user_id):
+            # A gateway stores only for the user whose join claimed the id (registry.py).
+            log.error("job of another user's task dropped", extra={"task_id": task_id})
+            await self.runner.remove(item.seq, task_id)
+            return
+        job = self._new(item.spec)
+        job.seq = item.seq
+        if item.redelivered:  # it may have run (and even finished) somewhere before
+            await self._recover(job)
+            return
+        self._enqueue(job)
+
     async def requeue(self, letter: tasks_pb2.DeadLetter, seq_base: int) -> TaskServer:
         """Run a dead-lettered task again: same id, seq continuing, attempts from zero."""
         job = self._new(requeued_spec(letter), seq_base=seq_base)

@@ -2,23 +2,26 @@
 `switchboard.jobs.<queue>`), what was stored about a task read back from SB_TASK_EVENTS
 (events.py), dead letters on SB_DEAD_LETTERS (deadletters.py).
 
-A job costs one publish (awaiting its PubAck: Submit replies only after it) and one removal
-by stream sequence when done (STREAM.MSG.DELETE, without secure erase, which would first
-overwrite the message on disk). Only the jobs a previous incarnation left come through the
-durable consumer (consumer.py); those are acknowledged instead.
+Every job reaches the engine through the durable consumer (consumer.py): at start those a
+previous incarnation left, then each one stored meanwhile, whether a gateway stored it
+(gateway_svc/direct_submit.py) or this engine did for a Submit (one publish, awaiting its
+PubAck: Submit replies only after it). A finished job is acked off the work queue; one that
+finished before the consumer handed it over is removed by stream sequence
+(STREAM.MSG.DELETE, without secure erase, which would first overwrite the message on disk).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import nats.errors
 import orjson
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
-from svckit.nats import JOBS_STREAM, JOBS_SUBJECT_PREFIX
+from svckit.nats import JOBS_STREAM, JOBS_SUBJECT_PREFIX, job_subject
 from switchboard.v1 import events_pb2, tasks_pb2
 from task_svc.consumer import JobConsumer
 from task_svc.deadletters import DeadLetters
@@ -31,10 +34,6 @@ log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 5.0
 MESSAGE_NOT_FOUND = 10037  # JetStream's error code: removed already (or never stored)
 ALL_JOBS = f"{JOBS_SUBJECT_PREFIX}.>"  # the one shard there is
-
-
-def job_subject(queue: str) -> str:
-    return f"{JOBS_SUBJECT_PREFIX}.{queue}"
 
 
 @contextlib.contextmanager
@@ -85,22 +84,32 @@ class JetStreamJobStore:
         return Put(ack.seq, bool(ack.duplicate))
 
     async def take_pending(self) -> list[Pending]:
-        out: list[Pending] = []
-        for msg in await self.consumer.take_pending():
-            seq = msg.metadata.sequence.stream
-            try:
-                job = events_pb2.Job.FromString(msg.data)
-                if not job.task_id:
-                    raise ValueError("job without task_id")
-            except Exception:
-                log.error("undecodable job terminated", extra={"subject": msg.subject})
-                self.consumer.held.pop(seq, None)
-                with contextlib.suppress(nats.errors.Error, OSError):
-                    await msg.term()
-                continue
-            queue = msg.subject.removeprefix(f"{JOBS_SUBJECT_PREFIX}.")
-            out.append(Pending(TaskSpec.from_job(job, queue), seq))
-        return out
+        msgs = await self.consumer.take_pending()
+        return [job for msg in msgs if (job := await self._job(msg)) is not None]
+
+    async def arrivals(self) -> AsyncIterator[Pending]:
+        with unavailable():
+            async for msg in self.consumer.follow():
+                job = await self._job(msg)
+                if job is not None:
+                    yield job
+
+    async def _job(self, msg: Msg) -> Pending | None:
+        """A delivered job, or None for one that cannot be read (terminated: never again)."""
+        metadata = msg.metadata
+        seq = metadata.sequence.stream
+        try:
+            job = events_pb2.Job.FromString(msg.data)
+            if not job.task_id:
+                raise ValueError("job without task_id")
+        except Exception:
+            log.error("undecodable job terminated", extra={"subject": msg.subject})
+            self.consumer.held.pop(seq, None)
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await msg.term()
+            return None
+        queue = msg.subject.removeprefix(f"{JOBS_SUBJECT_PREFIX}.")
+        return Pending(TaskSpec.from_job(job, queue), seq, metadata.num_delivered > 1)
 
     async def done(self, seq: int) -> None:
         with unavailable():

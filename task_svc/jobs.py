@@ -17,10 +17,12 @@ answers the gRPC-facing calls (service.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
 from svckit.errors import ServiceError
+from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import common_pb2, tasks_pb2
 from task_svc.config import EngineConfig
 from task_svc.intake import Intake
@@ -31,13 +33,14 @@ from task_svc.queues import Queues
 from task_svc.registry import forbidden
 from task_svc.runner import Runner
 from task_svc.servers import Servers
-from task_svc.store import JobStore, Lifecycle
+from task_svc.store import JobStore, Lifecycle, StoreUnavailable
 from task_svc.task_server import TaskServer
 from task_svc.task_state import TaskSpec
 
 log = logging.getLogger(__name__)
 
 Code = common_pb2.ErrorCode
+ARRIVALS_RETRY_S = 0.5
 
 
 def shutting_down() -> ServiceError:
@@ -63,6 +66,7 @@ class JobEngine:
         )
         self.positions = PositionReporter(self.jobs, self.queues, config.position_interval_s)
         self._open = False
+        self._arrivals: asyncio.Task[None] | None = None
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -78,6 +82,7 @@ class JobEngine:
         for queue in self.queues:
             self.runner.pump(queue)
         self.positions.start()
+        self._arrivals = asyncio.create_task(self._take_arrivals(), name="job arrivals")
 
     def stop_intake(self) -> None:
         """Refuse new Submits and start no more jobs (idempotent)."""
@@ -88,6 +93,7 @@ class JobEngine:
         finished stay in the store (pending ones are given back), every actor stops.
         Idempotent."""
         self.stop_intake()
+        await cancel_and_wait(self._arrivals)  # what arrives later stays for the next start
         await self.runner.stop(grace_s)
         await self.positions.stop()
         await self.store.close()
@@ -164,6 +170,19 @@ class JobEngine:
         if server.user_id != user_id:
             raise forbidden(task_id)
         return server
+
+    async def _take_arrivals(self) -> None:
+        """Run what gateways store (and see this engine's own jobs come back: ignored)."""
+        while True:
+            try:
+                async for item in self.store.arrivals():
+                    try:
+                        await self.intake.arrived(item)
+                    except Exception:  # held still: it comes back at the next start
+                        log.exception("arrival failed", extra={"task_id": item.spec.task_id})
+            except StoreUnavailable as error:
+                log.warning("job arrivals broke; following again", extra={"e": repr(error)})
+            await asyncio.sleep(ARRIVALS_RETRY_S)
 
     def _notify(self, what: str, task_id: str) -> None:
         for observer in self.observers:

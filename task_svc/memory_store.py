@@ -5,9 +5,15 @@ order. One instance may outlive an engine: a second engine on it is "the next st
 
 Set `unavailable` to make every write fail as an unreachable store would. `stored` (what
 SB_TASK_EVENTS would answer) is the test's to fill, usually by the lifecycle publisher.
+`store_elsewhere` is a gateway storing a job itself: it comes to the engine through
+`arrivals`; with `echo_puts`, so does every job the engine stores itself, as JetStream's
+consumer hands it back.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
 
 from switchboard.v1 import tasks_pb2
 from task_svc.deadletters import MAX_LIST
@@ -17,7 +23,9 @@ from task_svc.task_state import TaskSpec
 
 
 class MemoryJobStore:
-    def __init__(self) -> None:
+    def __init__(self, *, echo_puts: bool = False) -> None:
+        self.echo_puts = echo_puts
+        self._arrived: asyncio.Queue[Pending] = asyncio.Queue()
         self.jobs: dict[int, TaskSpec] = {}  # the stream: seq -> job
         self.msg_ids: dict[str, int] = {}  # every message id ever stored (dedup)
         self.held: set[int] = set()  # pending jobs handed to the current engine
@@ -34,6 +42,7 @@ class MemoryJobStore:
 
     async def open(self) -> None:
         self.held = set()
+        self._arrived = asyncio.Queue()  # a previous engine's arrivals are pending jobs now
 
     async def close(self) -> None:
         for seq in sorted(self.held):
@@ -44,10 +53,33 @@ class MemoryJobStore:
         self._write("put", spec.task_id)
         if msg_id in self.msg_ids:
             return Put(self.msg_ids[msg_id], duplicate=True)
+        seq = self._add(spec, msg_id)
+        if self.echo_puts:
+            self._arrive(spec, seq)
+        return Put(seq, duplicate=False)
+
+    def store_elsewhere(self, spec: TaskSpec) -> Put:
+        """What a gateway does with an `llm_generate` (message id = task id)."""
+        self._write("put elsewhere", spec.task_id)
+        if spec.task_id in self.msg_ids:
+            return Put(self.msg_ids[spec.task_id], duplicate=True)
+        seq = self._add(spec, spec.task_id)
+        self._arrive(spec, seq)
+        return Put(seq, duplicate=False)
+
+    def _add(self, spec: TaskSpec, msg_id: str) -> int:
         seq = self.msg_ids[msg_id] = self._next_seq
         self._next_seq += 1
         self.jobs[seq] = spec
-        return Put(seq, duplicate=False)
+        return seq
+
+    def _arrive(self, spec: TaskSpec, seq: int) -> None:
+        self.held.add(seq)
+        self._arrived.put_nowait(Pending(spec, seq))
+
+    async def arrivals(self) -> AsyncIterator[Pending]:
+        while True:
+            yield await self._arrived.get()
 
     async def take_pending(self) -> list[Pending]:
         self.held = set(self.jobs)

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from svckit.errors import ServiceError
-from switchboard.v1 import common_pb2
+from svckit.queueing import queue_full
+from switchboard.v1 import common_pb2, events_pb2
 from task_svc.config import EngineConfig, QueueConfig
 from task_svc.scheduler import Scheduler, ThroughputMeter
 
@@ -53,18 +53,22 @@ class JobQueue:
         return self.meter.eta_ms(position, scheduler.free_slots, scheduler.concurrency)
 
     def refuse(self) -> ServiceError | None:
-        """OVERLOADED with a retry-after when the queue is full (never a silent loss): the
-        time for it to drain back below its limit at the measured throughput, at least 1 s."""
-        over = self.depth - self.config.max_depth + 1
-        if over <= 0:
-            return None
-        rounds = math.ceil(over / self.scheduler.concurrency)
-        retry_after_ms = max(1000, int(rounds * self.meter.mean_s * 1000))
-        return ServiceError(
-            Code.ERROR_CODE_OVERLOADED,
-            f"queue {self.name} is full ({self.depth} waiting); try again later",
-            retryable=True,
-            retry_after_ms=retry_after_ms,
+        """OVERLOADED with a retry-after when the queue is full (svckit/queueing.py)."""
+        scheduler = self.scheduler
+        return queue_full(
+            self.name, self.depth, self.config.max_depth, scheduler.concurrency, self.meter.mean_s
+        )
+
+    def stats(self) -> events_pb2.QueueStats:
+        """What a gateway needs to answer for this queue (events.proto, QueueBoard)."""
+        scheduler = self.scheduler
+        return events_pb2.QueueStats(
+            queue=self.name,
+            waiting_by_priority=scheduler.waiting_by_priority(),
+            free_slots=scheduler.free_slots,
+            concurrency=scheduler.concurrency,
+            mean_run_s=self.meter.mean_s,
+            max_depth=self.config.max_depth,
         )
 
 

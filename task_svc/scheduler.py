@@ -18,10 +18,11 @@ sorted lists.
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from svckit.queueing import eta_ms
 
 PRIORITIES = 10
 
@@ -101,6 +102,9 @@ class Scheduler:
                     ahead += 1
         return ahead + 1
 
+    def waiting_by_priority(self) -> list[int]:
+        return [len(q) for q in self._waiting]
+
     def position(self, task_id: str) -> int:
         """The 1-based position of a waiting task (0 if it is not waiting); O(n)."""
         if task_id not in self._priority:
@@ -150,9 +154,4 @@ class ThroughputMeter:
         self.samples += 1
 
     def eta_ms(self, position: int, free_slots: int, concurrency: int) -> int:
-        """Wait before the task at `position` starts: every `concurrency` tasks ahead of it
-        take one mean run time; 0 if it gets a free slot at once."""
-        if position <= free_slots:
-            return 0
-        rounds = math.ceil((position - free_slots) / concurrency)
-        return int(rounds * self.mean_s * 1000)
+        return eta_ms(position, free_slots, concurrency, self.mean_s)

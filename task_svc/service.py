@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import AsyncIterable, AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from svckit.catalog import ModelCatalog
 from svckit.errors import ServiceError, rpc
 from svckit.requests import (
     MAX_PROMPT_CHARS,
@@ -19,7 +18,7 @@ from svckit.requests import (
     check_task_id,
     check_user,
 )
-from switchboard.v1 import common_pb2, llm_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 from task_svc.jobs import JobEngine
 from task_svc.registry import forbidden
 from task_svc.submit_mux import serve_submits
@@ -31,50 +30,6 @@ log = logging.getLogger(__name__)
 
 Code = common_pb2.ErrorCode
 _QUEUE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    model: str
-    queue: str
-
-
-class ModelCatalog:
-    """The models llm_svc serves (ListModels), cached for `ttl_s` seconds."""
-
-    def __init__(self, llm: llm_pb2_grpc.LlmServiceStub, ttl_s: float = 10.0) -> None:
-        self.llm = llm
-        self.ttl_s = ttl_s
-        self._models: list[llm_pb2.ModelInfo] | None = None
-        self._fetched_at = 0.0
-
-    async def _list(self) -> list[llm_pb2.ModelInfo] | None:
-        if self._models is not None and time.monotonic() - self._fetched_at < self.ttl_s:
-            return self._models
-        try:
-            reply = await self.llm.ListModels(llm_pb2.ListModelsRequest(), timeout=5)
-        except grpc.aio.AioRpcError as error:
-            # Intake stays open while llm_svc is away (a stale list, or none): the task is
-            # stored and fails later with a typed error if its model is unknown.
-            log.warning("ListModels failed", extra={"code": error.code().name})
-            return self._models
-        self._models = list(reply.models)
-        self._fetched_at = time.monotonic()
-        return self._models
-
-    async def resolve(self, model: str) -> ResolvedModel:
-        models = await self._list()
-        if not models:
-            return ResolvedModel(model, "default")
-        if not model:
-            chosen = next((m for m in models if m.is_default), models[0])
-        else:
-            found = next((m for m in models if m.id == model), None)
-            if found is None:
-                raise ServiceError(Code.ERROR_CODE_MODEL_NOT_FOUND, f"unknown model {model!r}")
-            chosen = found
-        queue = _QUEUE_UNSAFE.sub("_", chosen.queue) or "default"
-        return ResolvedModel(chosen.id, queue)
 
 
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):

@@ -5,13 +5,16 @@ what was stored about a task, dead letters) and the `Lifecycle` publisher (event
 keeps everything in dicts, so the engine's tests run without NATS.
 
 A job is stored at a sequence number (`seq`) and stays stored until `done(seq)`: that is what
-makes it survive a crash. Whoever stored it runs it; `take_pending` hands over, at start, what
-a previous incarnation left (killed, or stopped with the job unfinished).
+makes it survive a crash. `take_pending` hands over, at start, what a previous incarnation left
+(killed, or stopped with the job unfinished); `arrivals` then hands over every job stored while
+this one runs: those a gateway stored itself to acknowledge an `llm_generate` at once, and this
+engine's own (which it knows already: it created them before storing them).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,10 +35,11 @@ class Put:
 
 @dataclass(frozen=True)
 class Pending:
-    """A job left in the store by a previous incarnation, now held by this one."""
+    """A stored job handed to this engine, held by it until `done`."""
 
     spec: TaskSpec
     seq: int
+    redelivered: bool = False  # handed out before (to a previous incarnation, or to this one)
 
 
 class JobStore(Protocol):
@@ -51,6 +55,9 @@ class JobStore(Protocol):
     async def take_pending(self) -> list[Pending]:
         """Every job this store's shard still holds: at start, a previous incarnation's. A
         store may be restricted to some shards (several instances); this one has one."""
+
+    def arrivals(self) -> AsyncIterator[Pending]:
+        """Every job stored from now on, in order, until `close`."""
 
     async def done(self, seq: int) -> None:
         """The job at `seq` is finished: remove it (a pending one is acknowledged)."""

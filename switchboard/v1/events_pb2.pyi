@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from switchboard.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -157,3 +159,67 @@ class Job(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class QueueStats(_message.Message):
+    """task_svc's view of its queues, published on core NATS (subject `switchboard.queues`) a few
+    times a second: what a gateway needs to answer an `llm_generate` whose job it stores itself
+    (the ack's queue position and eta, and load shedding). Not durable: only the last counts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    WAITING_BY_PRIORITY_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    MEAN_RUN_S_FIELD_NUMBER: _builtins.int
+    MAX_DEPTH_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    free_slots: _builtins.int
+    concurrency: _builtins.int
+    mean_run_s: _builtins.float
+    """how long a task of this queue runs (moving mean)"""
+    max_depth: _builtins.int
+    """waiting tasks beyond which new ones are refused"""
+    @_builtins.property
+    def waiting_by_priority(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """index = priority, 0 (first) to 9"""
+
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        waiting_by_priority: _abc.Iterable[_builtins.int] | None = ...,
+        free_slots: _builtins.int = ...,
+        concurrency: _builtins.int = ...,
+        mean_run_s: _builtins.float = ...,
+        max_depth: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "free_slots", b"free_slots", "max_depth", b"max_depth", "mean_run_s", b"mean_run_s", "queue", b"queue", "waiting_by_priority", b"waiting_by_priority"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueStats: _TypeAlias = QueueStats  # noqa: Y015
+
+@_typing.final
+class QueueBoard(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueStats]: ...
+    def __init__(
+        self,
+        *,
+        queues: _abc.Iterable[Global___QueueStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueBoard: _TypeAlias = QueueBoard  # noqa: Y015

@@ -18,6 +18,7 @@ from task_svc.config import Settings, engine_config
 from task_svc.events import Stored
 from task_svc.jobs import JobEngine
 from task_svc.memory_store import MemoryJobStore
+from task_svc.store import Pending
 from task_svc.task_state import TaskCore, TaskSpec
 from tests.conftest import timeout
 from tests.task.fakes import Recorder, ScriptedLlm
@@ -322,3 +323,91 @@ async def test_cancel_during_the_retry_backoff(
     assert e.recorder.kinds(state.task_id) == ["queued", "started", "queued", "cancelled"]
     assert store.log[-1] == ("remove", 1) and ("dead", state.task_id) not in store.log
     assert e.engine.queues["default"].depth == 0 and e.engine.jobs == {}
+
+
+# -- jobs the engine did not store itself ------------------------------------------------
+# Those a gateway stored to acknowledge an `llm_generate` at once (gateway_svc/direct_submit.py),
+# handed over by the store's `arrivals`; and its own, which JetStream's consumer hands back too
+# (`echo_puts`).
+
+
+async def test_a_job_a_gateway_stored_runs_once_and_is_acknowledged(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    e = await make_engine()
+    task = spec("one two")
+    put = store.store_elsewhere(task)
+    await e.reached("finished", task.task_id)
+    assert store.log == [
+        ("put elsewhere", task.task_id),
+        ("lifecycle", "queued"),
+        ("lifecycle", "started"),
+        ("lifecycle", "completed"),
+        ("ack", put.seq),
+    ]
+    assert llm.order == [task.task_id] and store.jobs == {} and e.engine.jobs == {}
+    assert (await e.state(task.task_id)).content == "one two"
+
+
+async def test_a_watcher_that_joined_before_the_job_was_stored_follows_it(
+    make_engine: MakeEngine, store: MemoryJobStore
+) -> None:
+    e = await make_engine()
+    task = spec("hello")
+    claim = e.engine.registry.claim(task.task_id, "alice")  # what a join does (service.py)
+    store.store_elsewhere(task)
+    async with asyncio.timeout(timeout(5)):
+        server = await claim.submitted
+    assert server.task_id == task.task_id and server.user_id == "alice"
+    e.engine.registry.release(claim)
+
+
+async def test_its_own_jobs_come_back_from_the_store_and_run_once(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    store.echo_puts = True
+    e = await make_engine()
+    tasks = [await e.submit(f"echo {i}") for i in range(5)]
+    for state in tasks:
+        await e.reached("finished", state.task_id)
+    assert sorted(llm.order) == sorted(s.task_id for s in tasks)  # once each
+    assert store.jobs == {} and e.engine.jobs == {}
+
+
+async def test_a_job_stored_for_a_task_finished_here_is_only_removed(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    e = await make_engine()
+    done = await e.submit("only once")
+    await e.reached("finished", done.task_id)
+    again = spec("only once", task_id=done.task_id)
+    await e.engine.intake.arrived(Pending(again, seq=99))
+    assert store.log[-1] == ("remove", 99) and llm.order == [done.task_id]
+
+
+async def test_a_redelivered_job_of_a_finished_task_is_restored_not_rerun(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    e = await make_engine()
+    task = spec("finished elsewhere")
+    core = TaskCore(task)
+    core.started()
+    ended = core.cancelled()
+    assert ended is not None and ended.lifecycle is not None
+    store.stored[task.task_id] = Stored(3, "alice", 1, ended.lifecycle)
+    await e.engine.intake.arrived(Pending(task, seq=7, redelivered=True))
+    assert task.task_id not in llm.order
+    assert (await e.state(task.task_id)).status == Status.TASK_STATUS_CANCELLED
+    assert ("remove", 7) in store.log
+
+
+async def test_a_job_for_an_id_another_user_claimed_is_dropped(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    e = await make_engine()
+    task = spec("not yours", user="alice")
+    claim = e.engine.registry.claim(task.task_id, "bob")
+    await e.engine.intake.arrived(Pending(task, seq=5))
+    assert store.log[-1] == ("remove", 5) and task.task_id not in llm.order
+    assert e.engine.registry.get(task.task_id) is None
+    e.engine.registry.release(claim)

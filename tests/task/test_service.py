@@ -11,6 +11,7 @@ from nats.aio.client import Client
 
 from svckit.errors import ServiceError
 from svckit.grpc_server import insecure_channel
+from svckit.nats import QUEUE_BOARD_SUBJECT
 from switchboard.v1 import common_pb2, events_pb2, tasks_pb2, tasks_pb2_grpc
 from task_svc.app import TaskApp
 from tests.conftest import eventually, timeout
@@ -55,11 +56,69 @@ async def test_submit_replies_after_the_job_is_stored_in_jetstream(
     events = events_of(await watch_all(stub, task_id))
     assert kind(events[-1]) == "completed"
 
-    # Done: the process that stored the job removes it (no consumer ever delivered it).
+    # Done: the job is gone from the work queue.
     async def removed() -> bool:
         return (await nc.jetstream().stream_info("SB_JOBS")).state.messages == 0
 
     await eventually(removed)
+
+
+async def test_a_job_a_gateway_stored_itself_runs_for_its_watcher_and_leaves_the_stream(
+    stub, nc: Client
+) -> None:
+    """What gateway_svc/direct_submit.py does: the job straight onto the work queue, message id
+    = task id; the consumer hands it to the engine, which runs it once."""
+    task_id = new_id()
+    request = tasks_pb2.WatchRequest(task_id=task_id, user_id="alice")
+    watch = stub.Watch(request)
+    first = await watch.read()
+    assert first.state.status == Status.TASK_STATUS_UNSPECIFIED  # claimed, not submitted
+    job = events_pb2.Job(task_id=task_id, user_id="alice", prompt="from the gateway")
+    js = nc.jetstream()
+    ack = await js.publish(
+        "switchboard.jobs.default", job.SerializeToString(), headers={"Nats-Msg-Id": task_id}
+    )
+    events: list[tasks_pb2.TaskEvent] = []
+    async with asyncio.timeout(timeout(10)):
+        while (response := await watch.read()) is not grpc.aio.EOF:
+            events.append(response.event)
+    assert kind(events[0]) == "queued" and kind(events[-1]) == "completed"
+    assert events[-1].completed.content == "from the gateway"
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    again = await submit(stub, task_id, prompt="from the gateway")  # idempotent, not rerun
+    assert again.duplicate and again.state.status == Status.TASK_STATUS_COMPLETED
+
+    async def removed() -> bool:
+        return (await js.stream_info("SB_JOBS")).state.messages == 0
+
+    await eventually(removed)
+    assert ack.seq > 0
+
+
+async def test_the_queue_board_says_what_waits_and_what_runs(
+    make_app: AppFactory, fake_llm: FakeLlm, nc: Client
+) -> None:
+    app = await make_app(task_concurrency=1, task_max_queue_depth=7)
+    boards = await nc.subscribe(QUEUE_BOARD_SUBJECT)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        running = new_id()
+        await submit(stub, running, prompt="hold the slot")
+        await fake_llm.started[running].wait()
+        await submit(stub, priority=3)
+
+        async def board_with_one_waiting() -> events_pb2.QueueStats | None:
+            msg = await boards.next_msg(timeout=timeout(5))
+            for stats in events_pb2.QueueBoard.FromString(msg.data).queues:
+                if stats.queue == "default" and sum(stats.waiting_by_priority) == 1:
+                    return stats
+            return None
+
+        stats = await eventually(board_with_one_waiting)
+        assert stats.waiting_by_priority[3] == 1 and stats.free_slots == 0
+        assert stats.concurrency == 1 and stats.max_depth == 7
+        fake_llm.release(running)
+    await boards.unsubscribe()
 
 
 async def test_submit_fails_when_the_job_cannot_be_stored(stub, nc: Client, fake_llm) -> None:

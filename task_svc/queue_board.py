@@ -1,0 +1,46 @@
+"""The QueueBoard (events.proto): task_svc's queues as a gateway needs them to answer an
+`llm_generate` whose job it stores itself (gateway_svc/direct_submit.py): how many wait at
+each priority, free slots, the mean run time and the depth limit. Published on core NATS every
+`interval_s`: not stored, a gateway keeps the last one it heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import nats.errors
+from nats.aio.client import Client
+
+from svckit.lifecycle import cancel_and_wait
+from svckit.nats import QUEUE_BOARD_SUBJECT
+from switchboard.v1 import events_pb2
+from task_svc.queues import Queues
+
+log = logging.getLogger(__name__)
+
+
+def board(queues: Queues) -> events_pb2.QueueBoard:
+    return events_pb2.QueueBoard(queues=[queue.stats() for queue in queues])
+
+
+class BoardPublisher:
+    def __init__(self, nc: Client, queues: Queues, interval_s: float) -> None:
+        self.nc = nc
+        self.queues = queues
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="queue board")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self.nc.publish(QUEUE_BOARD_SUBJECT, board(self.queues).SerializeToString())
+            await asyncio.sleep(self.interval_s)
