@@ -1,6 +1,7 @@
-"""`python -m gateway_svc`: settings → gRPC channel to task_svc → metrics exporter (when
-GATEWAY_METRICS_LISTEN is set) → health server → WebSocket server → wait for SIGTERM →
-NOT_SERVING, close sockets with 1001, close the channel, stop the exporter."""
+"""`python -m gateway_svc`: settings → gRPC channels to task_svc → NATS and llm_svc for the
+acks' own path (GATEWAY_DIRECT_SUBMIT) → metrics exporter (when GATEWAY_METRICS_LISTEN is set)
+→ health server → WebSocket server → wait for SIGTERM → NOT_SERVING, close sockets with 1001,
+close the channels and NATS, stop the exporter."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from gateway_svc.config import Settings
+from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.metrics import GatewayMetrics
 from gateway_svc.server import Gateway
 from gateway_svc.tokens import SecretConfigError, secret_from
+from svckit.catalog import ModelCatalog
 from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.lifecycle import run_service
 from svckit.metrics import start_exporter
-from switchboard.v1 import tasks_pb2_grpc
+from svckit.nats import NatsVersionError, connect_nats
+from switchboard.v1 import llm_pb2_grpc, tasks_pb2_grpc
 
 log = logging.getLogger("gateway_svc")
 
 SERVICE_NAME = "switchboard.gateway"  # what the health check reports on; no gRPC API
+DIRECT_CONNECT_TIMEOUT_S = 10.0
 
 
 async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
@@ -31,6 +36,7 @@ async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
     # Submits (one SubmitMany stream) and Cancel on a connection of their own: an ack never
     # queues behind the watches' traffic.
     control = insecure_channel(settings.task_svc_addr, own_connection=True)
+    direct = await direct_submit(settings)
     health = GrpcServer(settings.gateway_grpc_listen, lambda _server: None, [SERVICE_NAME])
     # The process-wide registry: it also holds the process collector (RSS, CPU, open fds).
     metrics = GatewayMetrics(REGISTRY)
@@ -40,6 +46,7 @@ async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
         tasks_pb2_grpc.TaskServiceStub(channel),
         metrics,
         control=tasks_pb2_grpc.TaskServiceStub(control),
+        direct=direct,
     )
     exporter = None
     try:
@@ -60,8 +67,28 @@ async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
         await health.stop(0)
         await channel.close()
         await control.close()
+        if direct is not None:
+            await direct.close()
         if exporter is not None:
             exporter.close()
+
+
+async def direct_submit(settings: Settings) -> DirectSubmit | None:
+    """The acks' own path, or None (off, or NATS unreachable: task_svc stores every job)."""
+    if not settings.gateway_direct_submit:
+        return None
+    try:
+        nc = await connect_nats(settings.nats_url, "gateway_svc", DIRECT_CONNECT_TIMEOUT_S)
+    except (ConnectionError, NatsVersionError) as error:
+        log.warning("acks go through task_svc", extra={"error": str(error)})
+        return None
+    llm_channel = insecure_channel(settings.llm_svc_addr)
+    catalog = ModelCatalog(
+        llm_pb2_grpc.LlmServiceStub(llm_channel), settings.gateway_models_cache_s
+    )
+    direct = DirectSubmit(nc, catalog, llm_channel=llm_channel)
+    await direct.start()
+    return direct
 
 
 def freeze_startup_objects() -> None:

@@ -21,6 +21,13 @@ class Settings(BaseSettings):
     gateway_port: int = 4000
     gateway_grpc_listen: str = "127.0.0.1:50050"
     task_svc_addr: str = "127.0.0.1:50051"
+    # The ack's own path (direct_submit.py): the gateway stores an llm_generate's job in
+    # JetStream itself; the model catalogue comes from llm_svc. Off: every Submit goes
+    # through task_svc.
+    gateway_direct_submit: bool = True
+    nats_url: str = "nats://127.0.0.1:4222"
+    llm_svc_addr: str = "127.0.0.1:50052"
+    gateway_models_cache_s: float = 10.0
 
     # A socket that sends nothing (not even a heartbeat, every 30 s) for this long is closed.
     gateway_idle_timeout_s: float = 60.0

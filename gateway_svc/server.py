@@ -29,6 +29,7 @@ from gateway_svc import metrics as m
 from gateway_svc import phoenix, tokens
 from gateway_svc.config import Settings
 from gateway_svc.connection import CLOSE_GOING_AWAY, Auth, Connection
+from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.limits import ConnectionCounter, RateLimiter
 from gateway_svc.submits import Submits
 from gateway_svc.task_channel import ChannelDeps
@@ -104,6 +105,7 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         *,
         control: tasks_pb2_grpc.TaskServiceStub | None = None,
+        direct: DirectSubmit | None = None,
     ) -> None:
         self.settings = settings
         self._secret = secret
@@ -121,6 +123,7 @@ class Gateway:
             settings.gateway_max_prompt_chars,
             settings.gateway_join_timeout_s,
             clock,
+            direct,
         )
         self._server: Server | None = None
         self._handlers = 0

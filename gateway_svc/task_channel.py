@@ -21,6 +21,7 @@ import grpc
 
 from gateway_svc import metrics as m
 from gateway_svc import task_payloads as tp
+from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.limits import RateLimiter
 from gateway_svc.phoenix import Message, reply
 from gateway_svc.submits import Submits
@@ -50,6 +51,7 @@ class ChannelDeps:
     max_prompt_chars: int = MAX_PROMPT_CHARS
     join_timeout: float = 10.0
     clock: Callable[[], float] = field(default=time.monotonic)
+    direct: DirectSubmit | None = None  # stores the jobs of new tasks itself (the acks' path)
 
 
 class TaskChannel:
@@ -85,6 +87,7 @@ class TaskChannel:
         self._watch: Watch | None = None
         self._terminal = False
         self._closed = False
+        self._new_since: float | None = None  # when the join found the task new (unsubmitted)
         self._out = asyncio.Lock()
         self._inbox: collections.deque[Message] = collections.deque()
         self._pump: asyncio.Task[None] | None = None
@@ -124,6 +127,8 @@ class TaskChannel:
             log.error("watch began without a state", extra={"topic": self.topic})
             return False, {"reason": "internal", "message": "no task state"}
         self._terminal = first.state.status in tp.TERMINAL
+        if first.state.status == tp.Status.TASK_STATUS_UNSPECIFIED:
+            self._new_since = self.deps.clock()
         return True, tp.state_payload(first.state)
 
     def start(self) -> None:
@@ -142,6 +147,7 @@ class TaskChannel:
                 if not message.HasField("event"):
                     continue
                 event = message.event
+                self._new_since = None  # submitted: only task_svc knows what became of it
                 self._terminal = self._terminal or tp.is_terminal(event)
                 push = tp.event_push(event)
                 if push is not None:
@@ -226,7 +232,9 @@ class TaskChannel:
         # Holding `_out` keeps the pushes this Submit causes behind its reply.
         async with self._out:
             try:
-                response = await self.deps.submits.submit(request)
+                response = await self._store_here(request)
+                if response is None:
+                    response = await self.deps.submits.submit(request)
             except ServiceError as refusal:
                 log.info("submit refused", extra={"topic": self.topic, "error": repr(refusal)})
                 if refusal.code == Code.ERROR_CODE_RATE_LIMITED:
@@ -236,6 +244,19 @@ class TaskChannel:
                 return error_response
             await self._reply(message.ref, "ok", tp.submit_reply(self.task_id, response))
             return None
+
+    async def _store_here(
+        self, request: tasks_pb2.SubmitRequest
+    ) -> tasks_pb2.SubmitResponse | None:
+        """The ack's own path (direct_submit.py), for a task known to be new; None when
+        task_svc must answer."""
+        direct, new_since = self.deps.direct, self._new_since
+        self._new_since = None  # a second push on this channel asks task_svc
+        if direct is None or new_since is None:
+            return None
+        if self.deps.clock() - new_since > direct.max_age_s:
+            return None
+        return await direct.submit(request)
 
     async def _cancel(self, message: Message) -> None:
         async with self._out:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from typing import Any
 
@@ -94,6 +95,37 @@ async def test_generation_streams_and_lands_in_history(stack: Stack) -> None:
         assert [t.task_id for t in listed.tasks] == [task_id]
         strangers = await history.ListTasks(history_pb2.ListTasksRequest(user_id="bob"))
         assert list(strangers.tasks) == []
+
+
+async def test_the_ack_does_not_wait_for_task_svc(sqlite_stack: Stack) -> None:
+    """The gateway stores a new task's job itself (gateway_svc/direct_submit.py): with
+    task_svc frozen (SIGSTOP), the push is still acknowledged; once it runs again, the job it
+    finds in JetStream runs to its one terminal history row."""
+    stack = sqlite_stack
+    task_id = str(uuid.uuid4())
+    topic = f"task:{task_id}"
+    url = f"{stack.config.socket_url}?token={dev_token('alice')}&vsn=2.0.0"
+    task_svc = stack.processes["task_svc"]
+    async with connect(url) as ws:
+        await send(ws, ["1", "1", topic, "phx_join", {}])
+        assert (await receive(ws))[4]["response"] == {"status": "new"}
+        task_svc.send_signal(signal.SIGSTOP)
+        try:
+            await send(ws, ["1", "2", topic, "llm_generate", {"prompt": PROMPT}])
+            ack = await receive(ws)
+        finally:
+            task_svc.send_signal(signal.SIGCONT)
+        assert ack[3] == "phx_reply" and ack[4]["status"] == "ok", ack
+        assert ack[4]["response"]["status"] == "queued"
+        pushes: list[list[Any]] = []
+        while not pushes or pushes[-1][3] not in ("llm_response", "error"):
+            pushes.append(await receive(ws))
+    assert pushes[0][3] == "progress" and pushes[0][4]["status"] == "queued"
+    assert pushes[-1][3] == "llm_response"
+    assert pushes[-1][4]["content"] == "".join(compose_answer(PROMPT, 0))
+    task, trail = await terminal_history(stack, task_id, "alice")
+    assert task.status == common_pb2.TASK_STATUS_COMPLETED
+    assert [e.kind for e in trail].count(events_pb2.LIFECYCLE_KIND_COMPLETED) == 1
 
 
 async def test_connect_without_token_is_refused_and_others_are_unaffected(stack: Stack) -> None:

@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection
 
 from gateway_svc import tokens
 from gateway_svc.config import Settings
+from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.server import Gateway
 from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.lifecycle import cancel_and_wait
@@ -64,7 +65,10 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    clock: Callable[[], float] = time.monotonic, **overrides: Any
+    clock: Callable[[], float] = time.monotonic,
+    *,
+    direct: DirectSubmit | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Stack]:
     fake = FakeTasks()
     grpc_server = GrpcServer(
@@ -75,7 +79,8 @@ async def running_stack(
     await grpc_server.start()
     channel = insecure_channel(f"127.0.0.1:{grpc_server.port}")
     settings = Settings(gateway_port=0, gateway_shutdown_grace_s=timeout(5), **overrides)
-    gateway = Gateway(settings, KEY, tasks_pb2_grpc.TaskServiceStub(channel), clock=clock)
+    stub = tasks_pb2_grpc.TaskServiceStub(channel)
+    gateway = Gateway(settings, KEY, stub, clock=clock, direct=direct)
     await gateway.start()
     try:
         yield Stack(fake, gateway, f"ws://127.0.0.1:{gateway.port}/socket")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -45,7 +46,7 @@ class Clock:
 
 async def test_generate_is_rate_limited_per_user_with_retry_after() -> None:
     clock = Clock()
-    limits = {"gateway_generate_rate_per_s": 0.5, "gateway_generate_burst": 2}
+    limits: dict[str, Any] = {"gateway_generate_rate_per_s": 0.5, "gateway_generate_burst": 2}
     async with running_stack(clock=clock, **limits) as stack:
         alice = await PhoenixClient.connect(stack.base, token=stack.token("alice"))
         bob = await PhoenixClient.connect(stack.base, token=stack.token("bob"))
