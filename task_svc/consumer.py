@@ -42,7 +42,6 @@ FETCH_EXPIRES_S = 0.5  # how long one pull request of `take_pending` waits on th
 FOLLOW_EXPIRES_S = 30.0
 FOLLOW_HEARTBEAT_S = 1.0
 HEARTBEAT = "100"
-ACK_TIMEOUT_S = 5.0
 
 
 class JobConsumer:
@@ -136,9 +135,11 @@ class JobConsumer:
                 await sub.unsubscribe()
 
     async def ack(self, seq: int) -> None:
-        """Confirmed: a finished job is gone from the work queue once this returns."""
+        """A finished job off the work queue. Not confirmed (a round trip per job): an ack
+        lost with the connection means a redelivery, of a job whose task is stored as
+        finished, which is then only removed (intake.py)."""
         msg = self.held.pop(seq)
-        await msg.ack_sync(timeout=ACK_TIMEOUT_S)
+        await msg.ack()
 
     async def close(self) -> None:
         """Stop the in-progress acks and nak every job still held, for redelivery."""

@@ -8,6 +8,7 @@ leading whitespace, so joining them gives the text back exactly.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 from collections.abc import AsyncGenerator
@@ -83,12 +84,12 @@ def answer_text(prompt: str) -> str:
 def compose_answer(prompt: str, max_tokens: int = 0) -> list[str]:
     """The tokens the local model streams for `prompt`, at most `max_tokens` of them
     (0: the model's default, `DEFAULT_MAX_TOKENS`)."""
-    return complete(prompt, max_tokens).tokens
+    return list(complete(prompt, max_tokens).tokens)
 
 
 @dataclass(frozen=True)
 class LocalCompletion:
-    tokens: list[str]
+    tokens: tuple[str, ...]
     finish_reason: str  # "length" when cut at max_tokens, else "stop"
     usage: TokenUsage
 
@@ -97,10 +98,11 @@ class LocalCompletion:
         return "".join(self.tokens)
 
 
+@functools.lru_cache(maxsize=1024)  # pure: asked twice per generation (estimate, stream)
 def complete(prompt: str, max_tokens: int = 0, system: str = "") -> LocalCompletion:
     """Everything a local generation produces: tokens, finish reason, usage."""
     full = tokenize(answer_text(prompt))
-    tokens = full[: max_tokens if max_tokens > 0 else DEFAULT_MAX_TOKENS]
+    tokens = tuple(full[: max_tokens if max_tokens > 0 else DEFAULT_MAX_TOKENS])
     reason = "length" if len(full) > len(tokens) else "stop"
     usage = TokenUsage(count_tokens(system) + count_tokens(prompt), len(tokens))
     return LocalCompletion(tokens, reason, usage)
@@ -116,7 +118,7 @@ class LocalProvider:
         self.token_delay_s = token_delay_s
 
     def estimate_tokens(self, request: ProviderRequest) -> int | None:
-        return len(compose_answer(request.prompt, request.max_tokens))
+        return len(complete(request.prompt, request.max_tokens, request.system).tokens)
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         completion = complete(request.prompt, request.max_tokens, request.system)

@@ -77,7 +77,7 @@ async def test_local_generation_streams_deltas_progress_and_final() -> None:
     final = check_stream(events).final
     expected = complete("Write a haiku about the sea", 256)
     assert final.content == expected.content
-    assert [e.delta.text for e in events if e.HasField("delta")] == expected.tokens
+    assert [e.delta.text for e in events if e.HasField("delta")] == list(expected.tokens)
     assert (final.model, final.finish_reason) == ("local", "stop")
     assert final.usage.completion_tokens == len(expected.tokens)
     assert final.usage.total_tokens == expected.usage.total_tokens

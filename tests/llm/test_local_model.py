@@ -48,7 +48,7 @@ def test_max_tokens_truncates_with_length() -> None:
     assert full.finish_reason == "stop"
     cut = complete("Hello there", 5)
     assert cut.finish_reason == "length"
-    assert cut.tokens == full.tokens[:5] == compose_answer("Hello there", 5)
+    assert cut.tokens == full.tokens[:5] == tuple(compose_answer("Hello there", 5))
     exact = complete("Hello there", len(full.tokens))
     assert exact.finish_reason == "stop"
 
