@@ -99,6 +99,7 @@ class DirectSubmit:
 
     async def start(self) -> None:
         await self.nc.subscribe(QUEUE_BOARD_SUBJECT, cb=self._heard)
+        await self.nc.flush()  # subscribed on the server: no board is missed from here on
 
     async def close(self) -> None:
         await self.catalog.close()
