@@ -3,21 +3,23 @@
 
 Subject `switchboard.tasks.<task_id>.<kind>`, message id `<task_id>:<seq>` (JetStream drops a
 re-publish of the same id within the stream's duplicate window, so retrying is safe). Events of
-one task are published in order, awaiting each PubAck, on one of a few lanes chosen by the task
-id; tasks on different lanes do not wait for each other. If NATS is briefly unavailable the
-lane retries with backoff rather than lose the event.
+one task are published in order, each once the one before it is acknowledged (so the last
+message stored for a task is its latest even when a publish had to be retried); different
+tasks' events go out together, their PubAcks awaited at once, so a busy process pays one round
+trip for many of them. If NATS is briefly unavailable a task's chain retries with backoff
+rather than lose the event.
 
 Snapshots (checkpoints: seq, owner and attempts only) go to
 `switchboard.tasks.<task_id>.snapshot`, message id `<task_id>:snapshot:<seq>`; persistence_svc
-acks them without storing. They take the same lane as the task's lifecycle events, so the
+acks them without storing. They take the same chain as the task's lifecycle events, so the
 last message stored for a task always holds its highest stored seq.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import zlib
 from dataclasses import dataclass
 
 import nats.errors
@@ -62,21 +64,20 @@ class LifecyclePublisher:
         self,
         js: JetStreamContext,
         *,
-        lanes: int = 8,
         publish_timeout_s: float = 5.0,
         max_backoff_s: float = 2.0,
     ) -> None:
         self.js = js
         self.publish_timeout_s = publish_timeout_s
         self.max_backoff_s = max_backoff_s
-        self._queues: list[asyncio.Queue[_Item]] = [asyncio.Queue() for _ in range(lanes)]
-        self._tasks: list[asyncio.Task[None]] = []
+        self._chains: dict[str, collections.deque[_Item]] = {}  # by task id: not yet acked
+        self._tasks: set[asyncio.Task[None]] = set()  # one per chain being published
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._lane(q), name=f"lifecycle-lane-{i}")
-            for i, q in enumerate(self._queues)
-        ]
+        """Nothing to start: each task's chain runs while it has events to publish."""
 
     def publish(self, event: events_pb2.LifecycleEvent) -> asyncio.Future[None]:
         """Queue `event`; the future resolves once JetStream has acknowledged it."""
@@ -93,21 +94,43 @@ class LifecyclePublisher:
         self, task_id: str, seq: int, subject: str, data: bytes, key: str
     ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        lane = zlib.crc32(task_id.encode()) % len(self._queues)
-        self._queues[lane].put_nowait(_Item(task_id, seq, subject, data, key, done))
+        item = _Item(task_id, seq, subject, data, key, done)
+        chain = self._chains.get(task_id)
+        if chain is not None:  # its chain is running: it takes this one after the others
+            chain.append(item)
+            return done
+        self._chains[task_id] = collections.deque([item])
+        if not self._closed:
+            self._spawn(task_id)
         return done
+
+    def _spawn(self, task_id: str) -> None:
+        task = asyncio.create_task(self._chain(task_id), name=f"lifecycle {task_id}")
+        self._tasks.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
 
     @property
     def pending(self) -> int:
-        return sum(q.qsize() for q in self._queues)
+        return sum(len(chain) for chain in self._chains.values())
 
-    async def _lane(self, queue: asyncio.Queue[_Item]) -> None:
-        while True:
-            item = await queue.get()
-            await self._publish_until_acked(item)
-            if not item.done.done():
-                item.done.set_result(None)
-            queue.task_done()
+    async def _chain(self, task_id: str) -> None:
+        chain = self._chains[task_id]
+        try:
+            while chain:
+                item = chain[0]
+                await self._publish_until_acked(item)
+                chain.popleft()
+                if not item.done.done():
+                    item.done.set_result(None)
+        finally:
+            if not chain and self._chains.get(task_id) is chain:
+                del self._chains[task_id]
 
     async def _publish_until_acked(self, item: _Item) -> None:
         headers = {"Nats-Msg-Id": item.msg_id}
@@ -128,16 +151,16 @@ class LifecyclePublisher:
 
     async def close(self, grace_s: float) -> None:
         """Let queued events go out for up to `grace_s` seconds, then stop (idempotent)."""
-        if self._tasks:
-            drained = asyncio.gather(*(q.join() for q in self._queues))
+        if not self._closed:
             try:
-                await asyncio.wait_for(drained, grace_s)
+                await asyncio.wait_for(self._idle.wait(), grace_s)
             except TimeoutError:
                 log.warning("lifecycle events left unpublished", extra={"count": self.pending})
-        for task in self._tasks:
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass(frozen=True)
