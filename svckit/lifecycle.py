@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -40,6 +41,16 @@ def exit_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+# Every event on the hot path allocates futures, tasks and messages that die young; with the
+# default thresholds (700, 10, 10) the collector ran often enough to cost ~10 % of the CPU of
+# a generation (zero-delay generations through the whole stack: 5.4-5.7 against 4.8-5.1 ms).
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_service(name: str, main: Main, log_level: str = "INFO") -> None:
     """Run `main(stop)` on uvloop until it returns; `stop` is set on SIGTERM or SIGINT.
     With SB_PARENT_PID set (by the launcher) it also stops when that parent dies.
@@ -47,6 +58,7 @@ def run_service(name: str, main: Main, log_level: str = "INFO") -> None:
     `main` owns every task it spawns and must cancel and await them before returning.
     """
     configure_logging(name, log_level)
+    tune_gc()
     if parent := os.environ.get("SB_PARENT_PID"):
         exit_with_parent(int(parent))
 
