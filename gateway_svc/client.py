@@ -59,10 +59,11 @@ class View:
         status = str(payload.get("status", ""))
         if status == "queued" and payload.get("position"):
             status = f"queued (position {payload['position']})"
-        if payload.get("message") == "restarted":
-            # The task runs again from the start (a retry, or task_svc recovered it).
+        if payload.get("reset"):
+            # The task runs again from the start: a retry, a rerun after an outage of ours,
+            # or task_svc recovered it.
             self.text = Text()
-            status = f"{status} (restarted)"
+            status = f"{status} (restarted: {payload.get('reason', '')})"
         value = payload.get("progress")
         completed = float(value) if isinstance(value, int | float) else None
         self.progress.update(self.bar, description=status, completed=completed)

@@ -91,8 +91,16 @@ def event_push(event: tasks_pb2.TaskEvent) -> tuple[str, dict[str, Any]] | None:
             payload["position"] = p.queue_position
             payload["eta_ms"] = p.eta_ms
         if p.message:
-            # e.g. "restarted": the task runs again from the start, clients reset the text.
-            payload["message"] = p.message
+            payload["message"] = p.message  # for people
+        if p.HasField("reset"):
+            # The task runs again from the start: clients drop the text they have.
+            r = p.reset
+            payload["reset"] = True
+            payload["attempt"] = r.attempt
+            payload["max_attempts"] = r.max_attempts
+            payload["reason"] = r.reason
+            if r.error:
+                payload["error"] = r.error
         return "progress", payload
     if kind == "chunk":
         chunk = event.chunk
@@ -115,12 +123,13 @@ def event_push(event: tasks_pb2.TaskEvent) -> tuple[str, dict[str, Any]] | None:
 
 def coalescable(event: str, payload: dict[str, Any]) -> bool:
     """Whether a push may be replaced by a later one of its channel while the socket is slow:
-    only non-terminal `progress` without a message (its fields are absolute, the latest wins;
-    a message such as "restarted" tells the client something a later one does not)."""
+    only non-terminal `progress` without a message or a reset (its fields are absolute, the
+    latest wins; a reset tells the client something a later one does not)."""
     return (
         event == "progress"
         and payload.get("status") not in TERMINAL_NAMES
         and "message" not in payload
+        and "reset" not in payload
     )
 
 

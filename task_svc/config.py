@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     task_aging_s: float = 10.0  # a waiting task gains one priority level per this many seconds
     task_retry_base_s: float = 1.0  # retry backoff: base * 2^(attempt-1), full jitter ...
     task_retry_max_s: float = 60.0  # ... at most this, at least the provider's retry-after
+    # While llm_svc is unreachable (down, restarting) a cut task reruns without spending an
+    # attempt, for at most this long; then it fails with the error.
+    task_outage_deadline_s: float = 600.0
     task_position_interval_s: float = 1.0  # how often watchers get their queue position
     task_max_prompt_chars: int = MAX_PROMPT_CHARS
     task_shutdown_grace_s: float = 10.0
@@ -76,6 +79,7 @@ class EngineConfig:
     default_queue: QueueConfig
     retry_base_s: float
     retry_max_s: float
+    outage_deadline_s: float
     position_interval_s: float
     retain_s: float
     watcher_limit: int
@@ -101,6 +105,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         default_queue=queue_config(settings),
         retry_base_s=settings.task_retry_base_s,
         retry_max_s=settings.task_retry_max_s,
+        outage_deadline_s=settings.task_outage_deadline_s,
         position_interval_s=settings.task_position_interval_s,
         retain_s=settings.task_retain_finished_s,
         watcher_limit=settings.task_watcher_queue,

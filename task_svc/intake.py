@@ -138,7 +138,8 @@ class Intake:
         job = self._new(requeued_spec(letter), seq_base=seq_base)
         # A new message id: the store's deduplication still knows the task id.
         await self._put(job, f"{job.task_id}:requeue:{time.time_ns()}")
-        self._enqueue(job, f"{RESTARTED}: requeued from the dead letters")
+        requeued = tasks_pb2.Reset(attempt=1, reason="requeued")
+        self._enqueue(job, f"{RESTARTED}: requeued from the dead letters", requeued)
         return job.server
 
     async def recover(self, pending: list[Pending]) -> None:
@@ -196,7 +197,7 @@ class Intake:
         if self.jobs.get(job.task_id) is job:
             del self.jobs[job.task_id]
 
-    def _enqueue(self, job: Job, restart: str = "") -> None:
+    def _enqueue(self, job: Job, restart: str = "", reset: tasks_pb2.Reset | None = None) -> None:
         """Put the task in QUEUED (with its position and eta), register its server, and put
         the job in its queue.
 
@@ -206,7 +207,7 @@ class Intake:
         QUEUED event from the log when it subscribes, just after `registry.add`."""
         position = job.queue.scheduler.position_for(job.spec.priority)
         eta_ms = job.queue.eta_ms(position)
-        queued = job.server.core.queued(position, eta_ms, restart)
+        queued = job.server.core.queued(position, eta_ms, restart, reset)
         self.registry.add(job.server)
         if queued is not None and queued.lifecycle is not None:
             self.publisher.publish(queued.lifecycle)

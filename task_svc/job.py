@@ -25,6 +25,8 @@ class Job:
     runner: asyncio.Task[None] | None = None  # RUNNING: the run, from start to its outcome
     worker: asyncio.Task[Outcome] | None = None  # RUNNING: the generation itself
     retry_timer: asyncio.TimerHandle | None = None  # RETRY_WAIT
+    outage_since: float | None = None  # when llm_svc first failed it, since its last good run
+    outages: int = 0  # reruns after llm_svc was unreachable (they cost no attempt)
     accepted: asyncio.Event = field(default_factory=asyncio.Event)  # no longer ACCEPTING
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # DONE
 

@@ -5,7 +5,8 @@ running generation (svckit/multiplex.py; llm_svc/multiplex.py is the other side)
 events, ending with its `final` or `error`. Closing it early (the worker was cancelled: a
 user's Cancel, shutdown) sends `cancel` for it, and llm_svc aborts the provider request.
 When the stream breaks (llm_svc restarted, the network), every generation on it fails with
-the typed error of the break, and the next `generate` opens a new stream.
+`LlmUnreachable` (our own outage, not the provider's: it costs the task no attempt, runner.py),
+and the next `generate` opens a new stream.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from svckit.multiplex import MuxClient
 from switchboard.v1 import llm_pb2, llm_pb2_grpc
 
 Event = llm_pb2.GenerateEvent
+
+
+class LlmUnreachable(ServiceError):
+    """llm_svc could not be reached, or its stream broke under a running generation."""
+
+    @classmethod
+    def of(cls, error: ServiceError) -> LlmUnreachable:
+        return cls(error.code, f"llm_svc unreachable: {error.message}", retryable=True)
 
 
 def _split(batch: llm_pb2.GenerateBatch) -> Iterable[tuple[int, Event]]:
@@ -42,9 +51,9 @@ class LlmClient:
             while not ended:
                 try:
                     event = await call.get()
-                except ServiceError:
+                except ServiceError as broken:  # the stream's own failure, not an `error` event
                     ended = True
-                    raise
+                    raise LlmUnreachable.of(broken) from broken
                 ended = event.WhichOneof("kind") in ("final", "error")
                 yield event
         finally:

@@ -14,6 +14,8 @@ from task_svc.config import EngineConfig, QueueConfig
 from task_svc.scheduler import Scheduler, ThroughputMeter
 
 Code = common_pb2.ErrorCode
+OUTAGE_BASE_DELAY_S = 0.2
+OUTAGE_MAX_DELAY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class RetryPolicy:
     max_attempts: int
     base_delay_s: float
     max_delay_s: float
+    outage_deadline_s: float = 600.0
 
     def delay_s(self, attempt: int, error: ServiceError) -> float | None:
         """The delay before the next attempt after `attempt` failed with `error`; None when
@@ -34,6 +37,16 @@ class RetryPolicy:
             return None
         backoff = min(self.max_delay_s, self.base_delay_s * 2 ** max(attempt - 1, 0))
         return max(random.uniform(0, backoff), error.retry_after_ms / 1000)
+
+    def outage_delay_s(self, outages: int, waited_s: float) -> float | None:
+        """The delay before rerunning a task cut by our own outage (llm_svc unreachable or
+        restarting) for the `outages`-th time, `waited_s` after the first: short, since it
+        costs no attempt (a restart takes about a second), capped, with jitter; None once
+        the outage has lasted `outage_deadline_s`."""
+        if waited_s >= self.outage_deadline_s:
+            return None
+        backoff = min(OUTAGE_MAX_DELAY_S, OUTAGE_BASE_DELAY_S * 2 ** max(outages - 1, 0))
+        return random.uniform(backoff / 2, backoff)
 
 
 class JobQueue:
@@ -84,7 +97,10 @@ class Queues:
         if queue is None:
             config = self.config.queues.get(name, self.config.default_queue)
             retry = RetryPolicy(
-                config.max_attempts, self.config.retry_base_s, self.config.retry_max_s
+                config.max_attempts,
+                self.config.retry_base_s,
+                self.config.retry_max_s,
+                self.config.outage_deadline_s,
             )
             queue = self._queues[name] = JobQueue(name, config, retry)
         return queue

@@ -16,11 +16,11 @@ from functools import partial
 from typing import Any
 
 from svckit.errors import ServiceError
-from switchboard.v1 import common_pb2, events_pb2
+from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
 from task_svc.deadletters import dead_letter
 from task_svc.job import RESTARTED, Job
 from task_svc.job_state import JobState, Step
-from task_svc.llm_client import LlmClient
+from task_svc.llm_client import LlmClient, LlmUnreachable
 from task_svc.queues import JobQueue
 from task_svc.servers import Servers
 from task_svc.store import JobStore, Lifecycle, StoreUnavailable
@@ -95,26 +95,70 @@ class Runner:
         result = outcome(job)
         if self.stopping and not core.terminal:
             job.move(Step.RELEASE)  # cancelled by shutdown: the next start runs it again
+        elif isinstance(result, LlmUnreachable) and not core.terminal:
+            await self._after_outage(job, result)
         elif isinstance(result, ServiceError) and not core.terminal:
+            job.outage_since, job.outages = None, 0
             delay_s = job.queue.retry.delay_s(core.attempts, result)
             if delay_s is not None:
-                await self._retry_later(job, delay_s, result)
+                attempt = core.attempts + 1
+                max_attempts = job.queue.config.max_attempts
+                reset = tasks_pb2.Reset(
+                    attempt=attempt, max_attempts=max_attempts, reason="retry", error=result.reason
+                )
+                message = (
+                    f"{RESTARTED}: attempt {attempt} of {max_attempts} "
+                    f"in {delay_s:.1f}s after {result.reason}"
+                )
+                await self._retry_later(job, delay_s, reset, message)
             else:
-                failed = partial(TaskCore.failed, error=result.to_proto())
-                await self.finish(job, failed, dead=result if result.retryable else None)
+                await self._fail(job, result)
         else:
             await self.finish(job)  # completed, or cancelled, or failed by a give-up
 
-    async def _retry_later(self, job: Job, delay_s: float, error: ServiceError) -> None:
-        """Back to QUEUED (the text restarts), and into the scheduler after `delay_s`."""
-        attempt = job.server.core.attempts + 1
-        message = (
-            f"{RESTARTED}: attempt {attempt} of {job.queue.config.max_attempts} "
-            f"in {delay_s:.1f}s after {error.reason}"
+    async def _after_outage(self, job: Job, error: LlmUnreachable) -> None:
+        """llm_svc was unreachable or restarted under the task: our outage, not the
+        provider's. The task runs again without spending the attempt, until the outage
+        has lasted the deadline."""
+        now = time.monotonic()
+        if job.outage_since is None:
+            job.outage_since = now
+        job.outages += 1
+        delay_s = job.queue.retry.outage_delay_s(job.outages, now - job.outage_since)
+        if delay_s is None:
+            await self._fail(job, error)
+            return
+        reset = tasks_pb2.Reset(
+            attempt=job.server.core.attempts, reason="outage", error=error.reason
         )
+        message = f"{RESTARTED}: llm_svc unreachable, again in {delay_s:.1f}s"
+        await self._retry_later(job, delay_s, reset, message, uncount=True)
+
+    async def _fail(self, job: Job, error: ServiceError) -> None:
+        failed = partial(TaskCore.failed, error=error.to_proto())
+        await self.finish(job, failed, dead=error if error.retryable else None)
+
+    async def _retry_later(
+        self,
+        job: Job,
+        delay_s: float,
+        reset: tasks_pb2.Reset,
+        message: str,
+        *,
+        uncount: bool = False,
+    ) -> None:
+        """Back to QUEUED (the text restarts), and into the scheduler after `delay_s`."""
         eta_ms = int(delay_s * 1000)
         queued = await apply(
-            job, partial(TaskCore.queued, position=0, eta_ms=eta_ms, restart=message)
+            job,
+            partial(
+                TaskCore.queued,
+                position=0,
+                eta_ms=eta_ms,
+                restart=message,
+                reset=reset,
+                uncount=uncount,
+            ),
         )
         if queued is not None:
             self.publisher.publish(queued)

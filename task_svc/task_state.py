@@ -87,6 +87,7 @@ class LogEntry:
     message: str = ""
     delta: str = ""
     error: common_pb2.Error | None = None
+    reset: tasks_pb2.Reset | None = None  # a QUEUED that restarts the task
 
 
 @dataclass(frozen=True)
@@ -239,20 +240,34 @@ class TaskCore:
 
     # -- changing -----------------------------------------------------------------------
 
-    def queued(self, position: int, eta_ms: int, restart: str = "") -> Transition | None:
+    def queued(
+        self,
+        position: int,
+        eta_ms: int,
+        restart: str = "",
+        reset: tasks_pb2.Reset | None = None,
+        *,
+        uncount: bool = False,
+    ) -> Transition | None:
         """QUEUED (a lifecycle change). With `restart` (a message starting with "restarted")
         the task runs again from the start (recovered after a crash, or retried): its text
-        and progress are reset, and the event tells watchers to reset theirs."""
+        and progress are reset, and the event tells watchers to reset theirs, `reset` saying
+        why (by default: recovered). `uncount`: the attempt that was cut does not count."""
         if self.terminal:
             return None
+        if uncount:
+            self.attempts = max(self.attempts - 1, 0)
         if restart:
             self._reset_text()
+            if reset is None:
+                reset = tasks_pb2.Reset(attempt=self.attempts + 1, reason="recovered")
         self.status = Status.TASK_STATUS_QUEUED
         self.queue_position, self.eta_ms = position, eta_ms
         entry = self._append("progress", status=self.status, queue_position=position)
         entry.eta_ms = eta_ms
         entry.progress = self.progress
         entry.message = restart
+        entry.reset = reset if restart else None
         return self._transition(entry, Kind.LIFECYCLE_KIND_QUEUED)
 
     def queue_moved(self, position: int, eta_ms: int, *, emit: bool) -> Transition | None:
@@ -411,4 +426,6 @@ class TaskCore:
             event.progress.queue_position = entry.queue_position
             event.progress.eta_ms = entry.eta_ms
             event.progress.message = entry.message
+            if entry.reset is not None:
+                event.progress.reset.CopyFrom(entry.reset)
         return event

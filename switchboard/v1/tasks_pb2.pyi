@@ -117,11 +117,17 @@ class Progress(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     ETA_MS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
     status: _common_pb2.TaskStatus.ValueType
     progress: _builtins.float
     queue_position: _builtins.int
     eta_ms: _builtins.int
     message: _builtins.str
+    """for people, e.g. "restarted: attempt 2 of 3 in 0.7s after network" """
+    @_builtins.property
+    def reset(self) -> Global___Reset:
+        """set when the task runs again from the start: watchers drop its text"""
+
     def __init__(
         self,
         *,
@@ -130,14 +136,52 @@ class Progress(_message.Message):
         queue_position: _builtins.int = ...,
         eta_ms: _builtins.int = ...,
         message: _builtins.str = ...,
+        reset: Global___Reset | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eta_ms", b"eta_ms", "message", b"message", "progress", b"progress", "queue_position", b"queue_position", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eta_ms", b"eta_ms", "message", b"message", "progress", b"progress", "queue_position", b"queue_position", "reset", b"reset", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
+class Reset(_message.Message):
+    """Why a task runs again from the start, for programs (Progress.reset)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """the attempt that comes next (1-based)"""
+    max_attempts: _builtins.int
+    """0: not limited (a rerun after our own outage costs no attempt)"""
+    reason: _builtins.str
+    """"retry" (the provider failed it: `error` says how), "outage" (llm_svc was unreachable or
+    restarted: costs no attempt), "recovered" (task_svc restarted), "requeued" (from the dead
+    letters).
+    """
+    error: _builtins.str
+    """for "retry" and "outage": the error's reason, e.g. "network" """
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        max_attempts: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "max_attempts", b"max_attempts", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reset: _TypeAlias = Reset  # noqa: Y015
 
 @_typing.final
 class Chunk(_message.Message):

@@ -157,3 +157,22 @@ def test_a_restart_is_pushed_with_its_message_and_never_coalesced() -> None:
     event, payload = pushed
     assert event == "progress" and payload["message"] == "restarted" and payload["seq"] == 70
     assert not tp.coalescable(event, payload)
+
+
+def test_a_reset_is_machine_readable_and_never_coalesced() -> None:
+    reset = tasks_pb2.Reset(attempt=2, max_attempts=3, reason="retry", error="network")
+    event = tasks_pb2.TaskEvent(
+        seq=9,
+        progress=tasks_pb2.Progress(status=common_pb2.TASK_STATUS_QUEUED, reset=reset),
+    )
+    pushed = tp.event_push(event)
+    assert pushed is not None
+    name, payload = pushed
+    assert name == "progress" and payload["reset"] is True
+    assert (payload["attempt"], payload["max_attempts"]) == (2, 3)
+    assert (payload["reason"], payload["error"]) == ("retry", "network")
+    assert not tp.coalescable(name, payload)
+    outage = tasks_pb2.Reset(attempt=1, reason="outage")
+    event.progress.reset.CopyFrom(outage)
+    pushed = tp.event_push(event)
+    assert pushed is not None and "error" not in pushed[1] and pushed[1]["max_attempts"] == 0

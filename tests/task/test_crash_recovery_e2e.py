@@ -90,6 +90,8 @@ async def test_kill_9_task_svc_with_tasks_queued_and_running(
                     # The rerun starts with a progress that resets the client's text.
                     assert pushes[0][0] == "progress" and pushes[0][1]["progress"] == 0
                     assert pushes[0][1].get("message") == "restarted"
+                    assert pushes[0][1]["reset"] is True
+                    assert pushes[0][1]["reason"] == "recovered"
 
         for task_id in ids:
             _, events = await terminal_history(stack, task_id, "alice")

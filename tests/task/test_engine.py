@@ -206,6 +206,7 @@ async def test_jobs_left_in_the_store_are_rebuilt_before_start_returns(
     assert server is not None
     first = server.core.events_after(0)[0]
     assert first.seq == 5 + 64 + 1 and first.progress.message == "restarted"
+    assert first.progress.reset.reason == "recovered" and first.progress.reset.attempt == 2
     # The job of a task that had finished is only acknowledged, never run.
     assert ("ack", finished_seq) in store.log and finished.task_id not in llm.order
     assert (await e.state(finished.task_id)).status == Status.TASK_STATUS_CANCELLED

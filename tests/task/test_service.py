@@ -12,7 +12,7 @@ from nats.aio.client import Client
 from svckit.errors import ServiceError
 from svckit.grpc_server import insecure_channel
 from svckit.nats import QUEUE_BOARD_SUBJECT
-from switchboard.v1 import common_pb2, events_pb2, tasks_pb2, tasks_pb2_grpc
+from switchboard.v1 import common_pb2, events_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from task_svc.app import TaskApp
 from tests.conftest import eventually, timeout
 from tests.task.conftest import (
@@ -368,16 +368,54 @@ async def test_an_llm_error_fails_the_task_with_a_typed_error(stub, nc: Client) 
     assert lifecycle[-1][0].error.message == "refused by fake"
 
 
-async def test_an_unreachable_llm_svc_fails_the_task(make_app: AppFactory, port: int) -> None:
-    app: TaskApp = await make_app(llm_svc_addr=f"127.0.0.1:{port}")  # nothing listens there
+async def test_a_task_waits_for_llm_svc_without_spending_its_attempts(
+    make_app: AppFactory, port: int
+) -> None:
+    """llm_svc away (never started, killed, restarting) is our outage: the task reruns, each
+    rerun a machine-readable reset that costs no attempt, and completes once llm_svc is back,
+    even with a single attempt allowed."""
+    app: TaskApp = await make_app(llm_svc_addr=f"127.0.0.1:{port}", task_max_attempts=1)
     async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
         task_id = new_id()
         reply = await submit(stub, task_id)  # accepted: intake does not need llm_svc
         assert reply.state.status == Status.TASK_STATUS_QUEUED
+        watch = stub.Watch(tasks_pb2.WatchRequest(task_id=task_id, user_id="alice"))
+        events: list[tasks_pb2.TaskEvent] = []
+        async with asyncio.timeout(timeout(10)):
+            while not any(e.progress.HasField("reset") for e in events):
+                response = await watch.read()
+                if response.HasField("event"):
+                    events.append(response.event)
+        llm = FakeLlm()
+        server = grpc.aio.server()
+        llm_pb2_grpc.add_LlmServiceServicer_to_server(llm, server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        try:
+            async with asyncio.timeout(timeout(15)):
+                while (response := await watch.read()) is not grpc.aio.EOF:
+                    events.append(response.event)
+        finally:
+            await server.stop(0)
+    assert kind(events[-1]) == "completed", events[-1]
+    resets = [e.progress.reset for e in events if e.progress.HasField("reset")]
+    assert resets and all(r.reason == "outage" and r.error == "network" for r in resets)
+    assert all(r.attempt == 1 and r.max_attempts == 0 for r in resets)
+    state = await app.engine.state(task_id, "alice")
+    assert state.attempts == 1
+
+
+async def test_an_llm_svc_away_past_the_outage_deadline_fails_the_task(
+    make_app: AppFactory, port: int
+) -> None:
+    app = await make_app(llm_svc_addr=f"127.0.0.1:{port}", task_outage_deadline_s=0.5)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        task_id = new_id()
+        await submit(stub, task_id)
         events = events_of(await watch_all(stub, task_id))
-    assert events[-1].error.code == Code.ERROR_CODE_NETWORK
-    assert events[-1].error.retryable
+    assert events[-1].error.code == Code.ERROR_CODE_NETWORK and events[-1].error.retryable
 
 
 async def test_retryable_errors_are_retried_then_dead_lettered_and_requeued(
@@ -393,6 +431,9 @@ async def test_retryable_errors_are_retried_then_dead_lettered_and_requeued(
         assert fake_llm.order.count(task_id) == 2
         restarts = [e for e in events if e.progress.message.startswith("restarted")]
         assert len(restarts) == 1 and restarts[0].progress.progress == 0
+        reset = restarts[0].progress.reset
+        assert (reset.attempt, reset.max_attempts) == (2, 2)
+        assert (reset.reason, reset.error) == ("retry", "rate_limited")
         assert events[-1].error.code == common_pb2.ERROR_CODE_RATE_LIMITED
         listed = await stub.ListDeadLetters(tasks_pb2.ListDeadLettersRequest())
         assert [d.task_id for d in listed.dead_letters] == [task_id]
