@@ -7,6 +7,7 @@ The machine's own nats-server, if any, is never used: it may be too old.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import socket
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BINARY = Path(sys.executable).parent / "nats-server"
+ROOT = Path(__file__).resolve().parent.parent
 # Ports handed out for servers come from below Linux's ephemeral range (32768-60999): a port
 # the kernel hands out as the source of an outgoing connection could otherwise be taken in
 # the moment between choosing it here and a server binding it.
@@ -69,8 +71,12 @@ async def start_nats(store_dir: Path, port: int = 0, log_file: Path | None = Non
     args = [str(binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     # Its own session: a Ctrl-C in the terminal (SIGINT to the whole process group) must not
-    # stop NATS before the services have drained; the owner stops it last.
-    process = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+    # stop NATS before the services have drained; the owner stops it last. And it never
+    # outlives its owner, however that dies (tools/with_parent.py).
+    guard = [sys.executable, "-m", "tools.with_parent", str(os.getpid())]
+    process = subprocess.Popen(
+        [*guard, *args], stdout=out, stderr=out, start_new_session=True, cwd=ROOT
+    )
     server = NatsServer(process, port)
     for _ in range(200):
         if process.poll() is not None:

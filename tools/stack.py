@@ -1,6 +1,8 @@
 """Run the whole stack: an embedded nats-server (unless NATS_URL is set) and the four
-services as separate processes with prefixed logs. `make run` uses `main()`; the end-to-end
-tests and the benchmark use `Stack` with free ports and a scratch folder.
+services as separate processes with prefixed logs, supervised: a service that dies is started
+again with backoff, within a restart intensity (`Restarts`), and the stack goes on. `make run`
+uses `main()`; the end-to-end tests and the benchmark use `Stack` with free ports and a
+scratch folder.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -65,6 +67,37 @@ class StackConfig:
     @property
     def socket_url(self) -> str:
         return f"ws://127.0.0.1:{self.gateway_port}/socket/websocket"
+
+
+class Restarts:
+    """How a dead service is started again, as task_svc's supervisor does for TaskServers:
+    after a backoff that doubles with each recent crash, and not at all past `max_restarts`
+    in `period_s` (then something is wrong that restarting does not fix: the stack stops)."""
+
+    def __init__(
+        self,
+        max_restarts: int = 5,
+        period_s: float = 60.0,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_restarts = max_restarts
+        self.period_s = period_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.clock = clock
+        self._crashes: dict[str, list[float]] = {}
+
+    def delay_s(self, name: str) -> float | None:
+        """Count a crash of `name`: the wait before starting it again, or None to give up."""
+        now = self.clock()
+        recent = [t for t in self._crashes.get(name, []) if t > now - self.period_s]
+        recent.append(now)
+        self._crashes[name] = recent
+        if len(recent) > self.max_restarts:
+            return None
+        return min(self.max_backoff_s, self.backoff_s * 2.0 ** (len(recent) - 1))
 
 
 class Stack:
@@ -198,6 +231,38 @@ class Stack:
         await self.start_service(name)
         await self.wait_healthy(names=(name,))
 
+    async def supervise(
+        self, stop: asyncio.Event, restarts: Restarts | None = None, out: IO[str] = sys.stderr
+    ) -> None:
+        """Until `stop` is set: start every service that dies again (`Restarts`). Returns
+        early, with the stack still up, if a service crashes past the restart intensity."""
+        restarts = restarts or Restarts()
+        while not stop.is_set():
+            died = {
+                asyncio.create_task(process.wait()): name
+                for name, process in self.processes.items()
+            }
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *died], return_when=asyncio.FIRST_COMPLETED)
+            for task in [stopper, *died]:
+                task.cancel()
+            if stop.is_set():
+                return
+            for name in [died[task] for task in done if task in died]:
+                code = self.processes[name].returncode
+                delay = restarts.delay_s(name)
+                if delay is None:
+                    print(f"{name} exited with {code} too often; giving up", file=out, flush=True)
+                    return
+                print(
+                    f"{name} exited with {code}; restarting in {delay:.1f}s", file=out, flush=True
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    return
+                await self.start_service(name)
+
     async def stop(self) -> dict[str, int]:
         """SIGTERM the services, gateway first so clients are told to come back later."""
         codes = {}
@@ -277,14 +342,7 @@ async def run_until_stopped() -> None:
             "  Ctrl-C stops everything.\n",
             flush=True,
         )
-        died = [asyncio.create_task(p.wait()) for p in stack.processes.values()]
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([stopper, *died], return_when=asyncio.FIRST_COMPLETED)
-        for task in [stopper, *died]:
-            task.cancel()
-        for name, process in stack.processes.items():
-            if process.returncode is not None and not stop.is_set():
-                print(f"{name} exited with {process.returncode}; stopping", file=sys.stderr)
+        await stack.supervise(stop)
     finally:
         print("stopping...", flush=True)
         await stack.stop()
