@@ -51,7 +51,14 @@ def usage_payload(usage: common_pb2.Usage) -> dict[str, int]:
 
 def error_payload(error: common_pb2.Error) -> dict[str, Any]:
     typed = ServiceError.from_proto(error)
-    return {"code": typed.reason, "message": typed.message, "retryable": typed.retryable}
+    payload: dict[str, Any] = {
+        "code": typed.reason,
+        "message": typed.message,
+        "retryable": typed.retryable,
+    }
+    if typed.retry_after_ms > 0:
+        payload["retry_after_ms"] = typed.retry_after_ms
+    return payload
 
 
 def state_payload(state: common_pb2.TaskState) -> dict[str, Any]:
@@ -112,6 +119,8 @@ def event_push(event: tasks_pb2.TaskEvent) -> tuple[str, dict[str, Any]] | None:
         return "llm_response", {
             "content": c.content,
             "model": c.model,
+            "from_fallback": c.from_fallback,
+            "from_cache": c.from_cache,
             "usage": usage_payload(c.usage),
             "finish_reason": c.finish_reason,
             "seq": event.seq,

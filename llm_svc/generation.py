@@ -4,9 +4,10 @@ Per request: resolve the model chain (the model, then its offered fallbacks); ad
 against the user's daily quota; for each model, attempt the provider call through the guards
 (circuit breaker, rate limits), retrying per `RetryPolicy`; stream deltas and progress; end
 with exactly one `final` or one `error`. When every model failed, a cached answer of the
-chain may stand in (`from_cache`). Retries and fallbacks happen only
-before the first delta: once text went out, a failure ends the stream with an error (the
-caller holds text it cannot take back; task_svc retries the whole job).
+chain may stand in (`from_cache`); without one, the request gets `unavailable` (retryable).
+Retries and fallbacks happen only before the first delta: once text went out, a failure ends
+the stream with an error (the caller holds text it cannot take back; task_svc retries the
+whole job).
 
 Domain failures (unknown model, bad request, provider errors) are `error` events, never a
 gRPC status: the stream always ends cleanly with its terminal event. Cancellation (the caller
@@ -55,6 +56,18 @@ def delta_event(
     text: str, progress: llm_pb2.GenerationProgress | None = None
 ) -> llm_pb2.GenerateEvent:
     return llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text=text, progress=progress))
+
+
+def unavailable(last: ServiceError, chain: Sequence[ModelEntry]) -> ServiceError:
+    """What a request gets when every model of its chain failed for now and no cached answer
+    could stand in: an honest, retryable `unavailable`, never another model's text."""
+    models = ", ".join(model.id for model in chain)
+    return ServiceError(
+        Code.ERROR_CODE_UNAVAILABLE,
+        f"no model could answer ({models}); the last said: {last.message}",
+        retryable=True,
+        retry_after_ms=last.retry_after_ms,
+    )
 
 
 def progress_event(progress: float, tokens: int) -> llm_pb2.GenerateEvent:
@@ -172,7 +185,7 @@ class Generator:
             yield delta_event(cached.content, done)
             yield final_event(cached, from_fallback=True, from_cache=True)
             return
-        yield error_event(last_error)
+        yield error_event(unavailable(last_error, chain) if last_error.retryable else last_error)
 
     def _resolve(self, request: llm_pb2.GenerateRequest) -> list[ModelEntry]:
         if not request.prompt.strip():

@@ -49,6 +49,7 @@ ERRORS: dict[common_pb2.ErrorCode.ValueType, ErrorKind] = {
     ),
     Code.ERROR_CODE_NOT_FOUND: ErrorKind(grpc.StatusCode.NOT_FOUND, "not_found", False),
     Code.ERROR_CODE_FORBIDDEN: ErrorKind(grpc.StatusCode.PERMISSION_DENIED, "unauthorized", False),
+    Code.ERROR_CODE_UNAVAILABLE: ErrorKind(grpc.StatusCode.UNAVAILABLE, "unavailable", True),
 }
 
 # For a status that arrives without our metadata (a proxy, a crashed peer).

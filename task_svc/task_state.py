@@ -122,6 +122,8 @@ class TaskCore:
         "error",
         "eta_ms",
         "finish_reason",
+        "from_cache",
+        "from_fallback",
         "log",
         "model",
         "progress",
@@ -144,6 +146,8 @@ class TaskCore:
         self.usage: common_pb2.Usage | None = None
         self.error: common_pb2.Error | None = None
         self.finish_reason = ""
+        self.from_fallback = False  # the answer came from a model of the fallback chain
+        self.from_cache = False  # ... or from the response cache
         self.queue_position = 0
         self.eta_ms = 0
         self.created_ns = spec.submitted_ns or now_ns()
@@ -327,6 +331,8 @@ class TaskCore:
             self._final_content = content
         self.model = getattr(final, "model", "") or self.model
         self.finish_reason = getattr(final, "finish_reason", "")
+        self.from_fallback = bool(getattr(final, "from_fallback", False))
+        self.from_cache = bool(getattr(final, "from_cache", False))
         usage = getattr(final, "usage", None)
         self.usage = common_pb2.Usage()
         if usage is not None:
@@ -415,6 +421,8 @@ class TaskCore:
             event.completed.content = self.content
             event.completed.model = self.model
             event.completed.finish_reason = self.finish_reason
+            event.completed.from_fallback = self.from_fallback
+            event.completed.from_cache = self.from_cache
             if self.usage is not None:
                 event.completed.usage.CopyFrom(self.usage)
         elif entry.kind == "error":

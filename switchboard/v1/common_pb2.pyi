@@ -67,6 +67,10 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """no such task"""
     ERROR_CODE_FORBIDDEN: _ErrorCode.ValueType  # 13
     """another user's task"""
+    ERROR_CODE_UNAVAILABLE: _ErrorCode.ValueType  # 14
+    """Every model of the request's chain failed (rate limited, overloaded, down) and no
+    cached answer could stand in: retryable, with retry_after_ms when a provider said when.
+    """
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Typed error codes shared by every service; each maps to one gRPC status
@@ -90,6 +94,10 @@ ERROR_CODE_NOT_FOUND: ErrorCode.ValueType  # 12
 """no such task"""
 ERROR_CODE_FORBIDDEN: ErrorCode.ValueType  # 13
 """another user's task"""
+ERROR_CODE_UNAVAILABLE: ErrorCode.ValueType  # 14
+"""Every model of the request's chain failed (rate limited, overloaded, down) and no
+cached answer could stand in: retryable, with retry_after_ms when a provider said when.
+"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final

@@ -214,9 +214,16 @@ class Completed(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    FROM_FALLBACK_FIELD_NUMBER: _builtins.int
+    FROM_CACHE_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     model: _builtins.str
+    """the model that answered"""
     finish_reason: _builtins.str
+    from_fallback: _builtins.bool
+    """a model of the fallback chain answered, not the one asked for"""
+    from_cache: _builtins.bool
+    """a cached answer to the same request stood in for the chain"""
     @_builtins.property
     def usage(self) -> _common_pb2.Usage: ...
     def __init__(
@@ -226,10 +233,12 @@ class Completed(_message.Message):
         model: _builtins.str = ...,
         usage: _common_pb2.Usage | None = ...,
         finish_reason: _builtins.str = ...,
+        from_fallback: _builtins.bool = ...,
+        from_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "finish_reason", b"finish_reason", "model", b"model", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "finish_reason", b"finish_reason", "from_cache", b"from_cache", "from_fallback", b"from_fallback", "model", b"model", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

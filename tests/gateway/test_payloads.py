@@ -74,6 +74,7 @@ def test_event_pushes() -> None:
             model="m",
             usage=common_pb2.Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3),
             finish_reason="stop",
+            from_fallback=True,
         ),
     )
     assert tp.event_push(done) == (
@@ -81,6 +82,8 @@ def test_event_pushes() -> None:
         {
             "content": "hi",
             "model": "m",
+            "from_fallback": True,
+            "from_cache": False,
             "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
             "finish_reason": "stop",
             "seq": 3,
@@ -176,3 +179,20 @@ def test_a_reset_is_machine_readable_and_never_coalesced() -> None:
     event.progress.reset.CopyFrom(outage)
     pushed = tp.event_push(event)
     assert pushed is not None and "error" not in pushed[1] and pushed[1]["max_attempts"] == 0
+
+
+def test_an_unavailable_chain_is_pushed_with_when_to_come_back() -> None:
+    error = common_pb2.Error(
+        code=common_pb2.ERROR_CODE_UNAVAILABLE, message="down", retryable=True, retry_after_ms=900
+    )
+    pushed = tp.event_push(tasks_pb2.TaskEvent(seq=5, error=error))
+    assert pushed == (
+        "error",
+        {
+            "code": "unavailable",
+            "message": "down",
+            "retryable": True,
+            "retry_after_ms": 900,
+            "seq": 5,
+        },
+    )

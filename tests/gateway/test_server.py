@@ -100,6 +100,8 @@ async def test_join_replies_with_state_then_generate_acks_before_pushes(stack: S
         assert pushes[3][4] == {
             "content": "Hello, world",
             "model": "local-small",
+            "from_fallback": False,
+            "from_cache": False,
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
             "finish_reason": "stop",
             "seq": 5,

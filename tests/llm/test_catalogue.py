@@ -38,7 +38,14 @@ def test_the_shipped_catalogue_prefers_a_configured_provider() -> None:
     catalogue = Catalogue.load(DEFAULT_MODELS_FILE, {"local", "openai"})
     assert catalogue.default_model == "gpt-4o-mini"
     assert "gemini-2.5-flash" not in catalogue.models
-    assert [m.id for m in catalogue.chain("gpt-4o-mini")] == ["gpt-4o-mini", "local"]
+    # The echo model never stands in for a real one (its chain has no other OpenAI model).
+    assert [m.id for m in catalogue.chain("gpt-4o-mini")] == ["gpt-4o-mini"]
+
+
+def test_no_shipped_model_falls_back_to_the_echo_model() -> None:
+    catalogue = Catalogue.load(DEFAULT_MODELS_FILE, {"local", "openai", "gemini", "anthropic"})
+    real = [m for m in catalogue.models.values() if m.provider != "local"]
+    assert real and all("local" not in [c.id for c in catalogue.chain(m.id)] for m in real)
 
 
 def test_provider_without_key_is_not_offered() -> None:

@@ -191,6 +191,18 @@ async def test_a_provider_side_refusal_falls_back_without_retrying(code: int) ->
     assert len(alpha.requests) == 1 and delays == []
 
 
+async def test_a_chain_that_is_down_answers_unavailable_not_another_models_text() -> None:
+    """No echo, no cache: an honest, retryable `unavailable` saying when to come back."""
+    down = failure(Code.ERROR_CODE_RATE_LIMITED, retry_after_ms=60_000)
+    alpha = ScriptedProvider("alpha", Script(deltas=[], error=down))
+    generator, _ = make({"alpha": alpha})
+    events = await run(generator, request(model="primary"))
+    error = check_stream(events).error
+    assert error.code == Code.ERROR_CODE_UNAVAILABLE and error.retryable
+    assert error.retry_after_ms == 60_000 and "primary" in error.message
+    assert not [e for e in events if e.HasField("delta")]
+
+
 async def test_a_non_retryable_error_is_not_retried_nor_fallen_back() -> None:
     alpha = ScriptedProvider(
         "alpha", Script(deltas=[], error=failure(Code.ERROR_CODE_CONTENT_FILTERED))

@@ -17,7 +17,6 @@ import pytest
 from llm_svc.catalogue import DEFAULT_MODELS_FILE
 from llm_svc.config import Settings
 from llm_svc.providers.gemini import GeminiProvider
-from llm_svc.providers.local import complete
 from llm_svc.server import LlmServer
 from svckit.grpc_server import insecure_channel
 from switchboard.v1 import common_pb2, llm_pb2, llm_pb2_grpc
@@ -139,11 +138,12 @@ async def test_a_5xx_is_retried(case: Case) -> None:
     assert len(fake.requests) == 2
 
 
-async def test_an_invalid_key_is_not_retried_and_falls_back(case: Case) -> None:
+async def test_an_invalid_key_is_not_retried_and_never_answered_by_the_echo_model(
+    case: Case,
+) -> None:
     async with serving(case, key="wrong-key") as (stub, fake, _):
-        final = check_stream(await generate(stub, case.model)).final
-    assert final.model == "local" and final.from_fallback
-    assert final.content == complete("Hi", 256).content
+        error = check_stream(await generate(stub, case.model)).error
+    assert error.code == Code.ERROR_CODE_AUTH and not error.retryable
     assert len(fake.requests) == 1  # AUTH is not retried
 
 
@@ -155,11 +155,11 @@ async def test_an_invalid_key_alone_is_an_auth_error(case: Case) -> None:
     assert len(fake.requests) == 1
 
 
-async def test_a_stall_before_any_text_times_out_is_retried_then_falls_back(case: Case) -> None:
+async def test_a_stall_before_any_text_times_out_is_retried_then_unavailable(case: Case) -> None:
     stall = case.reply(payloads=[], hang=True)
     async with serving(case, stall, llm_retry_max_attempts=2) as (stub, fake, _):
-        final = check_stream(await generate(stub, case.model)).final
-    assert final.model == "local" and final.from_fallback
+        error = check_stream(await generate(stub, case.model)).error
+    assert error.code == Code.ERROR_CODE_UNAVAILABLE and error.retryable
     assert len(fake.requests) == 2
 
 
@@ -209,16 +209,17 @@ def models_file(tmp_path: Path, provider_limits: str) -> Path:
     return path
 
 
-async def test_our_rate_limit_refuses_before_calling_and_falls_back(tmp_path: Path) -> None:
+async def test_our_rate_limit_refuses_before_calling(tmp_path: Path) -> None:
     case = CASES[0]
     path = models_file(tmp_path, "[providers.openai]\nrpm = 2\n")
     async with serving(
         case, llm_models_file=path, llm_rate_limit_max_wait_ms=0, llm_retry_max_delay_ms=50
     ) as (stub, fake, _):
         answers = [check_stream(await generate(stub, case.model)).final for _ in range(3)]
-    assert [a.model for a in answers] == [case.model, case.model, "local"]
-    assert answers[2].from_fallback
-    assert len(fake.requests) == 2  # the third was never sent
+    assert [a.model for a in answers] == [case.model] * 3
+    # The third was refused before calling; the cache answered the same request, and says so.
+    assert [a.from_cache for a in answers] == [False, False, True]
+    assert len(fake.requests) == 2
 
 
 async def test_a_spent_user_quota_fails_fast() -> None:
@@ -237,8 +238,8 @@ async def test_the_breaker_stops_calling_a_failing_provider(case: Case) -> None:
         case, case.unavailable, llm_breaker_failures=2, llm_retry_max_attempts=2
     ) as (stub, fake, server):
         for _ in range(3):
-            final = check_stream(await generate(stub, case.model)).final
-            assert final.model == "local" and final.from_fallback
+            error = check_stream(await generate(stub, case.model)).error
+            assert error.code == Code.ERROR_CODE_UNAVAILABLE and error.retryable
         assert len(fake.requests) == 2  # then the circuit opened: no more calls
         breaker = server.breakers.breaker(case.provider)
         assert breaker.state.value == "open"

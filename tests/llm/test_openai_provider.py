@@ -10,7 +10,6 @@ import httpx
 import pytest
 
 from llm_svc.providers.base import Finish, ProviderError, ProviderRequest, TextDelta, TokenUsage
-from llm_svc.providers.local import complete
 from llm_svc.providers.openai import OpenAIProvider
 from llm_svc.providers.registry import tls_context
 from llm_svc.server import LlmServer
@@ -198,17 +197,16 @@ async def test_llm_svc_offers_and_serves_openai_models(
     assert fake.requests[0].body["model"] == "gpt-4o-mini"
 
 
-async def test_llm_svc_falls_back_to_local_when_openai_fails() -> None:
+async def test_llm_svc_never_answers_an_openai_request_with_the_echo_model() -> None:
     fake, base_url = await serve(Reply(401, body=KEY))
     server = await start_llm(base_url)
     try:
         async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub: llm_pb2_grpc.LlmServiceAsyncStub = llm_pb2_grpc.LlmServiceStub(channel)  # type: ignore[assignment]
             call = stub.Generate(llm_pb2.GenerateRequest(prompt="Hi"), timeout=timeout(10))
-            final = check_stream([event async for event in call]).final
+            error = check_stream([event async for event in call]).error
     finally:
         await server.shutdown()
         await fake.stop()
-    assert final.model == "local" and final.from_fallback
-    assert final.content == complete("Hi", 256).content
+    assert error.code == common_pb2.ERROR_CODE_AUTH and not error.retryable
     assert len(fake.requests) == 1  # AUTH is not retried

@@ -42,6 +42,18 @@ def test_seq_increments_per_event_and_content_is_the_chunks() -> None:
         done.lifecycle is not None and done.lifecycle.seq == 6 and done.lifecycle.content == "Hello"
     )
     assert c.snapshot().model == "m2" and c.progress == 1.0
+    assert not done.event.completed.from_fallback and not done.event.completed.from_cache
+
+
+def test_the_answer_says_whether_a_fallback_or_the_cache_gave_it() -> None:
+    c = core()
+    c.started()
+    final = llm_pb2.GenerationFinal(
+        content="x", model="backup", from_fallback=True, from_cache=True
+    )
+    done = c.completed(final)
+    assert done is not None and done.event.completed.model == "backup"
+    assert done.event.completed.from_fallback and done.event.completed.from_cache
 
 
 def test_a_chunk_carries_the_progress_made_with_it_and_never_lowers_it() -> None:
