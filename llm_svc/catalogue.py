@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llm_svc.pacing import Pacing
+
 DEFAULT_MODELS_FILE = Path(__file__).with_name("models.toml")
 LOCAL_MODEL = "local"
 
@@ -38,6 +40,7 @@ class ModelEntry:
     max_tokens: int
     fallback: tuple[str, ...] = ()
     limits: Limits = Limits()
+    pacing: Pacing = field(default_factory=Pacing)
 
 
 @dataclass(frozen=True)
@@ -133,12 +136,27 @@ def _entry(raw: Mapping[str, Any]) -> ModelEntry:
             max_tokens=int(raw["max_tokens"]),
             fallback=tuple(str(m) for m in raw.get("fallback", ())),
             limits=_limits(raw.get("id"), raw),
+            pacing=_pacing(raw),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CatalogueError(f"bad model entry {dict(raw)!r}: {error}") from error
     if entry.max_tokens <= 0:
         raise CatalogueError(f"model {entry.id}: max_tokens must be positive")
     return entry
+
+
+def _pacing(raw: Mapping[str, Any]) -> Pacing:
+    """`first_token_s`, `idle_s`, `deadline_s` of a model (llm_svc/pacing.py), each
+    optional."""
+    default = Pacing()
+    pacing = Pacing(
+        first_token_s=float(raw.get("first_token_s", default.first_token_s)),
+        idle_s=float(raw.get("idle_s", default.idle_s)),
+        deadline_s=float(raw.get("deadline_s", default.deadline_s)),
+    )
+    if min(pacing.first_token_s, pacing.idle_s, pacing.deadline_s) <= 0:
+        raise ValueError("first_token_s, idle_s and deadline_s must be positive")
+    return pacing
 
 
 def _limits(owner: object, raw: object) -> Limits:

@@ -25,6 +25,7 @@ from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 
 from llm_svc.catalogue import Catalogue, ModelEntry
+from llm_svc.pacing import DeadlinePassed, paced
 from llm_svc.policy import (
     FALLBACK_CODES,
     Attempt,
@@ -148,6 +149,9 @@ class Generator:
         self, request: llm_pb2.GenerateRequest, chain: list[ModelEntry]
     ) -> AsyncGenerator[llm_pb2.GenerateEvent, None]:
         started = self._clock()
+        # The model asked for sets the whole generation's deadline, fallbacks included.
+        deadline_s = chain[0].pacing.deadline_s
+        deadline_at = asyncio.get_running_loop().time() + deadline_s
         last_error: ServiceError | None = None
         for index, model in enumerate(chain):
             provider_request = self._provider_request(model, request)
@@ -156,8 +160,13 @@ class Generator:
                 attempt += 1
                 run = _Run()
                 try:
-                    async for event in self._attempt(model, provider_request, run, index > 0):
+                    attempted = self._attempt(model, provider_request, run, index > 0, deadline_at)
+                    async for event in attempted:
                         yield event
+                    return
+                except DeadlinePassed as error:
+                    self._log_failure(request, model, attempt, error, run)
+                    yield error_event(error)
                     return
                 except ServiceError as error:
                     last_error = error
@@ -171,6 +180,9 @@ class Generator:
                 delay = self.retry.delay(attempt, last_error, self._clock() - started)
                 if delay is None:
                     break
+                if asyncio.get_running_loop().time() + delay >= deadline_at:
+                    yield error_event(DeadlinePassed(deadline_s))
+                    return
                 await self._sleep(delay)
             if last_error.code not in FALLBACK_CODES:
                 break
@@ -221,7 +233,12 @@ class Generator:
         )
 
     async def _attempt(
-        self, model: ModelEntry, request: ProviderRequest, run: _Run, from_fallback: bool
+        self,
+        model: ModelEntry,
+        request: ProviderRequest,
+        run: _Run,
+        from_fallback: bool,
+        deadline_at: float,
     ) -> AsyncIterator[llm_pb2.GenerateEvent]:
         provider = self.providers[model.provider]
         estimate = provider.estimate_tokens(request)
@@ -235,7 +252,7 @@ class Generator:
             for guard in self.guards:
                 await guarded.enter_async_context(guard.admit(attempt))
             async with aclosing(provider.stream(request)) as stream:
-                async for event in stream:
+                async for event in paced(stream, provider.name, model.pacing, deadline_at):
                     match event:
                         case TextDelta(text=text, tokens=tokens):
                             moved = tracker.advance(tokens)
