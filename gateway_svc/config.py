@@ -1,4 +1,4 @@
-"""gateway_svc settings, from environment variables (names in the shared brief)."""
+"""gateway_svc settings, from environment variables (every one is in the README)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LifecycleEvents as task_svc publishes them (the brief's task semantics): seq counts every
+"""LifecycleEvents as task_svc publishes them (docs/architecture.md): seq counts every
 TaskEvent of the task, so lifecycle events have gaps (chunks between STARTED and COMPLETED)."""
 
 from __future__ import annotations
