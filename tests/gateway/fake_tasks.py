@@ -1,6 +1,6 @@
 """A small in-memory TaskService with task_svc's task semantics (docs/architecture.md), for
-tests of the gateway over a real gRPC server. Tests drive it: `run(task_id)` plays a short generation,
-`break_streams()` aborts every Watch as a task_svc restart would."""
+tests of the gateway over a real gRPC server. Tests drive it: `run(task_id)` plays a short
+generation, `break_streams()` aborts every Watch as a task_svc restart would."""
 
 from __future__ import annotations
 
