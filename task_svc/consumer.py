@@ -5,7 +5,8 @@ acknowledge an `llm_generate` at once (gateway_svc/direct_submit.py), and the en
 which it recognises by task id.
 
 The deliveries it hands out are held: in-progress acks go out every third of `ack_wait_s`
-while their jobs wait or run, an ack when one is done, a nak for those still held at close.
+while their jobs wait or run (`keep_alive`, a loop the engine supervises), an ack when one is
+done, a nak for those still held at close.
 
 Single-instance assumption: task_svc runs as ONE instance owning SB_JOBS. At start the
 consumer is deleted and created again, which makes JetStream deliver every job still stored at
@@ -62,7 +63,6 @@ class JobConsumer:
         self.filter_subject = filter_subject
         self.held: dict[int, Msg] = {}  # by stream sequence
         self._sub: JetStreamContext.PullSubscription | None = None
-        self._keeper: asyncio.Task[None] | None = None
 
     async def bind(self) -> None:
         """Recreate the durable consumer (see the module docstring) and bind to it."""
@@ -80,7 +80,6 @@ class JobConsumer:
         )
         await self.js.add_consumer(JOBS_STREAM, config)
         self._sub = await self.js.pull_subscribe_bind(durable=self.name, stream=JOBS_STREAM)
-        self._keeper = asyncio.create_task(self._keep_alive(), name="jobs-in-progress")
 
     async def take_pending(self) -> list[Msg]:
         """Every job waiting for this consumer now; each is held until `ack`ed."""
@@ -142,11 +141,7 @@ class JobConsumer:
         await msg.ack()
 
     async def close(self) -> None:
-        """Stop the in-progress acks and nak every job still held, for redelivery."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
-            self._keeper = None
+        """Nak every job still held, for redelivery (the in-progress acks have stopped)."""
         held, self.held = list(self.held.values()), {}
         for msg in held:
             with contextlib.suppress(nats.errors.Error, OSError):
@@ -156,9 +151,10 @@ class JobConsumer:
                 await self._sub.unsubscribe()
             self._sub = None
 
-    async def _keep_alive(self) -> None:
-        # A held job's ack_wait runs from its delivery, queued or running: tell JetStream
-        # we are still on it well before it would be redelivered.
+    async def keep_alive(self) -> None:
+        """The in-progress acks, while the engine runs (it supervises this loop): a held
+        job's ack_wait runs from its delivery, queued or running, so JetStream is told we
+        are still on it well before it would redeliver it."""
         interval = max(self.ack_wait_s / 3, 0.1)
         while True:
             await asyncio.sleep(interval)

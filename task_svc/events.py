@@ -146,8 +146,12 @@ class LifecyclePublisher:
                     "lifecycle publish failed, retrying",
                     extra={"task_id": item.task_id, "seq": item.seq, "error": repr(error)},
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff_s)
+            except Exception:  # a bug must not end the chain and strand what follows
+                log.exception(
+                    "lifecycle publish crashed, retrying", extra={"task_id": item.task_id}
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
 
     async def close(self, grace_s: float) -> None:
         """Let queued events go out for up to `grace_s` seconds, then stop (idempotent)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import nats.errors
 import orjson
@@ -26,7 +26,7 @@ from switchboard.v1 import events_pb2, tasks_pb2
 from task_svc.consumer import JobConsumer
 from task_svc.deadletters import DeadLetters
 from task_svc.events import Stored, read_stored
-from task_svc.store import Pending, Put, StoreUnavailable
+from task_svc.store import Loop, Pending, Put, StoreUnavailable
 from task_svc.task_state import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ class JetStreamJobStore:
 
     async def close(self) -> None:
         await self.consumer.close()
+
+    def loops(self) -> Mapping[str, Loop]:
+        return {"in-progress acks": self.consumer.keep_alive}
 
     async def put(self, spec: TaskSpec, msg_id: str) -> Put:
         with unavailable():

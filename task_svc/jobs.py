@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 
 from svckit.errors import ServiceError
-from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import common_pb2, tasks_pb2
 from task_svc.config import EngineConfig
 from task_svc.intake import Intake
@@ -34,6 +34,7 @@ from task_svc.registry import forbidden
 from task_svc.runner import Runner
 from task_svc.servers import Servers
 from task_svc.store import JobStore, Lifecycle, StoreUnavailable
+from task_svc.supervisor import Supervisor
 from task_svc.task_server import TaskServer
 from task_svc.task_state import TaskSpec
 
@@ -65,8 +66,14 @@ class JobEngine:
             self.jobs, self.queues, store, publisher, self.servers, self.runner, config.seq_reserve
         )
         self.positions = PositionReporter(self.jobs, self.queues, config.position_interval_s)
+        # The engine's own loops, one_for_one: none holds state another needs (they share
+        # only the store, which each reads afresh). One that crashes past the intensity
+        # leaves the engine `broken`: the process must go (and be started again).
+        self.loops = Supervisor(
+            "engine", max_restarts=5, period_s=60.0, backoff_s=0.1, max_backoff_s=5.0
+        )
+        self.broken = asyncio.Event()
         self._open = False
-        self._arrivals: asyncio.Task[None] | None = None
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -81,8 +88,9 @@ class JobEngine:
         self._open = self.runner.open = True
         for queue in self.queues:
             self.runner.pump(queue)
-        self.positions.start()
-        self._arrivals = asyncio.create_task(self._take_arrivals(), name="job arrivals")
+        loops = {"arrivals": self._take_arrivals, "positions": self.positions.run}
+        for name, loop in {**loops, **self.store.loops()}.items():
+            self.loops.start_child(name, loop, on_give_up=partial(self._loop_gave_up, name))
 
     def stop_intake(self) -> None:
         """Refuse new Submits and start no more jobs (idempotent)."""
@@ -93,9 +101,12 @@ class JobEngine:
         finished stay in the store (pending ones are given back), every actor stops.
         Idempotent."""
         self.stop_intake()
-        await cancel_and_wait(self._arrivals)  # what arrives later stays for the next start
+        # What arrives from now on stays stored for the next start; the store's own loops
+        # (in-progress acks) go on while running tasks finish.
+        for name in ("arrivals", "positions"):
+            self.loops.terminate(name)
         await self.runner.stop(grace_s)
-        await self.positions.stop()
+        await self.loops.stop()
         await self.store.close()
         await self.servers.stop()
 
@@ -183,6 +194,10 @@ class JobEngine:
             except StoreUnavailable as error:
                 log.warning("job arrivals broke; following again", extra={"e": repr(error)})
             await asyncio.sleep(ARRIVALS_RETRY_S)
+
+    def _loop_gave_up(self, name: str, error: BaseException) -> None:
+        log.critical("engine loop crashed too often", extra={"loop": name}, exc_info=error)
+        self.broken.set()
 
     def _notify(self, what: str, task_id: str) -> None:
         for observer in self.observers:

@@ -13,12 +13,12 @@ consumer hands it back.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from switchboard.v1 import tasks_pb2
 from task_svc.deadletters import MAX_LIST
 from task_svc.events import Stored
-from task_svc.store import Pending, Put, StoreUnavailable
+from task_svc.store import Loop, Pending, Put, StoreUnavailable
 from task_svc.task_state import TaskSpec
 
 
@@ -76,6 +76,9 @@ class MemoryJobStore:
     def _arrive(self, spec: TaskSpec, seq: int) -> None:
         self.held.add(seq)
         self._arrived.put_nowait(Pending(spec, seq))
+
+    def loops(self) -> Mapping[str, Loop]:
+        return {}
 
     async def arrivals(self) -> AsyncIterator[Pending]:
         while True:

@@ -27,16 +27,6 @@ class PositionReporter:
         self.jobs = jobs
         self.queues = queues
         self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="jobs-positions")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
     def _where(self, server: TaskServer) -> tuple[JobQueue, int] | None:
         job = self.jobs.get(server.task_id)
@@ -64,7 +54,8 @@ class PositionReporter:
             with contextlib.suppress(TaskServerDown):
                 await server.apply(moved)
 
-    async def _loop(self) -> None:
+    async def run(self) -> None:
+        """The loop that moves watchers' positions (the engine supervises it)."""
         while True:
             await asyncio.sleep(self.interval_s)
             for queue in self.queues:

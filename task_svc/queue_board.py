@@ -7,7 +7,6 @@ each priority, free slots, the mean run time and the depth limit. Published on c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import nats.errors
@@ -41,6 +40,10 @@ class BoardPublisher:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(nats.errors.Error, OSError):
+            try:
                 await self.nc.publish(QUEUE_BOARD_SUBJECT, board(self.queues).SerializeToString())
+            except (nats.errors.Error, OSError):
+                pass  # NATS away: the gateways stop trusting the board after a few seconds
+            except Exception:  # a bug: say so, and go on with the next board
+                log.exception("queue board failed")
             await asyncio.sleep(self.interval_s)

@@ -14,9 +14,9 @@ engine's own (which it knows already: it created them before storing them).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from switchboard.v1 import events_pb2, history_pb2, tasks_pb2
 from task_svc.events import Stored
@@ -42,12 +42,19 @@ class Pending:
     redelivered: bool = False  # handed out before (to a previous incarnation, or to this one)
 
 
+Loop = Callable[[], Coroutine[Any, Any, None]]
+
+
 class JobStore(Protocol):
     async def open(self) -> None:
         """Get ready; after this, `take_pending` returns what is left from before."""
 
     async def close(self) -> None:
         """Give back every pending job not `done` (redelivered at the next start)."""
+
+    def loops(self) -> Mapping[str, Loop]:
+        """The store's own loops, by name: the engine runs them, supervised, from `open`
+        until just before `close`."""
 
     async def put(self, spec: TaskSpec, msg_id: str) -> Put:
         """Store a job durably (deduplicated on `msg_id`)."""

@@ -412,3 +412,56 @@ async def test_a_job_for_an_id_another_user_claimed_is_dropped(
     assert store.log[-1] == ("remove", 5) and task.task_id not in llm.order
     assert e.engine.registry.get(task.task_id) is None
     e.engine.registry.release(claim)
+
+
+# -- the engine's own loops ----------------------------------------------------------------
+
+
+class LoopingStore(MemoryJobStore):
+    """A store with a loop of its own that crashes its first `crashes` runs."""
+
+    def __init__(self, crashes: int) -> None:
+        super().__init__()
+        self.crashes = crashes
+        self.runs = 0
+        self.running = asyncio.Event()
+
+    def loops(self) -> dict[str, Any]:
+        return {"flaky": self.flaky}
+
+    async def flaky(self) -> None:
+        self.runs += 1
+        if self.runs <= self.crashes:
+            raise RuntimeError(f"crash {self.runs}")
+        self.running.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_loop_that_crashes_is_restarted_and_the_engine_goes_on(
+    llm: ScriptedLlm, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LoopingStore(crashes=2)
+    e = Engine(store, llm)
+    await e.engine.start()
+    try:
+        async with asyncio.timeout(timeout(5)):
+            await store.running.wait()
+        assert store.runs == 3 and e.engine.loops.restarts("flaky") == 2
+        assert not e.engine.broken.is_set()
+        assert "child crashed, restarting" in caplog.text
+        done = await e.submit("still running")
+        await e.reached("finished", done.task_id)
+    finally:
+        await e.engine.shutdown(0)
+
+
+async def test_a_loop_crashing_past_the_intensity_breaks_the_engine(llm: ScriptedLlm) -> None:
+    store = LoopingStore(crashes=100)
+    e = Engine(store, llm)
+    await e.engine.start()
+    try:
+        async with asyncio.timeout(timeout(10)):
+            await e.engine.broken.wait()  # task_svc's main then exits non-zero
+        assert store.runs == 6  # the first run and five restarts
+    finally:
+        await e.engine.shutdown(0)
