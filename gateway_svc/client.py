@@ -64,6 +64,9 @@ class View:
             # or task_svc recovered it.
             self.text = Text()
             status = f"{status} (restarted: {payload.get('reason', '')})"
+        fallback = payload.get("fallback")
+        if isinstance(fallback, dict):
+            status = f"{status} (continued by {fallback.get('model')})"
         value = payload.get("progress")
         completed = float(value) if isinstance(value, int | float) else None
         self.progress.update(self.bar, description=status, completed=completed)

@@ -108,6 +108,9 @@ def event_push(event: tasks_pb2.TaskEvent) -> tuple[str, dict[str, Any]] | None:
             payload["reason"] = r.reason
             if r.error:
                 payload["error"] = r.error
+        if p.fallback_model:
+            # Another model took over mid-stream: the client keeps its text.
+            payload["fallback"] = {"model": p.fallback_model, "at_seq": event.seq}
         return "progress", payload
     if kind == "chunk":
         chunk = event.chunk
@@ -139,6 +142,7 @@ def coalescable(event: str, payload: dict[str, Any]) -> bool:
         and payload.get("status") not in TERMINAL_NAMES
         and "message" not in payload
         and "reset" not in payload
+        and "fallback" not in payload
     )
 
 

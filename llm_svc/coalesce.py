@@ -11,7 +11,8 @@ merges what arrives close together before it leaves the process:
   stalls does not hold text back), or at once when the stream ends;
 - progress rides in the delta (`TextDelta.progress`, the latest value); a progress with no
   text to ride on is held the same way;
-- `final` and `error` are never held: what is held goes out first, then them.
+- `final`, `error` and a handover to the next model (`fallback_model`) are never held: what
+  is held goes out first, then them.
 
 Text is never lost or reordered: the deltas out, joined, are the deltas in, joined.
 """
@@ -60,6 +61,10 @@ class _Held:
         return event
 
 
+def _handover(event: Event) -> bool:
+    return event.WhichOneof("kind") == "progress" and bool(event.progress.fallback_model)
+
+
 async def coalesce(
     events: AsyncIterator[Event],
     window_s: float,
@@ -90,7 +95,7 @@ async def coalesce(
         try:
             async for event in events:
                 kind = event.WhichOneof("kind")
-                if kind not in ("delta", "progress"):
+                if kind not in ("delta", "progress") or _handover(event):
                     if timer is not None:
                         timer.cancel()
                     flush()

@@ -71,6 +71,13 @@ def unavailable(last: ServiceError, chain: Sequence[ModelEntry]) -> ServiceError
     )
 
 
+def fallback_event(model: str, shown: _Shown) -> llm_pb2.GenerateEvent:
+    progress = llm_pb2.GenerationProgress(
+        progress=shown.progress, tokens=shown.tokens, fallback_model=model
+    )
+    return llm_pb2.GenerateEvent(progress=progress)
+
+
 def progress_event(progress: float, tokens: int) -> llm_pb2.GenerateEvent:
     return llm_pb2.GenerateEvent(
         progress=llm_pb2.GenerationProgress(progress=progress, tokens=tokens)
@@ -97,9 +104,19 @@ def final_event(
 
 
 @dataclass
-class _Run:
-    """What one attempt streamed so far."""
+class _Shown:
+    """What the caller has of the answer so far, across the models of the chain."""
 
+    text: str = ""
+    progress: float = 0.0
+    tokens: int = 0
+
+
+@dataclass
+class _Run:
+    """What one attempt streamed so far; `shown` is the whole generation's."""
+
+    shown: _Shown = field(default_factory=_Shown)
     parts: list[str] = field(default_factory=list)
 
     @property
@@ -153,12 +170,13 @@ class Generator:
         deadline_s = chain[0].pacing.deadline_s
         deadline_at = asyncio.get_running_loop().time() + deadline_s
         last_error: ServiceError | None = None
+        shown = _Shown()
         for index, model in enumerate(chain):
-            provider_request = self._provider_request(model, request)
+            provider_request = self._provider_request(model, request, shown.text)
             attempt = 0
             while True:
                 attempt += 1
-                run = _Run()
+                run = _Run(shown)
                 try:
                     attempted = self._attempt(model, provider_request, run, index > 0, deadline_at)
                     async for event in attempted:
@@ -174,9 +192,8 @@ class Generator:
                     log.exception("provider failed", extra={"request_id": request.request_id})
                     last_error = ServiceError(Code.ERROR_CODE_INTERNAL, f"provider failed: {error}")
                 self._log_failure(request, model, attempt, last_error, run)
-                if run.started:
-                    yield error_event(last_error)
-                    return
+                if run.started:  # text went out: this model cannot start over
+                    break
                 delay = self.retry.delay(attempt, last_error, self._clock() - started)
                 if delay is None:
                     break
@@ -186,7 +203,13 @@ class Generator:
                 await self._sleep(delay)
             if last_error.code not in FALLBACK_CODES:
                 break
+            if shown.text and index + 1 < len(chain):
+                # Mid-stream fallback: the next model continues the text the caller has.
+                yield fallback_event(chain[index + 1].id, shown)
         assert last_error is not None  # the chain is never empty here
+        if shown.text:  # text went out and no model of the chain could carry it on
+            yield error_event(last_error)
+            return
         # The cache stands in for a failing model, not for a request no model would take.
         cached = None
         if last_error.code in FALLBACK_CODES:
@@ -219,10 +242,13 @@ class Generator:
         return usable
 
     @staticmethod
-    def _provider_request(model: ModelEntry, request: llm_pb2.GenerateRequest) -> ProviderRequest:
+    def _provider_request(
+        model: ModelEntry, request: llm_pb2.GenerateRequest, continue_from: str = ""
+    ) -> ProviderRequest:
         options = request.options
         asked = options.max_tokens
         return ProviderRequest(
+            continue_from=continue_from,
             model=model.upstream,
             prompt=request.prompt,
             max_tokens=min(asked, model.max_tokens) if asked > 0 else model.max_tokens,
@@ -248,6 +274,8 @@ class Generator:
             tracker = ProgressTracker(request.max_tokens, typical_tokens=TYPICAL_ANSWER_TOKENS)
         attempt = Attempt(model, request)
         finish: Finish | None = None
+        shown = run.shown
+        base_tokens = shown.tokens
         async with AsyncExitStack() as guarded:
             for guard in self.guards:
                 await guarded.enter_async_context(guard.admit(attempt))
@@ -257,12 +285,16 @@ class Generator:
                         case TextDelta(text=text, tokens=tokens):
                             moved = tracker.advance(tokens)
                             progress = None
-                            if moved is not None:
+                            # A continuation never reports less than the caller was shown.
+                            if moved is not None and moved > shown.progress:
+                                shown.progress = moved
                                 progress = llm_pb2.GenerationProgress(
-                                    progress=moved, tokens=tracker.tokens
+                                    progress=moved, tokens=base_tokens + tracker.tokens
                                 )
+                            shown.tokens = base_tokens + tracker.tokens
                             if text:
                                 run.parts.append(text)
+                                shown.text += text
                                 yield delta_event(text, progress)
                             elif progress is not None:
                                 yield llm_pb2.GenerateEvent(progress=progress)
@@ -278,7 +310,7 @@ class Generator:
                 count_tokens(request.system) + count_tokens(request.prompt), tracker.tokens
             )
             attempt.usage = usage
-        answer = CachedAnswer("".join(run.parts), model.id, finish.finish_reason, usage)
+        answer = CachedAnswer(shown.text, model.id, finish.finish_reason, usage)
         # Per task, so DEBUG: at hundreds of tasks a second, INFO is for what goes wrong.
         log.debug(
             "generation finished",
@@ -290,7 +322,7 @@ class Generator:
                 "from_fallback": from_fallback,
             },
         )
-        if self.cache is not None:
+        if self.cache is not None and not request.continue_from:  # a whole answer of its own
             await self.cache.put(model, request, answer)
         yield progress_event(tracker.finish(), usage.completion_tokens)
         yield final_event(answer, from_fallback=from_fallback, from_cache=False)

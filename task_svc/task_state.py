@@ -88,6 +88,7 @@ class LogEntry:
     delta: str = ""
     error: common_pb2.Error | None = None
     reset: tasks_pb2.Reset | None = None  # a QUEUED that restarts the task
+    fallback_model: str = ""  # a model that took over mid-stream
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,16 @@ class TaskCore:
         entry = self._append("progress", status=self.status, progress=progress)
         return self._transition(entry)
 
+    def handed_over(self, model: str) -> Transition | None:
+        """Another model of the chain took over mid-stream: the text so far stays, its text
+        follows. Watchers are told which model, and at which seq (this event's)."""
+        if self.terminal:
+            return None
+        self.model = model
+        entry = self._append("progress", status=self.status, progress=self.progress)
+        entry.fallback_model = model
+        return self._transition(entry)
+
     def completed(self, final: object) -> Transition | None:
         """`final` is an llm_pb2.GenerationFinal (typed loosely: this module stays free of
         the LLM contract)."""
@@ -436,4 +447,5 @@ class TaskCore:
             event.progress.message = entry.message
             if entry.reset is not None:
                 event.progress.reset.CopyFrom(entry.reset)
+            event.progress.fallback_model = entry.fallback_model
         return event

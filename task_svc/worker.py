@@ -64,6 +64,9 @@ async def _generate(server: TaskServer, llm: LlmClient) -> llm_pb2.GenerationFin
                 delta = event.delta
                 progress = delta.progress.progress
                 server.cast(partial(TaskCore.chunk, delta=delta.text, progress=progress))
+            elif kind == "progress" and event.progress.fallback_model:
+                model = event.progress.fallback_model
+                server.cast(partial(TaskCore.handed_over, model=model))
             elif kind == "progress":
                 value = event.progress.progress
                 server.cast(partial(TaskCore.progressed, progress=value))

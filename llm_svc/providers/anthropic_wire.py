@@ -64,6 +64,11 @@ def request_body(request: ProviderRequest) -> dict[str, Any]:
         "messages": [{"role": "user", "content": request.prompt}],
         "stream": True,
     }
+    if request.continue_from:
+        # A prefill: the model goes on from the assistant's text (which may not end in
+        # whitespace; the continuation brings its own).
+        prefill = {"role": "assistant", "content": request.continue_from.rstrip()}
+        body["messages"].append(prefill)
     if request.system:
         body["system"] = request.system
     if request.temperature is not None:

@@ -25,6 +25,16 @@ class ProviderRequest:
     temperature: float | None = None
     user_id: str = ""
     request_id: str = ""
+    # Text the user already has from a model that failed mid-stream: continue it, never
+    # repeat it (each wire format says so its own way: an assistant prefill for Anthropic,
+    # the text as the assistant's turn plus CONTINUE_INSTRUCTION for the others).
+    continue_from: str = ""
+
+
+CONTINUE_INSTRUCTION = (
+    "Your answer above was cut off. Continue it exactly where it stops: do not repeat any of "
+    "it, do not comment on it, write only what comes next."
+)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from llm_svc.providers.base import (
+    CONTINUE_INSTRUCTION,
     Finish,
     ProviderError,
     ProviderEvent,
@@ -68,10 +69,11 @@ def request_body(request: ProviderRequest) -> dict[str, Any]:
     config: dict[str, Any] = {"maxOutputTokens": request.max_tokens}
     if request.temperature is not None:
         config["temperature"] = request.temperature
-    body: dict[str, Any] = {
-        "contents": [{"role": "user", "parts": [{"text": request.prompt}]}],
-        "generationConfig": config,
-    }
+    contents = [{"role": "user", "parts": [{"text": request.prompt}]}]
+    if request.continue_from:
+        contents.append({"role": "model", "parts": [{"text": request.continue_from}]})
+        contents.append({"role": "user", "parts": [{"text": CONTINUE_INSTRUCTION}]})
+    body: dict[str, Any] = {"contents": contents, "generationConfig": config}
     if request.system:
         body["systemInstruction"] = {"parts": [{"text": request.system}]}
     return body

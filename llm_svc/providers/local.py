@@ -108,6 +108,16 @@ def complete(prompt: str, max_tokens: int = 0, system: str = "") -> LocalComplet
     return LocalCompletion(tokens, reason, usage)
 
 
+def _after(tokens: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+    """The tokens that follow `prefix` (text of this same answer another run streamed)."""
+    text = ""
+    for index, token in enumerate(tokens):
+        if text == prefix:
+            return tokens[index:]
+        text += token
+    return () if text == prefix else tokens
+
+
 class LocalProvider:
     """Streams `complete(...)` one token every `token_delay_s` seconds (0: no pause, but it
     still yields to the event loop between tokens, so cancellation is seen at once)."""
@@ -122,7 +132,8 @@ class LocalProvider:
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         completion = complete(request.prompt, request.max_tokens, request.system)
-        for token in completion.tokens:
+        tokens = _after(completion.tokens, request.continue_from)
+        for token in tokens:
             await asyncio.sleep(self.token_delay_s)
             yield TextDelta(token)
         yield Finish(completion.finish_reason, completion.usage)

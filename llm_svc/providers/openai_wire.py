@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from llm_svc.providers.base import (
+    CONTINUE_INSTRUCTION,
     Finish,
     ProviderError,
     ProviderEvent,
@@ -34,6 +35,9 @@ def request_body(request: ProviderRequest) -> dict[str, Any]:
     if request.system:
         messages.append({"role": "system", "content": request.system})
     messages.append({"role": "user", "content": request.prompt})
+    if request.continue_from:
+        messages.append({"role": "assistant", "content": request.continue_from})
+        messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
     body: dict[str, Any] = {
         "model": request.model,
         "messages": messages,

@@ -59,19 +59,25 @@ class GenerationProgress(_message.Message):
 
     PROGRESS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
+    FALLBACK_MODEL_FIELD_NUMBER: _builtins.int
     progress: _builtins.float
     """0.0 - 1.0, never goes backwards, ends at 1.0"""
     tokens: _builtins.int
     """completion tokens so far"""
+    fallback_model: _builtins.str
+    """Set once, when a stream failed after text went out and the next model of the chain
+    takes over: it continues the text so far (kept), its deltas follow this event.
+    """
     def __init__(
         self,
         *,
         progress: _builtins.float = ...,
         tokens: _builtins.int = ...,
+        fallback_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_model", b"fallback_model", "progress", b"progress", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

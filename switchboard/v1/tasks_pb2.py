@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchboard/v1/tasks.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\"\x96\x01\n\rSubmitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x32\n\x07options\x18\x06 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\"M\n\x0eSubmitResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"C\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x03\"\xa7\x01\n\x08Progress\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x10\n\x08progress\x18\x02 \x01(\x01\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ta_ms\x18\x04 \x01(\x03\x12\x0f\n\x07message\x18\x05 \x01(\t\x12$\n\x05reset\x18\x06 \x01(\x0b\x32\x15.switchboard.v1.Reset\"M\n\x05Reset\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"(\n\x05\x43hunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x10\n\x08progress\x18\x02 \x01(\x01\"\x93\x01\n\tCompleted\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rfrom_fallback\x18\x05 \x01(\x08\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\"\x87\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08progress\x18\n \x01(\x0b\x32\x18.switchboard.v1.ProgressH\x00\x12&\n\x05\x63hunk\x18\x0b \x01(\x0b\x32\x15.switchboard.v1.ChunkH\x00\x12.\n\tcompleted\x18\x0c \x01(\x0b\x32\x19.switchboard.v1.CompletedH\x00\x12&\n\x05\x65rror\x18\r \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x42\x06\n\x04kind\"o\n\rWatchResponse\x12*\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskStateH\x00\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.switchboard.v1.TaskEventH\x00\x42\x06\n\x04kind\"1\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\":\n\x0e\x43\x61ncelResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"2\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\";\n\x0fGetTaskResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"\xbb\x02\n\nDeadLetter\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x32\n\x07options\x18\x07 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12$\n\x05\x65rror\x18\t \x01(\x0b\x32\x15.switchboard.v1.Error\x12\x30\n\x0csubmitted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tfailed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"K\n\x17ListDeadLettersResponse\x12\x30\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.DeadLetter\"+\n\x18RequeueDeadLetterRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"E\n\x19RequeueDeadLetterResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"t\n\x0cWatchCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12-\n\x05watch\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.WatchRequestH\x00\x12\x11\n\x07unwatch\x18\x03 \x01(\x08H\x00\x12\x0e\n\x06\x63redit\x18\x04 \x01(\x05\x42\x06\n\x04kind\"?\n\rWatchCommands\x12.\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1c.switchboard.v1.WatchCommand\"\x89\x01\n\tWatchItem\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.WatchResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x12\r\n\x03\x65nd\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"6\n\nWatchBatch\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.WatchItem\"K\n\rSubmitCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.SubmitRequest\"A\n\x0eSubmitCommands\x12/\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1d.switchboard.v1.SubmitCommand\"}\n\x0bSubmitReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.SubmitResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x42\x06\n\x04kind\"=\n\rSubmitReplies\x12,\n\x07replies\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.SubmitReply2\x9a\x05\n\x0bTaskService\x12G\n\x06Submit\x12\x1d.switchboard.v1.SubmitRequest\x1a\x1e.switchboard.v1.SubmitResponse\x12\x46\n\x05Watch\x12\x1c.switchboard.v1.WatchRequest\x1a\x1d.switchboard.v1.WatchResponse0\x01\x12J\n\tWatchMany\x12\x1d.switchboard.v1.WatchCommands\x1a\x1a.switchboard.v1.WatchBatch(\x01\x30\x01\x12O\n\nSubmitMany\x12\x1e.switchboard.v1.SubmitCommands\x1a\x1d.switchboard.v1.SubmitReplies(\x01\x30\x01\x12G\n\x06\x43\x61ncel\x12\x1d.switchboard.v1.CancelRequest\x1a\x1e.switchboard.v1.CancelResponse\x12\x46\n\x03Get\x12\x1e.switchboard.v1.GetTaskRequest\x1a\x1f.switchboard.v1.GetTaskResponse\x12\x62\n\x0fListDeadLetters\x12&.switchboard.v1.ListDeadLettersRequest\x1a\'.switchboard.v1.ListDeadLettersResponse\x12h\n\x11RequeueDeadLetter\x12(.switchboard.v1.RequeueDeadLetterRequest\x1a).switchboard.v1.RequeueDeadLetterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchboard/v1/tasks.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\"\x96\x01\n\rSubmitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x32\n\x07options\x18\x06 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\"M\n\x0eSubmitResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"C\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x03\"\xbf\x01\n\x08Progress\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x10\n\x08progress\x18\x02 \x01(\x01\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ta_ms\x18\x04 \x01(\x03\x12\x0f\n\x07message\x18\x05 \x01(\t\x12$\n\x05reset\x18\x06 \x01(\x0b\x32\x15.switchboard.v1.Reset\x12\x16\n\x0e\x66\x61llback_model\x18\x07 \x01(\t\"M\n\x05Reset\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"(\n\x05\x43hunk\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x10\n\x08progress\x18\x02 \x01(\x01\"\x93\x01\n\tCompleted\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rfrom_fallback\x18\x05 \x01(\x08\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\"\x87\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08progress\x18\n \x01(\x0b\x32\x18.switchboard.v1.ProgressH\x00\x12&\n\x05\x63hunk\x18\x0b \x01(\x0b\x32\x15.switchboard.v1.ChunkH\x00\x12.\n\tcompleted\x18\x0c \x01(\x0b\x32\x19.switchboard.v1.CompletedH\x00\x12&\n\x05\x65rror\x18\r \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x42\x06\n\x04kind\"o\n\rWatchResponse\x12*\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskStateH\x00\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.switchboard.v1.TaskEventH\x00\x42\x06\n\x04kind\"1\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\":\n\x0e\x43\x61ncelResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"2\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\";\n\x0fGetTaskResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"\xbb\x02\n\nDeadLetter\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x32\n\x07options\x18\x07 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\x05\x12$\n\x05\x65rror\x18\t \x01(\x0b\x32\x15.switchboard.v1.Error\x12\x30\n\x0csubmitted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tfailed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x16ListDeadLettersRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"K\n\x17ListDeadLettersResponse\x12\x30\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.DeadLetter\"+\n\x18RequeueDeadLetterRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"E\n\x19RequeueDeadLetterResponse\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\"t\n\x0cWatchCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12-\n\x05watch\x18\x02 \x01(\x0b\x32\x1c.switchboard.v1.WatchRequestH\x00\x12\x11\n\x07unwatch\x18\x03 \x01(\x08H\x00\x12\x0e\n\x06\x63redit\x18\x04 \x01(\x05\x42\x06\n\x04kind\"?\n\rWatchCommands\x12.\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1c.switchboard.v1.WatchCommand\"\x89\x01\n\tWatchItem\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.WatchResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x12\r\n\x03\x65nd\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"6\n\nWatchBatch\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.WatchItem\"K\n\rSubmitCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.SubmitRequest\"A\n\x0eSubmitCommands\x12/\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1d.switchboard.v1.SubmitCommand\"}\n\x0bSubmitReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.SubmitResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x42\x06\n\x04kind\"=\n\rSubmitReplies\x12,\n\x07replies\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.SubmitReply2\x9a\x05\n\x0bTaskService\x12G\n\x06Submit\x12\x1d.switchboard.v1.SubmitRequest\x1a\x1e.switchboard.v1.SubmitResponse\x12\x46\n\x05Watch\x12\x1c.switchboard.v1.WatchRequest\x1a\x1d.switchboard.v1.WatchResponse0\x01\x12J\n\tWatchMany\x12\x1d.switchboard.v1.WatchCommands\x1a\x1a.switchboard.v1.WatchBatch(\x01\x30\x01\x12O\n\nSubmitMany\x12\x1e.switchboard.v1.SubmitCommands\x1a\x1d.switchboard.v1.SubmitReplies(\x01\x30\x01\x12G\n\x06\x43\x61ncel\x12\x1d.switchboard.v1.CancelRequest\x1a\x1e.switchboard.v1.CancelResponse\x12\x46\n\x03Get\x12\x1e.switchboard.v1.GetTaskRequest\x1a\x1f.switchboard.v1.GetTaskResponse\x12\x62\n\x0fListDeadLetters\x12&.switchboard.v1.ListDeadLettersRequest\x1a\'.switchboard.v1.ListDeadLettersResponse\x12h\n\x11RequeueDeadLetter\x12(.switchboard.v1.RequeueDeadLetterRequest\x1a).switchboard.v1.RequeueDeadLetterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,51 +40,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_start=340
   _globals['_WATCHREQUEST']._serialized_end=407
   _globals['_PROGRESS']._serialized_start=410
-  _globals['_PROGRESS']._serialized_end=577
-  _globals['_RESET']._serialized_start=579
-  _globals['_RESET']._serialized_end=656
-  _globals['_CHUNK']._serialized_start=658
-  _globals['_CHUNK']._serialized_end=698
-  _globals['_COMPLETED']._serialized_start=701
-  _globals['_COMPLETED']._serialized_end=848
-  _globals['_TASKEVENT']._serialized_start=851
-  _globals['_TASKEVENT']._serialized_end=1114
-  _globals['_WATCHRESPONSE']._serialized_start=1116
-  _globals['_WATCHRESPONSE']._serialized_end=1227
-  _globals['_CANCELREQUEST']._serialized_start=1229
-  _globals['_CANCELREQUEST']._serialized_end=1278
-  _globals['_CANCELRESPONSE']._serialized_start=1280
-  _globals['_CANCELRESPONSE']._serialized_end=1338
-  _globals['_GETTASKREQUEST']._serialized_start=1340
-  _globals['_GETTASKREQUEST']._serialized_end=1390
-  _globals['_GETTASKRESPONSE']._serialized_start=1392
-  _globals['_GETTASKRESPONSE']._serialized_end=1451
-  _globals['_DEADLETTER']._serialized_start=1454
-  _globals['_DEADLETTER']._serialized_end=1769
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1771
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1825
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1827
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1902
-  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_start=1904
-  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_end=1947
-  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_start=1949
-  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_end=2018
-  _globals['_WATCHCOMMAND']._serialized_start=2020
-  _globals['_WATCHCOMMAND']._serialized_end=2136
-  _globals['_WATCHCOMMANDS']._serialized_start=2138
-  _globals['_WATCHCOMMANDS']._serialized_end=2201
-  _globals['_WATCHITEM']._serialized_start=2204
-  _globals['_WATCHITEM']._serialized_end=2341
-  _globals['_WATCHBATCH']._serialized_start=2343
-  _globals['_WATCHBATCH']._serialized_end=2397
-  _globals['_SUBMITCOMMAND']._serialized_start=2399
-  _globals['_SUBMITCOMMAND']._serialized_end=2474
-  _globals['_SUBMITCOMMANDS']._serialized_start=2476
-  _globals['_SUBMITCOMMANDS']._serialized_end=2541
-  _globals['_SUBMITREPLY']._serialized_start=2543
-  _globals['_SUBMITREPLY']._serialized_end=2668
-  _globals['_SUBMITREPLIES']._serialized_start=2670
-  _globals['_SUBMITREPLIES']._serialized_end=2731
-  _globals['_TASKSERVICE']._serialized_start=2734
-  _globals['_TASKSERVICE']._serialized_end=3400
+  _globals['_PROGRESS']._serialized_end=601
+  _globals['_RESET']._serialized_start=603
+  _globals['_RESET']._serialized_end=680
+  _globals['_CHUNK']._serialized_start=682
+  _globals['_CHUNK']._serialized_end=722
+  _globals['_COMPLETED']._serialized_start=725
+  _globals['_COMPLETED']._serialized_end=872
+  _globals['_TASKEVENT']._serialized_start=875
+  _globals['_TASKEVENT']._serialized_end=1138
+  _globals['_WATCHRESPONSE']._serialized_start=1140
+  _globals['_WATCHRESPONSE']._serialized_end=1251
+  _globals['_CANCELREQUEST']._serialized_start=1253
+  _globals['_CANCELREQUEST']._serialized_end=1302
+  _globals['_CANCELRESPONSE']._serialized_start=1304
+  _globals['_CANCELRESPONSE']._serialized_end=1362
+  _globals['_GETTASKREQUEST']._serialized_start=1364
+  _globals['_GETTASKREQUEST']._serialized_end=1414
+  _globals['_GETTASKRESPONSE']._serialized_start=1416
+  _globals['_GETTASKRESPONSE']._serialized_end=1475
+  _globals['_DEADLETTER']._serialized_start=1478
+  _globals['_DEADLETTER']._serialized_end=1793
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1795
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1849
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1851
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1926
+  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_start=1928
+  _globals['_REQUEUEDEADLETTERREQUEST']._serialized_end=1971
+  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_start=1973
+  _globals['_REQUEUEDEADLETTERRESPONSE']._serialized_end=2042
+  _globals['_WATCHCOMMAND']._serialized_start=2044
+  _globals['_WATCHCOMMAND']._serialized_end=2160
+  _globals['_WATCHCOMMANDS']._serialized_start=2162
+  _globals['_WATCHCOMMANDS']._serialized_end=2225
+  _globals['_WATCHITEM']._serialized_start=2228
+  _globals['_WATCHITEM']._serialized_end=2365
+  _globals['_WATCHBATCH']._serialized_start=2367
+  _globals['_WATCHBATCH']._serialized_end=2421
+  _globals['_SUBMITCOMMAND']._serialized_start=2423
+  _globals['_SUBMITCOMMAND']._serialized_end=2498
+  _globals['_SUBMITCOMMANDS']._serialized_start=2500
+  _globals['_SUBMITCOMMANDS']._serialized_end=2565
+  _globals['_SUBMITREPLY']._serialized_start=2567
+  _globals['_SUBMITREPLY']._serialized_end=2692
+  _globals['_SUBMITREPLIES']._serialized_start=2694
+  _globals['_SUBMITREPLIES']._serialized_end=2755
+  _globals['_TASKSERVICE']._serialized_start=2758
+  _globals['_TASKSERVICE']._serialized_end=3424
 # @@protoc_insertion_point(module_scope)

@@ -118,12 +118,17 @@ class Progress(_message.Message):
     ETA_MS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
+    FALLBACK_MODEL_FIELD_NUMBER: _builtins.int
     status: _common_pb2.TaskStatus.ValueType
     progress: _builtins.float
     queue_position: _builtins.int
     eta_ms: _builtins.int
     message: _builtins.str
     """for people, e.g. "restarted: attempt 2 of 3 in 0.7s after network" """
+    fallback_model: _builtins.str
+    """Set when another model took over mid-stream: the text so far stays, this model's text
+    follows this event (whose seq is where it took over).
+    """
     @_builtins.property
     def reset(self) -> Global___Reset:
         """set when the task runs again from the start: watchers drop its text"""
@@ -137,10 +142,11 @@ class Progress(_message.Message):
         eta_ms: _builtins.int = ...,
         message: _builtins.str = ...,
         reset: Global___Reset | None = ...,
+        fallback_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reset", b"reset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eta_ms", b"eta_ms", "message", b"message", "progress", b"progress", "queue_position", b"queue_position", "reset", b"reset", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eta_ms", b"eta_ms", "fallback_model", b"fallback_model", "message", b"message", "progress", b"progress", "queue_position", b"queue_position", "reset", b"reset", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

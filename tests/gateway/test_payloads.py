@@ -196,3 +196,17 @@ def test_an_unavailable_chain_is_pushed_with_when_to_come_back() -> None:
             "seq": 5,
         },
     )
+
+
+def test_a_handover_says_which_model_and_at_which_seq() -> None:
+    event = tasks_pb2.TaskEvent(
+        seq=12,
+        progress=tasks_pb2.Progress(
+            status=common_pb2.TASK_STATUS_PROCESSING, progress=0.4, fallback_model="backup"
+        ),
+    )
+    pushed = tp.event_push(event)
+    assert pushed is not None
+    name, payload = pushed
+    assert name == "progress" and payload["fallback"] == {"model": "backup", "at_seq": 12}
+    assert "reset" not in payload and not tp.coalescable(name, payload)

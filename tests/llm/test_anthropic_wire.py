@@ -166,3 +166,13 @@ def test_error_replies_are_typed(
     error = error_from_response("anthropic", status, headers, body)
     assert (error.code, error.retryable, error.retry_after_ms) == (code, retryable, after)
     assert f"HTTP {status}" in error.message
+
+
+def test_a_continuation_is_an_assistant_prefill_without_trailing_whitespace() -> None:
+    body = request_body(
+        ProviderRequest(model="m", prompt="Hi", max_tokens=5, continue_from="Hello the ")
+    )
+    assert body["messages"] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello the"},
+    ]

@@ -110,6 +110,18 @@ async def test_an_error_flushes_what_is_held_first() -> None:
     assert kinds(events) == ["delta", "delta", "error"]
 
 
+async def test_a_handover_to_the_next_model_is_never_merged_away() -> None:
+    source = Source()
+    handover = Event(progress=llm_pb2.GenerationProgress(progress=0.3, fallback_model="backup"))
+    source.put(delta("a"), delta("b"), handover, delta("c", 0.5), final("abc"))
+    source.end()
+    async with aclosing(coalesce(source.events(), window_s=60)) as stream:
+        events = [event async for event in stream]
+    assert kinds(events) == ["delta", "delta", "progress", "delta", "final"]
+    assert [e.delta.text for e in events if e.HasField("delta")] == ["a", "b", "c"]
+    assert events[2].progress.fallback_model == "backup"
+
+
 async def test_closing_the_stream_closes_the_source() -> None:
     source = Source()
     stream = coalesce(source.events(), window_s=60)

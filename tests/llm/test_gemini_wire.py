@@ -5,7 +5,14 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from llm_svc.providers.base import Finish, ProviderError, ProviderRequest, TextDelta, TokenUsage
+from llm_svc.providers.base import (
+    CONTINUE_INSTRUCTION,
+    Finish,
+    ProviderError,
+    ProviderRequest,
+    TextDelta,
+    TokenUsage,
+)
 from llm_svc.providers.gemini_wire import (
     GeminiStreamParser,
     error_from_response,
@@ -143,3 +150,14 @@ def test_error_replies_are_typed(
     error = error_from_response("gemini", status, headers, body)
     assert (error.code, error.retryable, error.retry_after_ms) == (code, retryable, after)
     assert f"HTTP {status}" in error.message and error.provider == "gemini"
+
+
+def test_a_continuation_gives_the_text_so_far_as_the_models_turn() -> None:
+    body = request_body(
+        ProviderRequest(model="m", prompt="Hi", max_tokens=5, continue_from="Hello the")
+    )
+    assert body["contents"] == [
+        {"role": "user", "parts": [{"text": "Hi"}]},
+        {"role": "model", "parts": [{"text": "Hello the"}]},
+        {"role": "user", "parts": [{"text": CONTINUE_INSTRUCTION}]},
+    ]

@@ -12,7 +12,7 @@ import pytest
 from llm_svc.catalogue import Catalogue, ModelEntry
 from llm_svc.generation import Generator
 from llm_svc.policy import Attempt, CachedAnswer, RetryPolicy
-from llm_svc.providers.base import Finish, Provider, ProviderRequest, TokenUsage
+from llm_svc.providers.base import Finish, Provider, ProviderRequest, TextDelta, TokenUsage
 from llm_svc.providers.local import LocalProvider, complete, compose_answer
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, llm_pb2
@@ -213,11 +213,11 @@ async def test_a_non_retryable_error_is_not_retried_nor_fallen_back() -> None:
     assert len(alpha.requests) == 1 and delays == []
 
 
-async def test_a_failure_after_text_ends_the_stream_with_that_error() -> None:
+async def test_a_failure_after_text_without_a_next_model_ends_with_that_error() -> None:
     alpha = ScriptedProvider(
         "alpha", Script(deltas=["partial"], error=failure(Code.ERROR_CODE_NETWORK))
     )
-    generator, delays = make({"local": local(), "alpha": alpha})
+    generator, delays = make({"alpha": alpha})
     events = await run(generator, request(model="primary"))
     assert kinds(events)[0] == "delta"
     error = check_stream(events).error
@@ -225,9 +225,42 @@ async def test_a_failure_after_text_ends_the_stream_with_that_error() -> None:
     assert len(alpha.requests) == 1 and delays == []
 
 
+async def test_a_failure_after_text_continues_on_the_next_model_from_that_text() -> None:
+    """Mid-stream fallback: the caller keeps "Hello there", is told who takes over, and the
+    next model is asked to continue that text, not to start again."""
+    alpha = ScriptedProvider(
+        "alpha", Script(deltas=["Hello", " there"], error=failure(Code.ERROR_CODE_NETWORK))
+    )
+    beta = ScriptedProvider("beta", Script(deltas=[",", " world"]))
+    generator, delays = make({"alpha": alpha, "beta": beta})
+    events = await run(generator, request(model="primary"))
+    final = check_stream(events).final  # progress monotonic, deltas joined == content
+    assert (final.content, final.model, final.from_fallback) == (
+        "Hello there, world",
+        "secondary",
+        True,
+    )
+    handover = [e.progress for e in events if e.HasField("progress") and e.progress.fallback_model]
+    assert [p.fallback_model for p in handover] == ["secondary"]
+    names = kinds(events)
+    at = next(i for i, e in enumerate(events) if e.progress.fallback_model)
+    assert names[:at] == ["delta", "delta"] and names[at + 1] == "delta"
+    assert len(alpha.requests) == 1 and delays == []  # not retried from scratch
+    assert beta.requests[0].continue_from == "Hello there"
+
+
+async def test_the_local_model_continues_its_own_answer() -> None:
+    provider = local()
+    full = "".join(compose_answer("Hello there"))
+    half = "".join(compose_answer("Hello there")[:5])
+    req = ProviderRequest(model="m", prompt="Hello there", max_tokens=256, continue_from=half)
+    rest = "".join([e.text async for e in provider.stream(req) if isinstance(e, TextDelta)])
+    assert half + rest == full and rest
+
+
 async def test_a_stream_without_finish_is_a_network_error() -> None:
     alpha = ScriptedProvider("alpha", Script(deltas=["a"], finish=None))
-    generator, _ = make({"local": local(), "alpha": alpha})
+    generator, _ = make({"alpha": alpha})
     error = check_stream(await run(generator, request(model="primary"))).error
     assert error.code == Code.ERROR_CODE_NETWORK and "ended early" in error.message
 

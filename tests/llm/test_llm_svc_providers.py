@@ -262,3 +262,40 @@ async def test_keys_and_base_urls_come_from_the_environment(
     assert "gemini-2.5-flash-lite" in server.catalogue.models
     assert "claude-haiku-4-5" in server.catalogue.unavailable
     assert server.catalogue.provider_limits["gemini"].rpm == 7
+
+
+async def test_a_stream_cut_mid_answer_is_continued_by_the_next_model_of_the_chain() -> None:
+    """OpenAI drops the connection after "partial"; Claude, next in gpt-4o-mini's chain, is
+    asked to continue that text (an assistant prefill) and the caller keeps it."""
+    openai_case, anthropic_case = CASES[0], CASES[2]
+    cut = oai.Reply(payloads=oai.completion(["par", "tial"])[:-1], drop=True)
+    rest = ant.Reply(payloads=ant.completion([" answer"]))
+    cutting = openai_case.server(cut, key=KEY)
+    continuing = anthropic_case.server(rest, key=KEY)
+    values: dict[str, object] = {
+        "openai_api_key": KEY,
+        "openai_base_url": await cutting.start(),
+        "anthropic_api_key": KEY,
+        "anthropic_base_url": await continuing.start(),
+        "llm_http_read_timeout_s": 5,
+    }
+    server = LlmServer(settings(**values))
+    await server.start()
+    try:
+        async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = llm_pb2_grpc.LlmServiceStub(channel)
+            events = await generate(stub, "gpt-4o-mini")  # type: ignore[arg-type]
+    finally:
+        await server.shutdown()
+        await cutting.stop()
+        await continuing.stop()
+    final = check_stream(events).final
+    assert (final.content, final.model, final.from_fallback) == (
+        "partial answer",
+        "claude-haiku-4-5",
+        True,
+    )
+    handovers = [e.progress.fallback_model for e in events if e.progress.fallback_model]
+    assert handovers == ["claude-haiku-4-5"]
+    [asked] = continuing.requests
+    assert asked.body["messages"][-1] == {"role": "assistant", "content": "partial"}

@@ -9,8 +9,16 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from llm_svc.providers.base import Finish, ProviderError, ProviderRequest, TextDelta, TokenUsage
+from llm_svc.providers.base import (
+    CONTINUE_INSTRUCTION,
+    Finish,
+    ProviderError,
+    ProviderRequest,
+    TextDelta,
+    TokenUsage,
+)
 from llm_svc.providers.openai import OpenAIProvider
+from llm_svc.providers.openai_wire import request_body
 from llm_svc.providers.registry import tls_context
 from llm_svc.server import LlmServer
 from svckit.grpc_server import insecure_channel
@@ -210,3 +218,12 @@ async def test_llm_svc_never_answers_an_openai_request_with_the_echo_model() -> 
         await fake.stop()
     assert error.code == common_pb2.ERROR_CODE_AUTH and not error.retryable
     assert len(fake.requests) == 1  # AUTH is not retried
+
+
+def test_a_continuation_gives_the_text_so_far_as_the_assistants_turn() -> None:
+    request = ProviderRequest(model="m", prompt="Hi", max_tokens=5, continue_from="Hello the")
+    assert request_body(request)["messages"] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello the"},
+        {"role": "user", "content": CONTINUE_INSTRUCTION},
+    ]

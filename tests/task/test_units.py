@@ -406,3 +406,16 @@ def test_retry_policy_backs_off_with_jitter_honours_retry_after_and_stops() -> N
     assert policy.delay_s(3, network) is None  # out of attempts
     auth = ServiceError(common_pb2.ERROR_CODE_AUTH, "bad key")
     assert policy.delay_s(1, auth) is None  # permanent: never retried
+
+
+def test_a_model_taking_over_mid_stream_keeps_the_text_and_says_where() -> None:
+    c = core()
+    c.started()
+    c.chunk("Hello", progress=0.4)
+    handover = c.handed_over("backup")
+    assert handover is not None and handover.lifecycle is None
+    event = handover.event
+    assert event.progress.fallback_model == "backup" and event.progress.progress == 0.4
+    assert not event.progress.HasField("reset") and c.content == "Hello"
+    c.chunk(" world")
+    assert c.content == "Hello world" and c.snapshot().model == "backup"
