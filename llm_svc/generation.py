@@ -170,7 +170,7 @@ class Generator:
         deadline_s = chain[0].pacing.deadline_s
         deadline_at = asyncio.get_running_loop().time() + deadline_s
         last_error: ServiceError | None = None
-        shown = _Shown()
+        shown = _Shown(text=request.continue_from)
         for index, model in enumerate(chain):
             provider_request = self._provider_request(model, request, shown.text)
             attempt = 0

@@ -13,6 +13,8 @@ from task_svc.worker import Outcome
 
 # How a task's first event says it runs again from the start (watchers drop their text).
 RESTARTED = "restarted"
+# How a task's event says it runs again and continues the text watchers have.
+RESUMING = "resuming"
 
 
 @dataclass(eq=False, slots=True)  # slots: 100k queued jobs must fit in memory

@@ -18,7 +18,7 @@ from typing import Any
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
 from task_svc.deadletters import dead_letter
-from task_svc.job import RESTARTED, Job
+from task_svc.job import RESTARTED, RESUMING, Job
 from task_svc.job_state import JobState, Step
 from task_svc.llm_client import LlmClient, LlmUnreachable
 from task_svc.queues import JobQueue
@@ -103,6 +103,13 @@ class Runner:
             if delay_s is not None:
                 attempt = core.attempts + 1
                 max_attempts = job.queue.config.max_attempts
+                if core.content:  # text went out: the next attempt continues it
+                    message = (
+                        f"{RESUMING}: attempt {attempt} of {max_attempts} "
+                        f"in {delay_s:.1f}s after {result.reason}"
+                    )
+                    await self._resume_later(job, delay_s, message)
+                    return
                 reset = tasks_pb2.Reset(
                     attempt=attempt, max_attempts=max_attempts, reason="retry", error=result.reason
                 )
@@ -127,6 +134,10 @@ class Runner:
         delay_s = job.queue.retry.outage_delay_s(job.outages, now - job.outage_since)
         if delay_s is None:
             await self._fail(job, error)
+            return
+        if job.server.core.content:  # text went out: the next run continues it
+            message = f"{RESUMING}: llm_svc unreachable, again in {delay_s:.1f}s"
+            await self._resume_later(job, delay_s, message, uncount=True)
             return
         reset = tasks_pb2.Reset(
             attempt=job.server.core.attempts, reason="outage", error=error.reason
@@ -160,6 +171,19 @@ class Runner:
                 uncount=uncount,
             ),
         )
+        await self._wait_then_run(job, delay_s, queued)
+
+    async def _resume_later(
+        self, job: Job, delay_s: float, message: str, *, uncount: bool = False
+    ) -> None:
+        """Back to QUEUED with its text kept, and run again after `delay_s`, continuing it."""
+        eta_ms = int(delay_s * 1000)
+        resume = partial(TaskCore.queued_to_resume, eta_ms=eta_ms, message=message, uncount=uncount)
+        await self._wait_then_run(job, delay_s, await apply(job, resume))
+
+    async def _wait_then_run(
+        self, job: Job, delay_s: float, queued: events_pb2.LifecycleEvent | None
+    ) -> None:
         if queued is not None:
             self.publisher.publish(queued)
         if job.server.core.terminal:  # cancelled, or crashed, meanwhile

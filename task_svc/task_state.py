@@ -275,6 +275,23 @@ class TaskCore:
         entry.reset = reset if restart else None
         return self._transition(entry, Kind.LIFECYCLE_KIND_QUEUED)
 
+    def queued_to_resume(
+        self, eta_ms: int, message: str, *, uncount: bool = False
+    ) -> Transition | None:
+        """QUEUED again after a cut run that had streamed text: unlike a restart, the text
+        and progress stay, and the next run continues them (worker.py, `continue_from`).
+        `uncount`: the attempt that was cut does not count (our own outage)."""
+        if self.terminal:
+            return None
+        if uncount:
+            self.attempts = max(self.attempts - 1, 0)
+        self.status = Status.TASK_STATUS_QUEUED
+        self.queue_position, self.eta_ms = 0, eta_ms
+        entry = self._append("progress", status=self.status, progress=self.progress)
+        entry.eta_ms = eta_ms
+        entry.message = message
+        return self._transition(entry, Kind.LIFECYCLE_KIND_QUEUED)
+
     def queue_moved(self, position: int, eta_ms: int, *, emit: bool) -> Transition | None:
         """A queued task's position or eta changed. With nobody watching (`emit` False) only
         the state changes (Get and a new Watch read it); otherwise one Progress event, which

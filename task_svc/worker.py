@@ -54,6 +54,8 @@ async def _generate(server: TaskServer, llm: LlmClient) -> llm_pb2.GenerationFin
         model=spec.model,
         prompt=spec.prompt,
         options=spec.options,
+        # Resumed after a cut (runner.py): the text the watchers have is continued.
+        continue_from=server.core.content,
     )
     # Closing the stream early (this task cancelled) cancels the generation in llm_svc.
     async with aclosing(llm.generate(request)) as events:

@@ -28,12 +28,17 @@ class GenerateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    CONTINUE_FROM_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """the task id, for logs and idempotency"""
     user_id: _builtins.str
     model: _builtins.str
     """empty: the default model"""
     prompt: _builtins.str
+    continue_from: _builtins.str
+    """The text the caller already has from an earlier run of this generation that was cut:
+    it is continued, not repeated. Deltas carry only the new text; `final.content` is all.
+    """
     @_builtins.property
     def options(self) -> _common_pb2.GenerationOptions: ...
     def __init__(
@@ -44,10 +49,11 @@ class GenerateRequest(_message.Message):
         model: _builtins.str = ...,
         prompt: _builtins.str = ...,
         options: _common_pb2.GenerationOptions | None = ...,
+        continue_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "prompt", b"prompt", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_from", b"continue_from", "model", b"model", "options", b"options", "prompt", b"prompt", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

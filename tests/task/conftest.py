@@ -62,8 +62,17 @@ class FakeLlm(llm_pb2_grpc.LlmServiceServicer):
         self.order.append(request.request_id)
         self.started[request.request_id].set()
         try:
+            words = request.prompt.split()
+            tokens = [word if index == 0 else " " + word for index, word in enumerate(words)]
+            # As llm_svc does: a cut run's text (`continue_from`) is continued, not repeated.
+            done = 0
+            while done < len(tokens) and request.continue_from.startswith(
+                "".join(tokens[: done + 1])
+            ):
+                done += 1
             if request.prompt.startswith("flaky") and self.order.count(request.request_id) <= 2:
-                yield llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text="partial"))
+                # One more word, then rate limited.
+                yield llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text=tokens[done]))
                 yield llm_pb2.GenerateEvent(
                     error=common_pb2.Error(
                         code=common_pb2.ERROR_CODE_RATE_LIMITED,
@@ -80,9 +89,9 @@ class FakeLlm(llm_pb2_grpc.LlmServiceServicer):
                     )
                 )
                 return
-            words = request.prompt.split()
-            for index, word in enumerate(words):
-                text = word if index == 0 else " " + word
+            for index, text in enumerate(tokens):
+                if index < done:
+                    continue
                 yield llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text=text))
                 yield llm_pb2.GenerateEvent(
                     progress=llm_pb2.GenerationProgress(
