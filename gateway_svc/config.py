@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     # (RATE 0 = no limit). Refusals carry retry_after_ms.
     gateway_generate_rate_per_s: float = 2.0
     gateway_generate_burst: int = 10
+    # Token bucket per socket on its other events (joins, leaves, cancels, heartbeats):
+    # a flood guard, generous enough for a client that runs a join and a leave per
+    # generation hundreds of times a second; refusals carry retry_after_ms (RATE 0 = none).
+    gateway_socket_events_per_s: float = 1000.0
+    gateway_socket_events_burst: int = 2000
     # Outbound queue of one socket while its client is slow; beyond either bound (after
     # coalescing progress pushes) the socket is closed with 1008.
     gateway_outbound_max_frames: int = 1024

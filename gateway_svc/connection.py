@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
@@ -17,6 +18,7 @@ from gateway_svc import channels as ch
 from gateway_svc import metrics as m
 from gateway_svc import phoenix
 from gateway_svc.config import Settings
+from gateway_svc.limits import SocketBucket
 from gateway_svc.outbox import Outbox, Overflow
 from gateway_svc.task_channel import ChannelDeps, TaskChannel
 from gateway_svc.task_payloads import coalescable, task_id_of
@@ -32,12 +34,16 @@ CLOSE_TOO_BIG = 1009  # sent by websockets itself for a frame over max_size (RFC
 # Frames up to this size skip the outbox when nothing waits: well under websockets' write
 # limit (32 KiB), so writing one into an empty transport buffer never pauses the writer.
 DIRECT_WRITE_MAX = 16 * 1024
+# Events of a socket under its own budget (GATEWAY_SOCKET_EVENTS_*); `llm_generate` has the
+# user's (GATEWAY_GENERATE_*).
+LIMITED_EVENTS = frozenset({"phx_join", "phx_leave", "heartbeat", "cancel"})
 
 
 @dataclass(frozen=True, slots=True)
 class Auth:
     user: str
     vsn: phoenix.Vsn
+    expires_at: float = math.inf  # the token's expiry (Unix time): the socket closes then
 
 
 def _handles(topic: str) -> bool:
@@ -59,11 +65,13 @@ class Connection:
         "_closer",
         "_closing",
         "_drained",
+        "_events",
         "_flush_soon",
         "_outbox",
         "_writer",
         "channels",
         "deps",
+        "expires_at",
         "last_seen",
         "metrics",
         "settings",
@@ -79,6 +87,7 @@ class Connection:
         self.ws = ws
         self.user = auth.user
         self.vsn = auth.vsn
+        self.expires_at = auth.expires_at
         self.settings = settings
         self.deps = deps
         self.metrics = deps.metrics
@@ -91,6 +100,7 @@ class Connection:
         self._closing = False  # no frame is queued any more
         self._flush_soon = False  # frames written directly wait for the end of this iteration
         self.last_seen = asyncio.get_running_loop().time()
+        self._events = SocketBucket(settings.gateway_socket_events_burst, self.last_seen)
 
     async def run(self) -> None:
         try:
@@ -102,11 +112,13 @@ class Connection:
                 await asyncio.shield(self._closer)
             await cancel_and_wait(self._writer)
 
-    def sweep(self, now: float, idle: float) -> None:
+    def sweep(self, now: float, idle: float, wall: float) -> None:
         """Called by the Gateway's sweeper for every socket (one sweep for all sockets costs
         less than a timer re-armed on every frame, and allocates nothing per frame that the
         garbage collector would have to walk).
 
+        - Its token expired (`wall`, Unix time, past it): close with 1008; the client must
+          connect again with a fresh token.
         - Nothing received for `idle` seconds: close with 1001.
         - A close handshake the peer started but never finished (it does not close TCP
           after the close frames, RFC 6455 7.1.1): websockets only waits for the peer's
@@ -118,6 +130,14 @@ class Connection:
         if self.ws.state is State.CLOSING:
             self._closing = True
             self._closer = asyncio.create_task(self.ws.close(), name="stuck close")
+            return
+        if wall >= self.expires_at:
+            self._closing = True
+            log.info("token expired", extra={"user": self.user})
+            self.metrics.expired_closes.inc()
+            self._closer = asyncio.create_task(
+                self.ws.close(CLOSE_POLICY, "token expired"), name="expired close"
+            )
             return
         if now - self.last_seen < idle:
             return
@@ -153,8 +173,30 @@ class Connection:
                 self._bad_frame("invalid", str(error))
                 await ws.close(CLOSE_INVALID, "invalid frame")
                 return
+            if message.event in LIMITED_EVENTS and await self._refused(message):
+                continue
             for action in self.state.receive(message):
                 await self._act(action)
+
+    async def _refused(self, message: phoenix.Message) -> bool:
+        """Whether the socket's event budget refused `message` (it got its error reply)."""
+        settings = self.settings
+        wait_ms = self._events.take(
+            self.last_seen,
+            settings.gateway_socket_events_per_s,
+            settings.gateway_socket_events_burst,
+        )
+        if not wait_ms:
+            return False
+        self.metrics.limit(m.LIMIT_SOCKET_EVENTS)
+        limited = {
+            "reason": "rate_limited",
+            "message": f"too many events on this socket; retry in {wait_ms} ms",
+            "retry_after_ms": wait_ms,
+        }
+        reply = phoenix.reply(message.join_ref, message.ref, message.topic, "error", limited)
+        await self.send(reply)
+        return True
 
     def _bad_frame(self, kind: str, why: str) -> None:
         self.metrics.bad_frames.labels(kind).inc()

@@ -1,6 +1,7 @@
-"""Per-user limits, sans I/O (the clock is a parameter): connections per user and a token
-bucket on `llm_generate`. Both are per gateway process: with N replicas a user gets N times
-the budget, which still bounds what one user can cost.
+"""Per-user and per-socket limits, sans I/O (the clock is a parameter): connections per user,
+a token bucket per user on `llm_generate`, and one per socket on its other events (joins,
+leaves, cancels, heartbeats: `SocketBucket`). The per-user ones are per gateway process: with
+N replicas a user gets N times the budget, which still bounds what one user can cost.
 
 Why a refused connect is an HTTP 403 before the upgrade (and not an upgrade then a close):
 docs/protocol.md ("Connecting") makes every refused connect a 403 with an empty body, and
@@ -45,6 +46,30 @@ class _Bucket:
     stamp: float
 
 
+def _take(bucket: _Bucket, now: float, rate: float, burst: int) -> int:
+    level = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
+    bucket.stamp = now
+    if level >= 1.0:
+        bucket.tokens = level - 1.0
+        return 0
+    bucket.tokens = level
+    return max(1, math.ceil((1.0 - level) / rate * 1000))
+
+
+class SocketBucket:
+    """One socket's token bucket (two floats: it lives as long as the socket)."""
+
+    __slots__ = ("_bucket",)
+
+    def __init__(self, burst: int, now: float) -> None:
+        self._bucket = _Bucket(float(max(1, burst)), now)
+
+    def take(self, now: float, rate: float, burst: int) -> int:
+        """0 if the event may go (a token is spent), else the ms until one may; rate <= 0:
+        no limit."""
+        return _take(self._bucket, now, rate, max(1, burst)) if rate > 0 else 0
+
+
 class RateLimiter:
     """A token bucket per key: `burst` tokens, refilled at `rate` per second. `rate <= 0`
     disables the limiter. A bucket that has refilled completely is indistinguishable from a
@@ -75,13 +100,7 @@ class RateLimiter:
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = self.buckets[key] = _Bucket(float(self.burst), now)
-        level = self._level(bucket, now)
-        bucket.stamp = now
-        if level >= 1.0:
-            bucket.tokens = level - 1.0
-            return 0
-        bucket.tokens = level
-        return max(1, math.ceil((1.0 - level) / self.rate * 1000))
+        return _take(bucket, now, self.rate, self.burst)
 
     def prune(self, now: float) -> None:
         full = [k for k, b in self.buckets.items() if self._level(b, now) >= self.burst]

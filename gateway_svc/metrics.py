@@ -17,6 +17,7 @@ LIMIT_FRAME_SIZE = "frame_size"  # GATEWAY_MAX_FRAME_BYTES: closed with 1009
 LIMIT_PROMPT_SIZE = "prompt_size"  # GATEWAY_MAX_PROMPT_CHARS: error reply invalid_request
 LIMIT_CONNECTIONS = "connections_per_user"  # GATEWAY_MAX_CONNECTIONS_PER_USER: HTTP 403
 LIMIT_GENERATE_RATE = "generate_rate"  # GATEWAY_GENERATE_RATE_PER_S/_BURST: rate_limited
+LIMIT_SOCKET_EVENTS = "socket_events"  # GATEWAY_SOCKET_EVENTS_PER_S/_BURST: rate_limited
 LIMIT_OUTBOUND_QUEUE = "outbound_queue"  # GATEWAY_OUTBOUND_MAX_*: closed with 1008
 
 # `reason` label values of gateway_connects_refused_total.
@@ -67,6 +68,9 @@ class GatewayMetrics:
         )
         self.idle_closes = Counter(
             "gateway_idle_closes", "Sockets closed with 1001 for silence.", registry=r
+        )
+        self.expired_closes = Counter(
+            "gateway_expired_closes", "Sockets closed with 1008: their token expired.", registry=r
         )
         self.joins = Counter(
             "gateway_joins", "phx_join replies, by status.", ["status"], registry=r

@@ -181,9 +181,9 @@ class Gateway:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
-            now = loop.time()
+            now, wall = loop.time(), time.time()
             for connection in list(self._live):
-                connection.sweep(now, idle)
+                connection.sweep(now, idle, wall)
 
     async def wait_idle(self) -> None:
         """Wait until no socket is open and no user holds a connection slot (tests, bench)."""
@@ -217,18 +217,19 @@ class Gateway:
         if not token:
             return self._refuse(connection, m.REFUSED_MISSING_TOKEN, "missing token")
         try:
-            user = tokens.verify(token, self._secret)
+            claims = tokens.verify_claims(token, self._secret)
         except tokens.TokenError as error:
             expired = isinstance(error, tokens.ExpiredToken)
             reason = m.REFUSED_EXPIRED_TOKEN if expired else m.REFUSED_INVALID_TOKEN
             return self._refuse(connection, reason, str(error))
+        user = claims.user
         # A 403 before the upgrade, like every refused connect (see limits.py for why).
         if not self.user_connections.acquire(user):
             self.metrics.limit(m.LIMIT_CONNECTIONS)
             log.warning("too many connections", extra={"user": user})
             return self._refuse(connection, m.REFUSED_TOO_MANY, "too many connections")
         assert isinstance(connection, GatewayConnection)
-        connection.auth = Auth(user, vsn)
+        connection.auth = Auth(user, vsn, claims.expires_at)
         connection.on_lost = self._release
         self._idle.clear()
         return None

@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import hmac
 import time
+from dataclasses import dataclass
 
 import orjson
 
@@ -73,8 +74,19 @@ def mint(user: str, secret: bytes, ttl: float = DEFAULT_TTL_S, *, now: float | N
     return f"{body}.{_sign(body, secret)}"
 
 
+@dataclass(frozen=True)
+class Claims:
+    user: str
+    expires_at: float  # Unix time: a socket opened with it is closed then
+
+
 def verify(token: str, secret: bytes, *, now: float | None = None) -> str:
     """The user id of a valid token; TokenError otherwise."""
+    return verify_claims(token, secret, now=now).user
+
+
+def verify_claims(token: str, secret: bytes, *, now: float | None = None) -> Claims:
+    """The claims of a valid token; TokenError otherwise."""
     body, dot, signature = token.partition(".")
     if not dot or not body or not signature:
         raise TokenError("malformed token")
@@ -91,7 +103,7 @@ def verify(token: str, secret: bytes, *, now: float | None = None) -> str:
         raise TokenError("malformed claims")
     if (time.time() if now is None else now) >= exp:
         raise ExpiredToken("expired token")
-    return user
+    return Claims(user, float(exp))
 
 
 def mint_dev_token(user: str, ttl: float = DEFAULT_TTL_S) -> str:

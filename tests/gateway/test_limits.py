@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway_svc import tokens
 from gateway_svc.phoenix_client import JoinRefused, PhoenixClient
 from switchboard.v1 import common_pb2
 from tests.conftest import timeout
-from tests.gateway.live import Stack, recv, running_stack, send, topic
+from tests.gateway.live import KEY, Stack, recv, running_stack, send, topic
 
 
 @pytest.mark.parametrize("stack", [{"gateway_max_connections_per_user": 2}], indirect=True)
@@ -173,3 +174,37 @@ async def test_a_peer_that_never_finishes_its_close_is_aborted(stack: Stack) -> 
         await stack.wait_drained()  # aborted by the sweep after the close timeout
         assert await reader.read() == b""
     writer.close()
+
+
+async def test_a_socket_flooding_joins_and_heartbeats_is_refused_per_socket() -> None:
+    clock = Clock()
+    limits: dict[str, Any] = {"gateway_socket_events_per_s": 1.0, "gateway_socket_events_burst": 3}
+    async with running_stack(clock=clock, **limits) as stack:
+        async with connect(stack.url()) as flood, connect(stack.url()) as calm:
+            for ref in range(1, 4):
+                await send(flood, [None, str(ref), "phoenix", "heartbeat", {}])
+                assert (await recv(flood))[4]["status"] == "ok"
+            await send(flood, [None, "4", "phoenix", "heartbeat", {}])
+            refused = (await recv(flood))[4]
+            assert refused["status"] == "error"
+            assert refused["response"]["reason"] == "rate_limited"
+            assert refused["response"]["retry_after_ms"] > 0
+            await send(flood, ["5", "5", topic(), "phx_join", {}])
+            assert (await recv(flood))[4]["response"]["reason"] == "rate_limited"
+            # The budget is the socket's own: another socket of the same user goes on.
+            await send(calm, ["1", "1", topic(), "phx_join", {}])
+            assert (await recv(calm))[4]["status"] == "ok"
+        assert stack.metric("gateway_limit_hits_total", limit="socket_events") == 2
+
+
+async def test_a_socket_is_closed_when_its_token_expires() -> None:
+    settings: dict[str, Any] = {"gateway_close_timeout_s": 0.1}  # the sweep's period
+    async with running_stack(**settings) as stack:
+        token = tokens.mint("alice", KEY, ttl=1)
+        async with connect(f"{stack.base}/websocket?token={token}&vsn=2.0.0") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(timeout(10)):
+                    await ws.recv()
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "token expired")
+        assert stack.metric("gateway_expired_closes_total") == 1
