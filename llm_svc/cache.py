@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
 from collections.abc import Callable
+
+from cachetools import TTLCache
 
 from llm_svc.catalogue import ModelEntry
 from llm_svc.policy import CachedAnswer
@@ -42,29 +43,17 @@ class MemoryResponseCache:
     ) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, CachedAnswer]] = OrderedDict()
+        # cachetools: least recently used out first when full, expired after `ttl_s`.
+        self._entries: TTLCache[str, CachedAnswer] = TTLCache(
+            maxsize=max(max_entries, 1), ttl=ttl_s, timer=clock
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
 
     async def get(self, model: ModelEntry, request: ProviderRequest) -> CachedAnswer | None:
-        key = cache_key(model, request)
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        expires, answer = entry
-        if self._clock() >= expires:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return answer
+        return self._entries.get(cache_key(model, request))
 
     async def put(self, model: ModelEntry, request: ProviderRequest, answer: CachedAnswer) -> None:
-        if self.max_entries <= 0:
-            return
-        key = cache_key(model, request)
-        self._entries[key] = (self._clock() + self.ttl_s, answer)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        if self.max_entries > 0:
+            self._entries[cache_key(model, request)] = answer

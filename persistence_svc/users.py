@@ -8,8 +8,9 @@ another replica's write is seen here after at most `ttl_s`, the bound on stalene
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
+
+from cachetools import TTLCache
 
 from persistence_svc.repository import Repository
 from persistence_svc.service import Context, call_storage, require_user
@@ -34,26 +35,19 @@ class PreferencesCache:
     ) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        # cachetools: least recently used out first when full, expired after `ttl_s`.
+        self._entries: TTLCache[str, bytes] = TTLCache(
+            maxsize=max(max_entries, 1), ttl=ttl_s, timer=clock
+        )
 
     def get(self, user_id: str) -> history_pb2.Preferences | None:
-        entry = self._entries.get(user_id)
-        if entry is None:
-            return None
-        expires, data = entry
-        if self._clock() >= expires:
-            del self._entries[user_id]
-            return None
-        self._entries.move_to_end(user_id)
+        data = self._entries.get(user_id)
         # Stored serialized: a caller that mutates what it got cannot change the cache.
-        return history_pb2.Preferences.FromString(data)
+        return None if data is None else history_pb2.Preferences.FromString(data)
 
     def put(self, user_id: str, preferences: history_pb2.Preferences) -> None:
-        self._entries[user_id] = (self._clock() + self.ttl_s, preferences.SerializeToString())
-        self._entries.move_to_end(user_id)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        if self.max_entries > 0 and self.ttl_s > 0:
+            self._entries[user_id] = preferences.SerializeToString()
 
     def __len__(self) -> int:
         return len(self._entries)

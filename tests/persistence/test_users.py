@@ -67,7 +67,7 @@ def test_cache_is_a_bounded_lru_with_a_time_to_live() -> None:
     got.default_model = "changed by a caller"
     assert cache.get("a") == prefs("m-a")
     now[0] = 10.0
-    assert cache.get("a") is None and len(cache) == 1
+    assert cache.get("a") is None and len(cache) == 0  # a and c both expired
 
 
 class SwitchableRepository(Repository):
