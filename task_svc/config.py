@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     task_max_restarts: int = 3  # a TaskServer crashing more than this ...
     task_restart_period_s: float = 5.0  # ... within this many seconds fails its task
     task_restart_backoff_s: float = 0.05  # first restart delay, doubling per recent crash
-    task_seq_reserve: int = 64  # events allowed past the last stored snapshot (checkpoints)
+    # Events a task may emit past the last seq JetStream stored for it (checkpoints, every
+    # half of it; lifecycle events count too). Large on purpose: while NATS is down a
+    # running stream goes on for this many events before it waits; a task rebuilt after a
+    # crash numbers its events from stored seq + this, above anything a watcher saw.
+    task_seq_reserve: int = 4096
     task_models_cache_s: float = 10.0
     # How often the queues' state goes out to the gateways (QueueBoard, queue_board.py).
     task_queue_board_interval_s: float = 0.25

@@ -29,6 +29,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""  # the body of an error reply
     byte_by_byte: bool = False  # one HTTP chunk per byte: splits lines and UTF-8 sequences
+    every_s: float = 0.0  # a pause before each payload: a model that takes its time
 
 
 @dataclass
@@ -146,6 +147,8 @@ class FakeSseServer:
             f"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n{extra}\r\n".encode()
         )
         for payload in reply.payloads:
+            if reply.every_s:
+                await asyncio.sleep(reply.every_s)
             event = self.frame(payload)
             if reply.byte_by_byte:
                 for index in range(len(event)):

@@ -180,7 +180,8 @@ async def test_after_a_restart_an_unfinished_task_runs_on_above_its_stored_seq(
     store.stored[task.task_id] = Stored(seq=10, user_id="alice", attempts=1)
     e = await make_engine()
     state, duplicate = await e.engine.submit(task)
-    assert duplicate and state.seq == 10 + 64 + 1 and state.attempts == 1
+    reserve = Settings().task_seq_reserve
+    assert duplicate and state.seq == 10 + reserve + 1 and state.attempts == 1
     await e.reached("finished", task.task_id)
     final = await e.state(task.task_id)
     assert final.status == Status.TASK_STATUS_COMPLETED and final.attempts == 2
@@ -205,7 +206,8 @@ async def test_jobs_left_in_the_store_are_rebuilt_before_start_returns(
     server = e.engine.registry.get(left.task_id)
     assert server is not None
     first = server.core.events_after(0)[0]
-    assert first.seq == 5 + 64 + 1 and first.progress.message == "restarted"
+    assert first.seq == 5 + Settings().task_seq_reserve + 1
+    assert first.progress.message == "restarted"
     assert first.progress.reset.reason == "recovered" and first.progress.reset.attempt == 2
     # The job of a task that had finished is only acknowledged, never run.
     assert ("ack", finished_seq) in store.log and finished.task_id not in llm.order
