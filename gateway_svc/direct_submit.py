@@ -118,6 +118,8 @@ class DirectSubmit:
     async def submit(self, request: tasks_pb2.SubmitRequest) -> tasks_pb2.SubmitResponse | None:
         """Store the job and answer for it; None when TaskService.Submit must answer instead.
         Raises ServiceError for a refusal (unknown model, queue full)."""
+        if not self.nc.is_connected:  # NATS away: no PubAck would come (task_svc answers)
+            return None
         resolved = await self.catalog.resolve(request.model)
         now = time.monotonic()
         refusal = self.board.refusal(resolved.queue, now)

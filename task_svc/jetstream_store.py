@@ -77,6 +77,8 @@ class JetStreamJobStore:
         return {"in-progress acks": self.consumer.keep_alive}
 
     async def put(self, spec: TaskSpec, msg_id: str) -> Put:
+        if not self.nc.is_connected:  # refused at once, not after the publish timeout
+            raise StoreUnavailable("NATS is not connected")
         with unavailable():
             ack = await self.js.publish(
                 job_subject(spec.queue),

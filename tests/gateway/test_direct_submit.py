@@ -4,6 +4,7 @@ task that is not known to be new goes to TaskService.Submit (the fake)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,9 +24,10 @@ from svckit.nats import (
     jobs_stream_config,
 )
 from switchboard.v1 import common_pb2, events_pb2, llm_pb2, tasks_pb2
-from tests.conftest import eventually
+from tests.conftest import eventually, timeout
 from tests.gateway.fake_tasks import FakeTask
 from tests.gateway.live import recv, running_stack, send, topic
+from tools.natsserver import NatsServer
 
 Code = common_pb2.ErrorCode
 
@@ -173,3 +175,18 @@ async def test_a_task_the_join_found_submitted_goes_to_task_svc(
             await recv(ws)
         assert [s.task_id for s in stack.fake.submits] == [task_id]
         assert (await nc.jetstream().stream_info(JOBS_STREAM)).state.messages == 0
+
+
+async def test_with_nats_away_the_job_is_left_to_task_svc_at_once(
+    nats_server: NatsServer, direct: DirectSubmit
+) -> None:
+    nats_server.stop()
+
+    async def disconnected() -> bool:
+        return not direct.nc.is_connected
+
+    await eventually(disconnected)
+    async with asyncio.timeout(timeout(10)):
+        assert await direct.submit(request("t-5")) is None
+    # Not even tried (it would wait in the reconnect buffer for a PubAck that cannot come).
+    assert direct.nc.pending_data_size == 0
