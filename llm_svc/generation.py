@@ -105,23 +105,24 @@ def final_event(
 
 @dataclass
 class _Shown:
-    """What the caller has of the answer so far, across the models of the chain."""
+    """What the caller has of the answer so far, across the models of the chain (parts, not
+    one string: appending to a string per delta would copy the answer each time)."""
 
-    text: str = ""
+    parts: list[str] = field(default_factory=list)
     progress: float = 0.0
     tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 @dataclass
 class _Run:
-    """What one attempt streamed so far; `shown` is the whole generation's."""
+    """One attempt; `shown` is the whole generation's."""
 
     shown: _Shown = field(default_factory=_Shown)
-    parts: list[str] = field(default_factory=list)
-
-    @property
-    def started(self) -> bool:
-        return bool(self.parts)
+    started: bool = False  # this attempt streamed text: it cannot start over
 
 
 class Generator:
@@ -170,7 +171,7 @@ class Generator:
         deadline_s = chain[0].pacing.deadline_s
         deadline_at = asyncio.get_running_loop().time() + deadline_s
         last_error: ServiceError | None = None
-        shown = _Shown(text=request.continue_from)
+        shown = _Shown([request.continue_from] if request.continue_from else [])
         for index, model in enumerate(chain):
             provider_request = self._provider_request(model, request, shown.text)
             attempt = 0
@@ -203,11 +204,11 @@ class Generator:
                 await self._sleep(delay)
             if last_error.code not in FALLBACK_CODES:
                 break
-            if shown.text and index + 1 < len(chain):
+            if shown.parts and index + 1 < len(chain):
                 # Mid-stream fallback: the next model continues the text the caller has.
                 yield fallback_event(chain[index + 1].id, shown)
         assert last_error is not None  # the chain is never empty here
-        if shown.text:  # text went out and no model of the chain could carry it on
+        if shown.parts:  # text went out and no model of the chain could carry it on
             yield error_event(last_error)
             return
         # The cache stands in for a failing model, not for a request no model would take.
@@ -293,8 +294,8 @@ class Generator:
                                 )
                             shown.tokens = base_tokens + tracker.tokens
                             if text:
-                                run.parts.append(text)
-                                shown.text += text
+                                run.started = True
+                                shown.parts.append(text)
                                 yield delta_event(text, progress)
                             elif progress is not None:
                                 yield llm_pb2.GenerateEvent(progress=progress)
