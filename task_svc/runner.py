@@ -100,26 +100,15 @@ class Runner:
         elif isinstance(result, ServiceError) and not core.terminal:
             job.outage_since, job.outages = None, 0
             delay_s = job.queue.retry.delay_s(core.attempts, result)
-            if delay_s is not None:
-                attempt = core.attempts + 1
-                max_attempts = job.queue.config.max_attempts
-                if core.content:  # text went out: the next attempt continues it
-                    message = (
-                        f"{RESUMING}: attempt {attempt} of {max_attempts} "
-                        f"in {delay_s:.1f}s after {result.reason}"
-                    )
-                    await self._resume_later(job, delay_s, message)
-                    return
-                reset = tasks_pb2.Reset(
-                    attempt=attempt, max_attempts=max_attempts, reason="retry", error=result.reason
-                )
-                message = (
-                    f"{RESTARTED}: attempt {attempt} of {max_attempts} "
-                    f"in {delay_s:.1f}s after {result.reason}"
-                )
-                await self._retry_later(job, delay_s, reset, message)
-            else:
+            if delay_s is None:
                 await self._fail(job, result)
+                return
+            attempt, most = core.attempts + 1, job.queue.config.max_attempts
+            reset = tasks_pb2.Reset(
+                attempt=attempt, max_attempts=most, reason="retry", error=result.reason
+            )
+            why = f"attempt {attempt} of {most} in {delay_s:.1f}s after {result.reason}"
+            await self._again(job, delay_s, why, reset)
         else:
             await self.finish(job)  # completed, or cancelled, or failed by a give-up
 
@@ -135,55 +124,43 @@ class Runner:
         if delay_s is None:
             await self._fail(job, error)
             return
-        if job.server.core.content:  # text went out: the next run continues it
-            message = f"{RESUMING}: llm_svc unreachable, again in {delay_s:.1f}s"
-            await self._resume_later(job, delay_s, message, uncount=True)
-            return
-        reset = tasks_pb2.Reset(
-            attempt=job.server.core.attempts, reason="outage", error=error.reason
-        )
-        message = f"{RESTARTED}: llm_svc unreachable, again in {delay_s:.1f}s"
-        await self._retry_later(job, delay_s, reset, message, uncount=True)
+        core = job.server.core
+        reset = tasks_pb2.Reset(attempt=core.attempts, reason="outage", error=error.reason)
+        why = f"llm_svc unreachable, again in {delay_s:.1f}s"
+        await self._again(job, delay_s, why, reset, uncount=True)
 
     async def _fail(self, job: Job, error: ServiceError) -> None:
         failed = partial(TaskCore.failed, error=error.to_proto())
         await self.finish(job, failed, dead=error if error.retryable else None)
 
-    async def _retry_later(
+    async def _again(
         self,
         job: Job,
         delay_s: float,
+        why: str,
         reset: tasks_pb2.Reset,
-        message: str,
         *,
         uncount: bool = False,
     ) -> None:
-        """Back to QUEUED (the text restarts), and into the scheduler after `delay_s`."""
+        """Back to QUEUED, and into the scheduler after `delay_s`. A run that had streamed
+        text is resumed (the text stays, the next run continues it: worker.py); any other
+        restarts, `reset` telling watchers why. `uncount`: the cut attempt does not count."""
         eta_ms = int(delay_s * 1000)
-        queued = await apply(
-            job,
-            partial(
+        if job.server.core.content:
+            message = f"{RESUMING}: {why}"
+            change = partial(
+                TaskCore.queued_to_resume, eta_ms=eta_ms, message=message, uncount=uncount
+            )
+        else:
+            change = partial(
                 TaskCore.queued,
                 position=0,
                 eta_ms=eta_ms,
-                restart=message,
+                restart=f"{RESTARTED}: {why}",
                 reset=reset,
                 uncount=uncount,
-            ),
-        )
-        await self._wait_then_run(job, delay_s, queued)
-
-    async def _resume_later(
-        self, job: Job, delay_s: float, message: str, *, uncount: bool = False
-    ) -> None:
-        """Back to QUEUED with its text kept, and run again after `delay_s`, continuing it."""
-        eta_ms = int(delay_s * 1000)
-        resume = partial(TaskCore.queued_to_resume, eta_ms=eta_ms, message=message, uncount=uncount)
-        await self._wait_then_run(job, delay_s, await apply(job, resume))
-
-    async def _wait_then_run(
-        self, job: Job, delay_s: float, queued: events_pb2.LifecycleEvent | None
-    ) -> None:
+            )
+        queued = await apply(job, change)
         if queued is not None:
             self.publisher.publish(queued)
         if job.server.core.terminal:  # cancelled, or crashed, meanwhile
