@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, tasks_pb2
@@ -109,9 +110,9 @@ class Intake:
         return job.server
 
     async def arrived(self, item: Pending) -> None:
-        """A job stored while this engine runs, handed over by the store: one a gateway
-        stored itself (new here: it runs), or one of this engine's own (known already: the
-        store holds it until `done`)."""
+        """A job handed over by the store: one a gateway stored itself (new here: it runs),
+        one of this engine's own (known already: the store holds it until `done`), or, when
+        redelivered, one that may have run before (recovered from what was stored)."""
         task_id = item.spec.task_id
         job = self.jobs.get(task_id)
         if job is not None:
@@ -143,16 +144,9 @@ class Intake:
         return job.server
 
     async def recover(self, pending: list[Pending]) -> None:
-        """Rebuild the jobs a previous incarnation left, all of them before this returns."""
-        recovered: list[Job] = []
-        for item in pending:
-            if item.spec.task_id in self.jobs:  # stored twice: the one held is enough
-                await self.runner.remove(item.seq, item.spec.task_id)
-                continue
-            job = self._new(item.spec)
-            job.seq = item.seq
-            recovered.append(job)
-        await asyncio.gather(*(self._recover(job) for job in recovered))
+        """Rebuild the jobs a previous incarnation left, all of them before this returns:
+        each as a redelivered arrival (it may have run, and even finished)."""
+        await asyncio.gather(*(self.arrived(replace(item, redelivered=True)) for item in pending))
 
     async def _recover(self, job: Job) -> None:
         stored = await self.last_stored(job.task_id)
