@@ -75,7 +75,6 @@ class TaskApp:
         llm_channel = insecure_channel(settings.llm_svc_addr)
         llm = llm_pb2_grpc.LlmServiceStub(llm_channel)
         publisher = LifecyclePublisher(js)
-        publisher.start()
         llm_client = LlmClient(llm)
         store = JetStreamJobStore(
             nc,

@@ -72,12 +72,7 @@ class LifecyclePublisher:
         self.max_backoff_s = max_backoff_s
         self._chains: dict[str, collections.deque[_Item]] = {}  # by task id: not yet acked
         self._tasks: set[asyncio.Task[None]] = set()  # one per chain being published
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._closed = False
-
-    def start(self) -> None:
-        """Nothing to start: each task's chain runs while it has events to publish."""
 
     def publish(self, event: events_pb2.LifecycleEvent) -> asyncio.Future[None]:
         """Queue `event`; the future resolves once JetStream has acknowledged it."""
@@ -107,13 +102,7 @@ class LifecyclePublisher:
     def _spawn(self, task_id: str) -> None:
         task = asyncio.create_task(self._chain(task_id), name=f"lifecycle {task_id}")
         self._tasks.add(task)
-        self._idle.clear()
-        task.add_done_callback(self._ended)
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not self._tasks:
-            self._idle.set()
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def pending(self) -> int:
@@ -156,9 +145,12 @@ class LifecyclePublisher:
     async def close(self, grace_s: float) -> None:
         """Let queued events go out for up to `grace_s` seconds, then stop (idempotent)."""
         if not self._closed:
-            try:
-                await asyncio.wait_for(self._idle.wait(), grace_s)
-            except TimeoutError:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace_s
+            # Chains may start while others end: wait until none is left, or the grace is up.
+            while self._tasks and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(set(self._tasks), timeout=left)
+            if self._tasks:
                 log.warning("lifecycle events left unpublished", extra={"count": self.pending})
         self._closed = True
         tasks = list(self._tasks)
