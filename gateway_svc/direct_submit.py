@@ -31,13 +31,12 @@ from nats.aio.msg import Msg
 
 from svckit.catalog import ModelCatalog
 from svckit.errors import ServiceError
-from svckit.nats import QUEUE_BOARD_SUBJECT, close_nats, job_subject
+from svckit.nats import QUEUE_BOARD_SUBJECT, close_nats, store_job
 from svckit.queueing import eta_ms, queue_full
 from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
 
 log = logging.getLogger(__name__)
 
-PUBLISH_TIMEOUT_S = 5.0
 BOARD_STALE_S = 5.0  # an older board says nothing: task_svc is away or not publishing
 MAX_AGE_S = 3600.0  # the duplicate window is 24 h (svckit/nats.py)
 
@@ -46,6 +45,7 @@ MAX_AGE_S = 3600.0  # the duplicate window is 24 h (svckit/nats.py)
 class _Queue:
     stats: events_pb2.QueueStats
     heard_at: float
+    waiting: list[int]  # by priority, read out of the message once
     stored_since: int = 0  # jobs this gateway stored after the board was heard
 
 
@@ -56,7 +56,10 @@ class QueueBoard:
     queues: dict[str, _Queue] = field(default_factory=dict)
 
     def heard(self, board: events_pb2.QueueBoard, now: float) -> None:
-        self.queues = {stats.queue: _Queue(stats, now) for stats in board.queues}
+        self.queues = {
+            stats.queue: _Queue(stats, now, list(stats.waiting_by_priority))
+            for stats in board.queues
+        }
 
     def fresh(self, queue: str, now: float) -> _Queue | None:
         known = self.queues.get(queue)
@@ -67,7 +70,7 @@ class QueueBoard:
         if known is None:
             return None
         s = known.stats
-        depth = sum(s.waiting_by_priority) + known.stored_since
+        depth = sum(known.waiting) + known.stored_since
         return queue_full(queue, depth, s.max_depth, s.concurrency, s.mean_run_s)
 
     def stored(self, queue: str, priority: int, now: float) -> tuple[int, int]:
@@ -77,7 +80,7 @@ class QueueBoard:
             return 1, 0
         s = known.stats
         known.stored_since += 1
-        position = sum(s.waiting_by_priority[: priority + 1]) + known.stored_since
+        position = sum(known.waiting[: priority + 1]) + known.stored_since
         return position, eta_ms(position, s.free_slots, s.concurrency, s.mean_run_s)
 
 
@@ -118,8 +121,6 @@ class DirectSubmit:
     async def submit(self, request: tasks_pb2.SubmitRequest) -> tasks_pb2.SubmitResponse | None:
         """Store the job and answer for it; None when TaskService.Submit must answer instead.
         Raises ServiceError for a refusal (unknown model, queue full)."""
-        if not self.nc.is_connected:  # NATS away: no PubAck would come (task_svc answers)
-            return None
         resolved = await self.catalog.resolve(request.model)
         now = time.monotonic()
         refusal = self.board.refusal(resolved.queue, now)
@@ -135,12 +136,8 @@ class DirectSubmit:
         )
         job.submitted_at.CopyFrom(_now())
         try:
-            ack = await self.js.publish(
-                job_subject(resolved.queue),
-                job.SerializeToString(),
-                timeout=PUBLISH_TIMEOUT_S,
-                headers={"Nats-Msg-Id": request.task_id},
-            )
+            data = job.SerializeToString()
+            ack = await store_job(self.nc, self.js, resolved.queue, data, request.task_id)
         except (nats.errors.Error, OSError, TimeoutError) as error:
             log.warning(
                 "job not stored here; task_svc will",

@@ -15,7 +15,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.errors import NoServersError
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -37,6 +37,28 @@ SNAPSHOT_SUFFIX = ".snapshot"
 
 def job_subject(queue: str) -> str:
     return f"{JOBS_SUBJECT_PREFIX}.{queue}"
+
+
+PUBLISH_TIMEOUT_S = 5.0  # a PubAck not back by then: the job is not known to be stored
+
+
+class NotConnected(nats.errors.Error):
+    def __str__(self) -> str:
+        return "nats: not connected"
+
+
+async def store_job(
+    nc: Client, js: JetStreamContext, queue: str, job: bytes, msg_id: str
+) -> PubAck:
+    """Store a job on SB_JOBS and await its PubAck: the one way in, for the gateway's acks
+    and task_svc's Submit alike. Deduplicated on `msg_id` within the duplicate window.
+    Refused at once while NATS is disconnected: the publish would only wait in the reconnect
+    buffer for a PubAck that cannot come in time."""
+    if not nc.is_connected:
+        raise NotConnected
+    return await js.publish(
+        job_subject(queue), job, timeout=PUBLISH_TIMEOUT_S, headers={"Nats-Msg-Id": msg_id}
+    )
 
 
 def snapshot_subject(task_id: str) -> str:

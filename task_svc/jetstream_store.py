@@ -21,7 +21,7 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from svckit.nats import JOBS_STREAM, JOBS_SUBJECT_PREFIX, job_subject
+from svckit.nats import JOBS_STREAM, JOBS_SUBJECT_PREFIX, PUBLISH_TIMEOUT_S, store_job
 from switchboard.v1 import events_pb2, tasks_pb2
 from task_svc.consumer import JobConsumer
 from task_svc.deadletters import DeadLetters
@@ -31,7 +31,6 @@ from task_svc.task_state import TaskSpec
 
 log = logging.getLogger(__name__)
 
-PUBLISH_TIMEOUT_S = 5.0
 MESSAGE_NOT_FOUND = 10037  # JetStream's error code: removed already (or never stored)
 ALL_JOBS = f"{JOBS_SUBJECT_PREFIX}.>"  # the one shard there is
 
@@ -77,15 +76,9 @@ class JetStreamJobStore:
         return {"in-progress acks": self.consumer.keep_alive}
 
     async def put(self, spec: TaskSpec, msg_id: str) -> Put:
-        if not self.nc.is_connected:  # refused at once, not after the publish timeout
-            raise StoreUnavailable("NATS is not connected")
         with unavailable():
-            ack = await self.js.publish(
-                job_subject(spec.queue),
-                spec.to_job().SerializeToString(),
-                timeout=PUBLISH_TIMEOUT_S,
-                headers={"Nats-Msg-Id": msg_id},
-            )
+            job = spec.to_job().SerializeToString()
+            ack = await store_job(self.nc, self.js, spec.queue, job, msg_id)
         return Put(ack.seq, bool(ack.duplicate))
 
     async def take_pending(self) -> list[Pending]:
