@@ -46,8 +46,12 @@ class _Bucket:
     stamp: float
 
 
+def _level(bucket: _Bucket, now: float, rate: float, burst: int) -> float:
+    return min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
+
+
 def _take(bucket: _Bucket, now: float, rate: float, burst: int) -> int:
-    level = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
+    level = _level(bucket, now, rate, burst)
     bucket.stamp = now
     if level >= 1.0:
         bucket.tokens = level - 1.0
@@ -87,9 +91,6 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    def _level(self, bucket: _Bucket, now: float) -> float:
-        return min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
-
     def take(self, key: str, now: float) -> int:
         """0 if `key` may go now (a token is spent), else the milliseconds until it may."""
         if not self.enabled:
@@ -103,6 +104,7 @@ class RateLimiter:
         return _take(bucket, now, self.rate, self.burst)
 
     def prune(self, now: float) -> None:
-        full = [k for k, b in self.buckets.items() if self._level(b, now) >= self.burst]
+        rate, burst = self.rate, self.burst
+        full = [k for k, b in self.buckets.items() if _level(b, now, rate, burst) >= burst]
         for key in full:
             del self.buckets[key]
