@@ -6,6 +6,10 @@ the time left as retry-after, so the generator falls back instead of waiting); a
 `reset_after_s` it is HALF_OPEN and lets one probe through: success closes it, failure
 opens it again. Only failures that say the provider is unwell count (overloaded, timeouts,
 network, internal errors); a bad request or a filtered answer is the provider working.
+
+Written here rather than taken from purgatory or aiobreaker: both read the wall clock, and
+neither has a single half-open probe or a neutral outcome (a cancel, a 429) that leaves the
+circuit as it was (docs/architecture.md, "Libraries").
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ The response cache (`cache.MemoryResponseCache`) implements `ResponseCache`.
 
 from __future__ import annotations
 
-import random
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 from llm_svc.catalogue import ModelEntry
 from llm_svc.providers.base import ProviderRequest, TokenUsage
+from svckit.backoff import full_jitter
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2
 
@@ -61,8 +61,7 @@ class RetryPolicy:
         retry_after = error.retry_after_ms / 1000
         if retry_after > self.max_delay_s:
             return None
-        # Full jitter (AWS architecture blog, "Exponential Backoff and Jitter").
-        backoff = random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)))
+        backoff = full_jitter(attempt, self.base_delay_s, self.max_delay_s)
         delay = max(retry_after, backoff)
         if elapsed_s + delay > self.deadline_s:
             return None

@@ -7,6 +7,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from svckit.backoff import full_jitter
 from svckit.errors import ServiceError
 from svckit.queueing import queue_full
 from switchboard.v1 import common_pb2, events_pb2
@@ -20,8 +21,8 @@ OUTAGE_MAX_DELAY_S = 5.0
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When a failed run is tried again: exponential backoff with full jitter (AWS
-    architecture blog, "Exponential Backoff And Jitter"), never sooner than the provider's
+    """When a failed run is tried again: exponential backoff with full jitter
+    (svckit/backoff.py), never sooner than the provider's
     retry-after; only for retryable errors (rate limited, overloaded, timeout, network: see
     svckit.errors), never for permanent ones (invalid request, auth, ...)."""
 
@@ -35,8 +36,8 @@ class RetryPolicy:
         the task must fail now."""
         if not error.retryable or attempt >= self.max_attempts:
             return None
-        backoff = min(self.max_delay_s, self.base_delay_s * 2 ** max(attempt - 1, 0))
-        return max(random.uniform(0, backoff), error.retry_after_ms / 1000)
+        backoff = full_jitter(attempt, self.base_delay_s, self.max_delay_s)
+        return max(backoff, error.retry_after_ms / 1000)
 
     def outage_delay_s(self, outages: int, waited_s: float) -> float | None:
         """The delay before rerunning a task cut by our own outage (llm_svc unreachable or

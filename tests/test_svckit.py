@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from svckit.backoff import full_jitter
 from svckit.errors import ERRORS, ServiceError
 from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.nats import connect_nats, ensure_stream, jobs_stream_config
@@ -61,3 +64,11 @@ async def test_typed_error_survives_a_grpc_hop_and_health_reports_serving() -> N
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(0)
+
+
+def test_full_jitter_doubles_its_ceiling_up_to_the_cap() -> None:
+    random.seed(7)
+    for attempt, ceiling in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)):
+        delays = [full_jitter(attempt, 0.5, 3.0) for _ in range(500)]
+        assert min(delays) >= 0 and max(delays) <= ceiling
+        assert max(delays) > 0.9 * ceiling  # drawn over the whole range, not a fixed step
