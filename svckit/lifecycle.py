@@ -51,14 +51,25 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def lower_priority(nice: int) -> None:
+    """Make this process `nice` steps less urgent for the kernel's scheduler (os.nice), before
+    any thread starts (on Linux a thread inherits the nice value of the one that creates it).
+    A launcher that runs every service on one machine uses it so the acks' path (gateway_svc
+    and nats-server) is served first when the CPUs are busy: tools/stack.py."""
+    if nice > 0:
+        os.nice(nice)
+
+
 def run_service(name: str, main: Main, log_level: str = "INFO") -> None:
     """Run `main(stop)` on uvloop until it returns; `stop` is set on SIGTERM or SIGINT.
-    With SB_PARENT_PID set (by the launcher) it also stops when that parent dies.
+    With SB_PARENT_PID set (by the launcher) it also stops when that parent dies; with SB_NICE
+    it runs at that lower CPU priority (`lower_priority`).
 
     `main` owns every task it spawns and must cancel and await them before returning.
     """
     configure_logging(name, log_level)
     tune_gc()
+    lower_priority(int(os.environ.get("SB_NICE") or 0))
     if parent := os.environ.get("SB_PARENT_PID"):
         exit_with_parent(int(parent))
 

@@ -18,7 +18,7 @@ from gateway_svc.phoenix_client import PhoenixClient
 from switchboard.v1 import common_pb2
 from tests.conftest import eventually, timeout
 from tests.e2e.history import terminal_history
-from tools.stack import ROOT, Restarts, Stack, dev_token
+from tools.stack import DEFAULT_NICE, ROOT, Restarts, Stack, dev_token, parse_nice
 
 pytestmark = pytest.mark.e2e
 
@@ -39,6 +39,25 @@ def test_restarts_back_off_and_give_up_past_the_intensity() -> None:
     assert restarts.delay_s("a") is None  # a fourth crash within the period
     clock.now += 11  # the old crashes have aged out
     assert restarts.delay_s("a") == 0.5
+
+
+def test_stack_nice_names_services_and_values() -> None:
+    assert parse_nice("task_svc=5, llm_svc=3") == {"task_svc": 5, "llm_svc": 3}
+    assert parse_nice("") == {}
+    with pytest.raises(ValueError, match="unknown service"):
+        parse_nice("task=5")
+
+
+def nice_of(pid: int) -> int:
+    """The nice value of a process (field 19 of /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+async def test_each_service_runs_at_its_priority(sqlite_stack: Stack) -> None:
+    base = nice_of(os.getpid())
+    for name, process in sqlite_stack.processes.items():
+        assert nice_of(process.pid) == min(19, base + DEFAULT_NICE[name]), name
 
 
 async def generate(stack: Stack, prompt: str) -> str:
