@@ -31,11 +31,13 @@ COLOURS = {"nats": 90, "llm_svc": 35, "persistence_svc": 34, "task_svc": 33, "ga
 EMBEDDED_NATS_PORT = 4223  # not 4222: machines here may run their own (older) NATS there
 # The CPU priority of each service (its nice value) when the whole stack shares a machine: the
 # acks' path (gateway_svc, and nats-server at 0) first, the streams next, history last. With
-# the CPUs busy (300 paced streams on 2 cores) this took the llm_generate ack from p50/p99
-# 27-41/88-117 ms to 9-16/41-73 ms, with the same throughput and completion times. What
-# Kubernetes does with each pod's CPU request, on one box. STACK_NICE overrides it
-# ("task_svc=5,llm_svc=5"; "" for all at 0).
-DEFAULT_NICE = {"gateway_svc": 0, "task_svc": 10, "llm_svc": 10, "persistence_svc": 15}
+# the CPUs busy (300 paced streams on 2 cores) the llm_generate ack went from p50/p99
+# 34-53/87-145 to 15-29/62-68 ms, first events from 83-131 to 62-64 ms, with the same
+# throughput; at zero delay too. Lower priorities still (10/10/15) cut the paced ack further
+# but cost zero-delay throughput about 15 %: the gateway then preempts the others at every
+# wake-up and they batch less. What Kubernetes does with each pod's CPU request, on one box.
+# STACK_NICE overrides it ("task_svc=10,llm_svc=10"; "" for all at 0).
+DEFAULT_NICE = {"gateway_svc": 0, "task_svc": 5, "llm_svc": 5, "persistence_svc": 10}
 
 
 def parse_nice(text: str) -> dict[str, int]:
