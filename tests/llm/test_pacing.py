@@ -13,9 +13,15 @@ import pytest
 
 from llm_svc.catalogue import Catalogue, CatalogueError
 from llm_svc.generation import Generator
-from llm_svc.pacing import Pacing
+from llm_svc.pacing import DeadlinePassed, Pacing, paced
 from llm_svc.policy import RetryPolicy
-from llm_svc.providers.base import Finish, ProviderEvent, ProviderRequest, TextDelta
+from llm_svc.providers.base import (
+    Finish,
+    ProviderError,
+    ProviderEvent,
+    ProviderRequest,
+    TextDelta,
+)
 from switchboard.v1 import common_pb2, llm_pb2
 from tests.conftest import timeout
 from tests.llm.fakes import Script, ScriptedProvider
@@ -112,3 +118,66 @@ def test_the_catalogue_reads_pacing_and_refuses_nonsense() -> None:
     assert catalogue.models["m"].pacing == Pacing(idle_s=2.5)
     with pytest.raises(CatalogueError):
         Catalogue.from_dict({"models": [{**raw, "deadline_s": 0}]}, {"local"})
+
+
+# -- paced() itself -------------------------------------------------------------------------
+
+
+async def ticking(delays: list[float]) -> AsyncGenerator[int, None]:
+    """Yields 0, 1, ... each after its delay, then waits forever."""
+    for i, delay in enumerate(delays):
+        await asyncio.sleep(delay)
+        yield i
+    await asyncio.Event().wait()
+
+
+def deadline_in(seconds: float) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def test_paced_times_out_an_idle_gap_even_after_a_longer_first_token_wait() -> None:
+    """The first wait (1 s) arms the timer; the shorter idle gap after it must still count."""
+    pacing = Pacing(first_token_s=1.0, idle_s=0.1, deadline_s=30)
+    got: list[int] = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ProviderError) as raised:
+        async for i in paced(ticking([0.0, 0.02]), "p", pacing, deadline_in(30)):
+            got.append(i)
+    assert got == [0, 1] and raised.value.code == Code.ERROR_CODE_TIMEOUT
+    assert "no token within 0.1s" in raised.value.message
+    assert loop.time() - started < 0.9  # the idle gap fired, not the first-token wait
+
+
+async def test_paced_does_not_count_the_consumers_time() -> None:
+    pacing = Pacing(first_token_s=0.1, idle_s=0.1, deadline_s=30)
+    got = []
+    async with aclosing(paced(ticking([0.0, 0.0, 0.0]), "p", pacing, deadline_in(30))) as events:
+        async for i in events:
+            got.append(i)
+            if len(got) == 3:
+                break
+            await asyncio.sleep(0.25)  # longer than idle_s, spent by the consumer
+    assert got == [0, 1, 2]
+
+
+async def test_paced_lets_the_callers_cancel_through() -> None:
+    pacing = Pacing(first_token_s=0.05, idle_s=0.05, deadline_s=30)
+
+    async def consume() -> None:
+        async for _ in paced(ticking([10.0]), "p", pacing, deadline_in(30)):
+            pass  # pragma: no cover - nothing comes
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+
+
+async def test_paced_ends_at_the_deadline_for_good() -> None:
+    pacing = Pacing(first_token_s=5, idle_s=5, deadline_s=0.2)
+    with pytest.raises(DeadlinePassed):
+        async for _ in paced(ticking([0.05] * 100), "p", pacing, deadline_in(0.2)):
+            pass
