@@ -6,7 +6,6 @@ close the channels and NATS, stop the exporter."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
 
@@ -20,7 +19,7 @@ from gateway_svc.server import Gateway
 from gateway_svc.tokens import SecretConfigError, secret_from
 from svckit.catalog import ModelCatalog
 from svckit.grpc_server import GrpcServer, insecure_channel
-from svckit.lifecycle import run_service
+from svckit.lifecycle import freeze_startup_objects, run_service
 from svckit.metrics import start_exporter
 from svckit.nats import NatsVersionError, connect_nats
 from switchboard.v1 import llm_pb2_grpc, tasks_pb2_grpc
@@ -89,14 +88,6 @@ async def direct_submit(settings: Settings) -> DirectSubmit | None:
     direct = DirectSubmit(nc, catalog, llm_channel=llm_channel)
     await direct.start()
     return direct
-
-
-def freeze_startup_objects() -> None:
-    """Move everything allocated so far (modules, gRPC, protobuf descriptors: ~45k objects)
-    out of the cyclic collector's reach. They live as long as the process, and every full
-    collection would otherwise walk them again while holding up every socket."""
-    gc.collect()
-    gc.freeze()
 
 
 def main() -> None:

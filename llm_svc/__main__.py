@@ -6,13 +6,14 @@ import asyncio
 
 from llm_svc.config import Settings
 from llm_svc.server import LlmServer
-from svckit.lifecycle import run_service
+from svckit.lifecycle import freeze_startup_objects, run_service
 
 
 async def main(stop: asyncio.Event) -> None:
     server = LlmServer(Settings())
     try:
         await server.start()
+        freeze_startup_objects()
         await stop.wait()
     finally:
         await server.shutdown()

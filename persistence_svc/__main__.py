@@ -7,13 +7,14 @@ import asyncio
 
 from persistence_svc.config import Settings
 from persistence_svc.server import PersistenceServer
-from svckit.lifecycle import run_service
+from svckit.lifecycle import freeze_startup_objects, run_service
 
 
 async def main(stop: asyncio.Event) -> None:
     server = PersistenceServer(Settings())
     try:
         await server.start()
+        freeze_startup_objects()
         await stop.wait()
     finally:
         await server.shutdown()

@@ -51,6 +51,15 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def freeze_startup_objects() -> None:
+    """Move everything allocated so far (modules, gRPC, protobuf descriptors, the service's
+    own long-lived parts: 45-90k objects) out of the cyclic collector's reach. They live as
+    long as the process, and every full collection would otherwise walk them again while the
+    event loop, and every stream on it, waits. Call it once the service has started."""
+    gc.collect()
+    gc.freeze()
+
+
 def lower_priority(nice: int) -> None:
     """Make this process `nice` steps less urgent for the kernel's scheduler (os.nice), before
     any thread starts (on Linux a thread inherits the nice value of the one that creates it).

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
-from svckit.lifecycle import run_service
+from svckit.lifecycle import freeze_startup_objects, run_service
 from task_svc.app import TaskApp
 from task_svc.config import Settings
 
 
 async def main(stop: asyncio.Event) -> None:
     app = await TaskApp.start(Settings())
+    freeze_startup_objects()
     waits = [asyncio.create_task(stop.wait()), asyncio.create_task(app.engine.broken.wait())]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -124,10 +124,10 @@ async def serve_tasks() -> None:
 
 
 async def serve_gateway(tasks_addr: str) -> None:
-    from gateway_svc.__main__ import freeze_startup_objects
     from gateway_svc.config import Settings
     from gateway_svc.server import Gateway
     from svckit.grpc_server import insecure_channel
+    from svckit.lifecycle import freeze_startup_objects
     from switchboard.v1 import tasks_pb2_grpc
 
     raise_nofile()
