@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import nats.errors
-from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from svckit.catalog import ModelCatalog
+from svckit.catalog import ModelCatalog, job_of
 from svckit.errors import ServiceError
 from svckit.nats import QUEUE_BOARD_SUBJECT, close_nats, store_job
 from svckit.queueing import eta_ms, queue_full
@@ -126,15 +125,7 @@ class DirectSubmit:
         refusal = self.board.refusal(resolved.queue, now)
         if refusal is not None:
             raise refusal
-        job = events_pb2.Job(
-            task_id=request.task_id,
-            user_id=request.user_id,
-            prompt=request.prompt,
-            model=resolved.model,
-            priority=request.priority,
-            options=request.options,
-        )
-        job.submitted_at.CopyFrom(_now())
+        job = job_of(request, resolved)
         try:
             data = job.SerializeToString()
             ack = await store_job(self.nc, self.js, resolved.queue, data, request.task_id)
@@ -156,9 +147,3 @@ class DirectSubmit:
             eta_ms=eta,
         )
         return tasks_pb2.SubmitResponse(state=state)
-
-
-def _now() -> Timestamp:
-    stamp = Timestamp()
-    stamp.GetCurrentTime()
-    return stamp

@@ -19,7 +19,7 @@ import grpc
 
 from svckit.errors import ServiceError
 from svckit.lifecycle import cancel_and_wait
-from switchboard.v1 import common_pb2, llm_pb2, llm_pb2_grpc
+from switchboard.v1 import common_pb2, events_pb2, llm_pb2, llm_pb2_grpc, tasks_pb2
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +83,18 @@ class ModelCatalog:
             return
         self._models = list(reply.models)
         self._fetched_at = time.monotonic()
+
+
+def job_of(request: tasks_pb2.SubmitRequest, model: ResolvedModel) -> events_pb2.Job:
+    """What a Submit stores in SB_JOBS, stamped now: the one builder, for the gateway's own
+    store (the acks' path) and task_svc's Submit alike."""
+    job = events_pb2.Job(
+        task_id=request.task_id,
+        user_id=request.user_id,
+        prompt=request.prompt,
+        model=model.model,
+        priority=request.priority,
+        options=request.options,
+    )
+    job.submitted_at.GetCurrentTime()
+    return job

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from svckit.catalog import ModelCatalog
+from svckit.catalog import ModelCatalog, job_of
 from svckit.errors import ServiceError, rpc
 from svckit.requests import (
     MAX_PROMPT_CHARS,
@@ -23,7 +23,7 @@ from task_svc.jobs import JobEngine
 from task_svc.registry import forbidden
 from task_svc.submit_mux import serve_submits
 from task_svc.task_server import DROPPED, TaskServer
-from task_svc.task_state import TaskSpec, ends_task, now_ns
+from task_svc.task_state import TaskSpec, ends_task
 from task_svc.watch_mux import serve_watch_many
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         """Accept a task (both Submit and SubmitMany); raises ServiceError when refused."""
         check_submit(request, self.max_prompt_chars)
         resolved = await self.catalog.resolve(request.model)
-        spec = TaskSpec(
-            task_id=request.task_id,
-            user_id=request.user_id,
-            prompt=request.prompt,
-            model=resolved.model,
-            priority=request.priority,
-            queue=resolved.queue,
-            options=request.options,
-            submitted_ns=now_ns(),
-        )
+        spec = TaskSpec.from_job(job_of(request, resolved), resolved.queue)
         state, duplicate = await self.engine.submit(spec)
         return tasks_pb2.SubmitResponse(state=state, duplicate=duplicate)
 
