@@ -127,15 +127,19 @@ async def serve_gateway(tasks_addr: str) -> None:
     from gateway_svc.config import Settings
     from gateway_svc.server import Gateway
     from svckit.grpc_server import insecure_channel
-    from svckit.lifecycle import freeze_startup_objects
+    from svckit.lifecycle import freeze_startup_objects, tune_gc
     from switchboard.v1 import tasks_pb2_grpc
 
     raise_nofile()
+    # As `python -m gateway_svc` (svckit.lifecycle.run_service): with the interpreter's
+    # default thresholds, 20,000 sockets' objects made the collector stop the loop for up to
+    # a second (13 full collections), heartbeat p99 269 ms; with these, 4.4 ms.
+    tune_gc()
     settings = Settings(gateway_port=0, task_svc_addr=tasks_addr, gateway_idle_timeout_s=300)
     channel = insecure_channel(tasks_addr)
     gateway = Gateway(settings, SECRET.encode(), tasks_pb2_grpc.TaskServiceStub(channel))
     await gateway.start()
-    freeze_startup_objects()  # as `python -m gateway_svc` does
+    freeze_startup_objects()  # as `python -m gateway_svc` does, too
 
     async def stop() -> None:
         await gateway.stop()
