@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -89,6 +89,7 @@ class EventConsumer:
         fetch_timeout_s: float = 1.0,
         retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
         linger_s: float = 0.0,
+        on_database: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self.js = js
         self.repository = repository
@@ -100,6 +101,10 @@ class EventConsumer:
         # the next: events wait in JetStream, and fewer, larger transactions cost less.
         self.linger_s = linger_s
         self.stats = ConsumerStats()
+        # Told False when the database refuses a batch as unavailable, True when a batch is
+        # written again (the server's health entry for HistoryService follows it).
+        self.on_database = on_database
+        self.database_up = True
         self._failures = 0
         self._retry_in_s = 0.0  # set by a back-off: run() pauses this long before going on
         self._stopping = asyncio.Event()
@@ -186,6 +191,7 @@ class EventConsumer:
         try:
             await self.repository.apply_parsed([parsed for _, parsed in batch])
         except StorageUnavailable as error:
+            await self._database(False)
             await self._back_off([msg for msg, _ in batch], error)
             return
         except StorageRejected as error:
@@ -237,6 +243,7 @@ class EventConsumer:
             try:
                 await self.repository.apply_parsed([parsed])
             except StorageUnavailable as error:
+                await self._database(False)
                 await self._back_off([m for m, _ in batch[index:]], error)
                 return
             except StorageRejected as error:
@@ -260,7 +267,17 @@ class EventConsumer:
             else:
                 await self._ack([msg])
 
+    async def _database(self, up: bool) -> None:
+        if up == self.database_up:
+            return
+        self.database_up = up
+        log.info("database back" if up else "database unavailable")
+        if self.on_database is not None:
+            await self.on_database(up)
+
     async def _ack(self, messages: Sequence[Msg]) -> None:
+        """Ack a written batch (the database took it: it is up)."""
+        await self._database(True)
         for msg in messages:
             await msg.ack()
         self.stats.batches += 1

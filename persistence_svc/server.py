@@ -57,6 +57,7 @@ class PersistenceServer:
             linger_s=settings.persistence_linger_ms / 1000,
             ack_wait_s=settings.persistence_ack_wait_s,
             retry_delays_s=[min(d, settings.persistence_retry_max_s) for d in RETRY_DELAYS_S],
+            on_database=self._database,
         )
         await self.consumer.start()
         self._consumer_task = asyncio.create_task(self.consumer.run(), name="persistence-consumer")
@@ -79,6 +80,12 @@ class PersistenceServer:
             [SERVICE_NAME, USER_SERVICE_NAME],
         )
         await self.grpc.start()
+
+    async def _database(self, up: bool) -> None:
+        # History reads need the database; the process itself goes on (events wait in
+        # JetStream), so only the HistoryService entry says so, not "" (liveness).
+        if self.grpc is not None:
+            await self.grpc.set_ready(up, [SERVICE_NAME])
 
     async def shutdown(self) -> None:
         """Health NOT_SERVING and drain gRPC → stop fetching and finish the batch in flight

@@ -41,6 +41,11 @@ class GrpcServer:
     `start()` binds (port 0 picks a free port, see `.port`) and reports SERVING;
     `stop(grace)` reports NOT_SERVING first, so load balancers stop sending, then
     lets in-flight calls finish for `grace` seconds.
+
+    Two kinds of entry: "" says the process is alive and serving (a liveness probe's), the
+    service names say whether it can do its work, which `set_ready` follows as a hard
+    dependency (JetStream for task_svc, the database for persistence_svc's HistoryService)
+    goes and comes back (a readiness probe's): restarting the process would not bring it back.
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class GrpcServer:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.port = 0
+        self._stopping = False
 
     async def start(self) -> None:
         self.port = self.server.add_insecure_port(self.address)
@@ -68,7 +74,21 @@ class GrpcServer:
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
         log.info("grpc serving", extra={"address": self.address, "port": self.port})
 
+    async def set_ready(self, ready: bool, names: Sequence[str] | None = None) -> None:
+        """Report `names` (default: every service name) SERVING or NOT_SERVING; "" is left
+        as it is."""
+        if self._stopping:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self.service_names if names is None else names:
+            await self.health.set(name, status)
+
     async def stop(self, grace: float) -> None:
+        self._stopping = True
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
 

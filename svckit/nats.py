@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import nats
 import nats.errors
@@ -99,10 +100,30 @@ class NatsVersionError(RuntimeError):
     pass
 
 
-async def connect_nats(url: str, name: str, first_connect_timeout: float = 30.0) -> Client:
+LinkChanged = Callable[[bool], Awaitable[None]]
+
+
+async def connect_nats(
+    url: str,
+    name: str,
+    first_connect_timeout: float = 30.0,
+    on_link: LinkChanged | None = None,
+) -> Client:
     """Connect, retrying the first connection for `first_connect_timeout` seconds (services
     may start before NATS), and refuse a server older than 2.11 (older servers silently
-    ignore settings we rely on). Once connected, the client reconnects forever."""
+    ignore settings we rely on). Once connected, the client reconnects forever; `on_link`
+    is told False when the connection drops and True when it is back."""
+
+    async def disconnected() -> None:
+        log.warning("nats disconnected", extra={"url": url})
+        if on_link is not None:
+            await on_link(False)
+
+    async def reconnected() -> None:
+        log.info("nats reconnected", extra={"url": url})
+        if on_link is not None:
+            await on_link(True)
+
     deadline = asyncio.get_running_loop().time() + first_connect_timeout
     while True:
         try:
@@ -113,6 +134,8 @@ async def connect_nats(url: str, name: str, first_connect_timeout: float = 30.0)
                 reconnect_time_wait=1,
                 max_reconnect_attempts=-1,
                 allow_reconnect=True,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
             )
             break
         except (OSError, NoServersError) as error:

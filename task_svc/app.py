@@ -68,7 +68,14 @@ class TaskApp:
 
     @classmethod
     async def start(cls, settings: Settings) -> TaskApp:
-        nc = await connect_nats(settings.nats_url, "task_svc")
+        grpc_server: GrpcServer | None = None
+
+        async def jetstream_link(up: bool) -> None:
+            # Without NATS no job can be stored or taken: not ready, though alive.
+            if grpc_server is not None:
+                await grpc_server.set_ready(up)
+
+        nc = await connect_nats(settings.nats_url, "task_svc", on_link=jetstream_link)
         js = nc.jetstream()
         await ensure_stream(js, jobs_stream_config())
         await ensure_stream(js, task_events_stream_config())

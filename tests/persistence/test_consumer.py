@@ -131,7 +131,18 @@ async def test_database_down_keeps_events_until_it_is_back(bus: Bus, database_ur
     repo = await FlakyRepository.open(database_url)
     try:
         task_id = new_task_id()
-        consumer = EventConsumer(bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1, 0.2))
+        told: list[bool] = []
+
+        async def on_database(up: bool) -> None:
+            told.append(up)
+
+        consumer = EventConsumer(
+            bus.js,
+            repo,
+            fetch_timeout_s=FETCH_S,
+            retry_delays_s=(0.1, 0.2),
+            on_database=on_database,
+        )
         async with running(consumer):
             for event in completed_lifecycle(task_id):
                 await publish(bus.js, event)
@@ -139,10 +150,12 @@ async def test_database_down_keeps_events_until_it_is_back(bus: Bus, database_ur
             await until(lambda: consumer.stats.nacked >= 6)
             assert consumer.stats.acked == 0
             assert await repo.get_task(task_id, "alice") is None
+            assert told == [False]  # once, however many batches were refused
             repo.down = False
             task = await eventually(lambda: completed(repo, task_id))
             assert task.version == 7
             await until(lambda: consumer.stats.acked == 3)
+            assert told == [False, True]
         assert await event_rows(repo) == 3
     finally:
         await repo.close()

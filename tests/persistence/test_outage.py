@@ -12,6 +12,7 @@ from datetime import timedelta
 import grpc
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 from sqlalchemy import func, select
 
@@ -51,6 +52,15 @@ async def outage_settings(cluster: Cluster, nats_url: str) -> AsyncIterator[Sett
         history_svc_listen="127.0.0.1:0",
         persistence_retry_max_s=0.3,  # retry soon after the database is back
     )
+
+
+HISTORY = history_pb2.DESCRIPTOR.services_by_name["HistoryService"].full_name
+Serving = health_pb2.HealthCheckResponse
+
+
+async def health_of(health: health_pb2_grpc.HealthStub, service: str) -> int:
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+    return int(reply.status)
 
 
 def lifecycle(task_id: str, user: str, minute: int) -> list[events_pb2.LifecycleEvent]:
@@ -103,6 +113,10 @@ async def test_events_published_while_postgres_is_down_are_all_written_once(
                 )
             error = ServiceError.from_rpc_error(caught.value)
             assert (error.code, error.retryable) == (Code.ERROR_CODE_OVERLOADED, True)
+            # Health says so on HistoryService's own entry; the process is alive ("").
+            health = health_pb2_grpc.HealthStub(channel)
+            assert await health_of(health, HISTORY) == Serving.NOT_SERVING
+            assert await health_of(health, "") == Serving.SERVING
 
         cluster.start()
 
@@ -111,6 +125,9 @@ async def test_events_published_while_postgres_is_down_are_all_written_once(
             return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
         await eventually(all_applied, seconds=30)
+        async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert await health_of(health, HISTORY) == Serving.SERVING
     finally:
         await server.shutdown()
 
