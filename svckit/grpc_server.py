@@ -9,6 +9,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from svckit import service_auth
+from svckit.service_auth import AuthenticatedChannel, CallerCheck, Minter, internal_secret
+
 log = logging.getLogger(__name__)
 
 # Server streams (Watch, Generate) can be long; keepalive lets both ends notice a dead peer.
@@ -56,7 +59,10 @@ class GrpcServer:
     ) -> None:
         self.address = address
         self.service_names = list(service_names)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        # Every call but health checking and reflection needs a service token.
+        self.server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=[CallerCheck(internal_secret())]
+        )
         self.health = health.aio.HealthServicer()
         register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -97,11 +103,18 @@ class GrpcServer:
             await self.health.set(name, status)
 
 
-def insecure_channel(target: str, *, own_connection: bool = False) -> grpc.aio.Channel:
-    """`own_connection`: not shared with other channels to the same target (gRPC's global
+def insecure_channel(
+    target: str, *, own_connection: bool = False, caller: str | None = None
+) -> grpc.aio.Channel:
+    """A channel whose every call carries a service token for `caller` (default: this
+    process's service, `service_auth.CALLER`).
+
+    `own_connection`: not shared with other channels to the same target (gRPC's global
     subchannel pool would share one TCP connection): calls on it get their own HTTP/2 flow
     control window, so they never wait behind another channel's streaming traffic."""
     options: list[tuple[str, int]] = list(CHANNEL_OPTIONS)
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
-    return grpc.aio.insecure_channel(target, options=options)
+    channel = grpc.aio.insecure_channel(target, options=options)
+    minter = Minter(caller or service_auth.CALLER, internal_secret())
+    return AuthenticatedChannel(channel, minter)

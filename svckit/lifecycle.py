@@ -16,6 +16,7 @@ from typing import Any
 
 import uvloop
 
+from svckit import service_auth
 from svckit.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def run_service(name: str, main: Main, log_level: str = "INFO") -> None:
     `main` owns every task it spawns and must cancel and await them before returning.
     """
     configure_logging(name, log_level)
+    service_auth.CALLER = name  # the caller its service tokens name
     tune_gc()
     lower_priority(int(os.environ.get("SB_NICE") or 0))
     if parent := os.environ.get("SB_PARENT_PID"):

@@ -423,7 +423,7 @@ async def test_retryable_errors_are_retried_then_dead_lettered_and_requeued(
 ) -> None:
     # "flaky" fails twice with RATE_LIMITED (retry-after 20 ms), then succeeds.
     app = await make_app(task_max_attempts=2, task_retry_base_s=0.01)
-    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+    async with insecure_channel(f"127.0.0.1:{app.port}", caller="admin") as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
         task_id = new_id()
         await submit(stub, task_id, prompt="flaky answer")
