@@ -1,7 +1,8 @@
 """Per-user and per-socket limits, sans I/O (the clock is a parameter): connections per user,
 a token bucket per user on `llm_generate`, and one per socket on its other events (joins,
-leaves, cancels, heartbeats: `SocketBucket`). The per-user ones are per gateway process: with
-N replicas a user gets N times the budget, which still bounds what one user can cost.
+leaves, cancels, heartbeats: `SocketBucket`). The per-user ones hold across gateway replicas
+when `shared_limits.SharedLimits` tells each replica what the others hold and spend (it
+records what changes here in `changed` and `spent`); without NATS they are per process.
 
 Why a refused connect is an HTTP 403 before the upgrade (and not an upgrade then a close):
 docs/protocol.md ("Connecting") makes every refused connect a 403 with an empty body, and
@@ -24,12 +25,16 @@ class ConnectionCounter:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open: dict[str, int] = {}
+        self.changed: set[str] | None = None  # users whose count changed (when shared)
 
-    def acquire(self, user: str) -> bool:
+    def acquire(self, user: str, elsewhere: int = 0) -> bool:
+        """One more connection of `user`, who holds `elsewhere` on other replicas."""
         count = self.open.get(user, 0)
-        if self.limit > 0 and count >= self.limit:
+        if self.limit > 0 and count + elsewhere >= self.limit:
             return False
         self.open[user] = count + 1
+        if self.changed is not None:
+            self.changed.add(user)
         return True
 
     def release(self, user: str) -> None:
@@ -38,6 +43,8 @@ class ConnectionCounter:
             self.open[user] = count
         else:
             self.open.pop(user, None)
+        if self.changed is not None:
+            self.changed.add(user)
 
 
 @dataclass(slots=True)
@@ -85,6 +92,7 @@ class RateLimiter:
         self.rate = rate
         self.burst = max(1, burst)
         self.buckets: dict[str, _Bucket] = {}
+        self.spent: dict[str, int] | None = None  # tokens taken here per key (when shared)
         self._takes = 0
 
     @property
@@ -101,7 +109,21 @@ class RateLimiter:
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = self.buckets[key] = _Bucket(float(self.burst), now)
-        return _take(bucket, now, self.rate, self.burst)
+        wait_ms = _take(bucket, now, self.rate, self.burst)
+        if not wait_ms and self.spent is not None:
+            self.spent[key] = self.spent.get(key, 0) + 1
+        return wait_ms
+
+    def charge(self, key: str, tokens: int, now: float) -> None:
+        """Spend `tokens` another replica took for `key`: its bucket is the same budget. The
+        debt is bounded by one burst, so a flood elsewhere cannot block a key for long."""
+        if not self.enabled:
+            return
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = _Bucket(float(self.burst), now)
+        bucket.tokens = max(-float(self.burst), _level(bucket, now, self.rate, self.burst) - tokens)
+        bucket.stamp = now
 
     def prune(self, now: float) -> None:
         rate, burst = self.rate, self.burst

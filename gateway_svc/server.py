@@ -31,6 +31,7 @@ from gateway_svc.config import Settings
 from gateway_svc.connection import CLOSE_GOING_AWAY, Auth, Connection
 from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.limits import ConnectionCounter, RateLimiter
+from gateway_svc.shared_limits import SharedLimits
 from gateway_svc.submits import Submits
 from gateway_svc.task_channel import ChannelDeps
 from gateway_svc.watches import TaskWatches
@@ -125,6 +126,13 @@ class Gateway:
             clock,
             direct,
         )
+        # With NATS (the acks' own path has a connection), the per-user limits are one
+        # budget across every gateway replica (shared_limits.py).
+        self.shared = (
+            SharedLimits(direct.nc, self.user_connections, self.deps.generate_limiter)
+            if direct is not None
+            else None
+        )
         self._server: Server | None = None
         self._handlers = 0
         self._idle = asyncio.Event()
@@ -158,6 +166,8 @@ class Gateway:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle sweeper")
+        if self.shared is not None:
+            await self.shared.start()
         log.info("gateway listening", extra={"host": self.settings.gateway_host, "port": self.port})
 
     async def stop(self) -> None:
@@ -165,6 +175,8 @@ class Gateway:
             return
         server, self._server = self._server, None
         await cancel_and_wait(self._sweeper)
+        if self.shared is not None:
+            await self.shared.close()
         server.close(close_connections=True, code=CLOSE_GOING_AWAY, reason="server shutdown")
         try:
             await asyncio.wait_for(server.wait_closed(), self.settings.gateway_shutdown_grace_s)
@@ -224,7 +236,8 @@ class Gateway:
             return self._refuse(connection, reason, str(error))
         user = claims.user
         # A 403 before the upgrade, like every refused connect (see limits.py for why).
-        if not self.user_connections.acquire(user):
+        elsewhere = self.shared.elsewhere(user) if self.shared is not None else 0
+        if not self.user_connections.acquire(user, elsewhere):
             self.metrics.limit(m.LIMIT_CONNECTIONS)
             log.warning("too many connections", extra={"user": user})
             return self._refuse(connection, m.REFUSED_TOO_MANY, "too many connections")

@@ -105,6 +105,17 @@ def test_full_buckets_are_pruned_and_a_zero_rate_disables() -> None:
     assert off.buckets == {}
 
 
+def test_what_other_replicas_hold_and_spend_counts_here() -> None:
+    counter = ConnectionCounter(3)
+    assert counter.acquire("alice", elsewhere=2)
+    assert not counter.acquire("alice", elsewhere=2)  # 1 here + 2 elsewhere
+    limiter = RateLimiter(rate=1.0, burst=5)
+    limiter.charge("alice", 4, now=0.0)  # spent on another replica
+    assert limiter.take("alice", 0.0) == 0 and limiter.take("alice", 0.0) == 1000
+    limiter.charge("alice", 100, now=0.0)  # a flood elsewhere: the debt is one burst at most
+    assert limiter.take("alice", 0.0) == 6000
+
+
 def test_exporter_serves_a_registry_and_is_off_by_default() -> None:
     assert start_exporter("") is None
     assert start_exporter(None) is None
