@@ -92,6 +92,13 @@ def test_the_grace_outlasts_the_drain(kind: str, name: str, drain_s: float) -> N
     assert grace > drain_s
 
 
+def test_gateways_run_as_several_replicas() -> None:
+    gateway = named("Deployment", "gateway-svc")["spec"]
+    assert gateway["replicas"] >= 2  # their limits are shared over NATS
+    budget = named("PodDisruptionBudget", "gateway-svc")["spec"]
+    assert budget["maxUnavailable"] < gateway["replicas"]
+
+
 def test_every_container_has_requests_and_a_memory_limit() -> None:
     workloads = [d for d in DOCS if d["kind"] in ("Deployment", "StatefulSet")]
     assert len(workloads) == 5
