@@ -126,11 +126,12 @@ class Gateway:
             clock,
             direct,
         )
-        # With NATS (the acks' own path has a connection), the per-user limits are one
-        # budget across every gateway replica (shared_limits.py).
+        # With NATS (the acks' own path has a connection) and a per-user limit to keep, the
+        # limits are one budget across every gateway replica (shared_limits.py).
+        limited = self.user_connections.limit > 0 or self.deps.generate_limiter.enabled
         self.shared = (
             SharedLimits(direct.nc, self.user_connections, self.deps.generate_limiter)
-            if direct is not None
+            if direct is not None and limited
             else None
         )
         self._server: Server | None = None

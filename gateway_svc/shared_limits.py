@@ -65,8 +65,11 @@ class SharedLimits:
         self.peer_ttl_s = peer_ttl_s
         self.clock = clock
         self.peers: dict[str, _Peer] = {}
-        connections.changed = set()
-        generate.spent = {}
+        # Only what is limited is tracked and told.
+        if connections.limit > 0:
+            connections.changed = set()
+        if generate.enabled:
+            generate.spent = {}
         self._last_full = -full_every_s
         self._sub: Subscription | None = None
         self._loop: asyncio.Task[None] | None = None
@@ -95,13 +98,17 @@ class SharedLimits:
     def message(self) -> bytes | None:
         """What is new since the last message (None: nothing), and every count when due."""
         now = self.clock()
-        spent, self.generate.spent = self.generate.spent or {}, {}
-        changed = self.connections.changed or set()
-        self.connections.changed = set()
+        spent: dict[str, int] = {}
+        if self.generate.spent is not None:
+            spent, self.generate.spent = self.generate.spent, {}
+        changed: set[str] = set()
+        if self.connections.changed is not None:
+            changed, self.connections.changed = self.connections.changed, set()
         full = now - self._last_full >= self.full_every_s
         if full:
             self._last_full = now
-            sockets = dict(self.connections.open)
+            counted = self.connections.changed is not None
+            sockets = dict(self.connections.open) if counted else {}
         else:
             sockets = {user: self.connections.open.get(user, 0) for user in changed}
         if not (spent or sockets or full):

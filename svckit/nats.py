@@ -113,8 +113,11 @@ async def connect_nats(
     may start before NATS), and refuse a server older than 2.11 (older servers silently
     ignore settings we rely on). Once connected, the client reconnects forever; `on_link`
     is told False when the connection drops and True when it is back."""
+    nc: Client | None = None
 
     async def disconnected() -> None:
+        if nc is not None and nc.is_closed:
+            return  # closed on purpose (shutdown), not lost
         log.warning("nats disconnected", extra={"url": url})
         if on_link is not None:
             await on_link(False)

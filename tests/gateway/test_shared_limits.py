@@ -133,6 +133,12 @@ async def test_a_user_over_the_limit_across_two_gateways_is_refused_with_403(
             assert refused.value.response.status_code == 403
             async with connect(second.url("bob")):
                 pass  # another user is not touched
+        unlimited: dict[str, Any] = {
+            "gateway_max_connections_per_user": 0,
+            "gateway_generate_rate_per_s": 0,
+        }
+        async with running_stack(direct=directs[0], **unlimited) as free:
+            assert free.gateway.shared is None  # nothing to keep: nothing told
     finally:
         for direct in directs:
             await direct.close()
