@@ -164,12 +164,19 @@ async def test_paced_does_not_count_the_consumers_time() -> None:
 async def test_paced_lets_the_callers_cancel_through() -> None:
     pacing = Pacing(first_token_s=0.05, idle_s=0.05, deadline_s=30)
 
+    waiting = asyncio.Event()
+
+    async def silent() -> AsyncGenerator[int, None]:
+        waiting.set()
+        await asyncio.Event().wait()
+        yield 0  # pragma: no cover - never reached
+
     async def consume() -> None:
-        async for _ in paced(ticking([10.0]), "p", pacing, deadline_in(30)):
+        async for _ in paced(silent(), "p", pacing, deadline_in(30)):
             pass  # pragma: no cover - nothing comes
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0)
+    await waiting.wait()  # paced is waiting on the stream, its timer armed
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
