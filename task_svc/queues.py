@@ -7,7 +7,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from svckit.backoff import full_jitter
+from svckit.backoff import exponential, full_jitter
 from svckit.errors import ServiceError
 from svckit.queueing import queue_full
 from switchboard.v1 import common_pb2, events_pb2
@@ -46,7 +46,7 @@ class RetryPolicy:
         the outage has lasted `outage_deadline_s`."""
         if waited_s >= self.outage_deadline_s:
             return None
-        backoff = min(OUTAGE_MAX_DELAY_S, OUTAGE_BASE_DELAY_S * 2 ** max(outages - 1, 0))
+        backoff = exponential(outages, OUTAGE_BASE_DELAY_S, OUTAGE_MAX_DELAY_S)
         return random.uniform(backoff / 2, backoff)
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from svckit.backoff import exponential
+
 log = logging.getLogger(__name__)
 
 ChildFn = Callable[[], Coroutine[Any, Any, None]]
@@ -127,7 +129,7 @@ class Supervisor:
                         child.on_give_up(error)
                     return
                 history.restarts += 1
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (recent - 1))
+                delay = exponential(recent, self.backoff_s, self.max_backoff_s)
                 log.warning(
                     "child crashed, restarting",
                     extra={"supervisor": self.name, "child": child.child_id, "delay_s": delay},

@@ -22,6 +22,7 @@ import grpc
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from svckit.backoff import exponential
 from svckit.grpc_server import insecure_channel
 from tools.natsserver import NatsServer, free_port, start_nats
 
@@ -118,7 +119,7 @@ class Restarts:
         self._crashes[name] = recent
         if len(recent) > self.max_restarts:
             return None
-        return min(self.max_backoff_s, self.backoff_s * 2.0 ** (len(recent) - 1))
+        return exponential(len(recent), self.backoff_s, self.max_backoff_s)
 
 
 class Stack:
