@@ -271,7 +271,8 @@ class EventConsumer:
         if up == self.database_up:
             return
         self.database_up = up
-        log.info("database back" if up else "database unavailable")
+        if up:  # going down is logged by _back_off, with what waits in JetStream
+            log.info("database back")
         if self.on_database is not None:
             await self.on_database(up)
 
