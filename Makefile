@@ -12,10 +12,11 @@ USER   ?= dev
 # gRPC's C core logs transport chatter at INFO; our services log for themselves.
 export GRPC_VERBOSITY ?= ERROR
 
-.PHONY: help venv protos check-protos run test test-fast lint bench token client clean
+.PHONY: help venv protos check-protos run cluster test test-fast lint bench token client clean
 
 help:
 	@echo "make run      start the whole stack (NATS, the four services), print a URL and a token"
+	@echo "make cluster  the stack as a cluster, same ports: 3 NATS nodes, 3 task_svc, 2 gateways, 2 llm_svc"
 	@echo "make test     lint, check generated code, run the whole test suite"
 	@echo "make client   PROMPT='...' stream one generation through the gateway"
 	@echo "make token    USER=alice print a development token"
@@ -43,6 +44,9 @@ check-protos: $(STAMP)
 
 run: $(STAMP) check-protos
 	$(PY) -m tools.stack
+
+cluster: $(STAMP) check-protos
+	$(PY) -m tools.cluster
 
 test: $(STAMP) $(JS) check-protos lint
 	$(PY) -m pytest -q

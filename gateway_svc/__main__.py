@@ -20,6 +20,7 @@ from gateway_svc.tokens import SecretConfigError, secret_from
 from svckit.catalog import ModelCatalog
 from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.lifecycle import freeze_startup_objects, run_service
+from svckit.membership import MembershipView
 from svckit.metrics import start_exporter
 from svckit.nats import NatsVersionError, connect_nats
 from switchboard.v1 import llm_pb2_grpc, tasks_pb2_grpc
@@ -46,6 +47,7 @@ async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
         metrics,
         control=tasks_pb2_grpc.TaskServiceStub(control),
         direct=direct,
+        membership=await membership(settings, direct),
     )
     exporter = None
     try:
@@ -88,6 +90,16 @@ async def direct_submit(settings: Settings) -> DirectSubmit | None:
     direct = DirectSubmit(nc, catalog, llm_channel=llm_channel)
     await direct.start()
     return direct
+
+
+async def membership(settings: Settings, direct: DirectSubmit | None) -> MembershipView | None:
+    """Where each task's task_svc node is (routes.py), read over the acks' NATS connection;
+    None without one (every call then goes to TASK_SVC_ADDR)."""
+    if direct is None:
+        return None
+    view = MembershipView(direct.nc.jetstream(), settings.task_lease_s)
+    await view.open()
+    return view
 
 
 def main() -> None:

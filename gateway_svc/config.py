@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     gateway_port: int = 4000
     gateway_grpc_listen: str = "127.0.0.1:50050"
     task_svc_addr: str = "127.0.0.1:50051"
+    # How long a task_svc node's heartbeat lives (the same TASK_LEASE_S task_svc reads): a
+    # node not heard from for this long is dead to the gateway's routes (routes.py).
+    task_lease_s: float = 5.0
     # The ack's own path (direct_submit.py): the gateway stores an llm_generate's job in
     # JetStream itself; the model catalogue comes from llm_svc. Off: every Submit goes
     # through task_svc.
@@ -69,5 +72,10 @@ class Settings(BaseSettings):
     gateway_socket_sndbuf: int = 0
     # Accept queue of the listening socket (capped by net.core.somaxconn).
     gateway_listen_backlog: int = 4096
+    # SO_REUSEPORT on the listening socket: several gateway processes on one machine bind
+    # the same port and Linux spreads new connections between them (by a hash of each
+    # connection's addresses), so one port is served by as many event loops as there are
+    # processes (`make cluster` runs two). Off, a second process on the port fails to bind.
+    gateway_reuse_port: bool = False
     # `host:port` of the Prometheus /metrics endpoint (svckit.metrics); empty = off.
     gateway_metrics_listen: str = ""

@@ -128,7 +128,9 @@ class DirectSubmit:
         job = job_of(request, resolved)
         try:
             data = job.SerializeToString()
-            ack = await store_job(self.nc, self.js, resolved.queue, data, request.task_id)
+            ack = await store_job(
+                self.nc, self.js, request.task_id, resolved.queue, data, request.task_id
+            )
         except (nats.errors.Error, OSError, TimeoutError) as error:
             log.warning(
                 "job not stored here; task_svc will",

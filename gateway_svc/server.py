@@ -31,11 +31,13 @@ from gateway_svc.config import Settings
 from gateway_svc.connection import CLOSE_GOING_AWAY, Auth, Connection
 from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.limits import ConnectionCounter, RateLimiter
+from gateway_svc.routes import Owner, TaskRoutes
 from gateway_svc.shared_limits import SharedLimits
 from gateway_svc.submits import Submits
 from gateway_svc.task_channel import ChannelDeps
 from gateway_svc.watches import TaskWatches
 from svckit.lifecycle import cancel_and_wait
+from svckit.membership import MembershipView
 from switchboard.v1 import tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -107,18 +109,21 @@ class Gateway:
         *,
         control: tasks_pb2_grpc.TaskServiceStub | None = None,
         direct: DirectSubmit | None = None,
+        membership: MembershipView | None = None,
     ) -> None:
         self.settings = settings
         self._secret = secret
         self.stub = stub
         self.metrics = metrics if metrics is not None else m.GatewayMetrics()
         self.user_connections = ConnectionCounter(settings.gateway_max_connections_per_user)
-        self.watches = TaskWatches(stub)
-        self.submits = Submits(control or stub)
+        # `stub` and `control` reach TASK_SVC_ADDR, asked while the membership (when there is
+        # one) names no node for a task (routes.py).
+        fallback = Owner(
+            settings.task_svc_addr, TaskWatches(stub), Submits(control or stub), control or stub
+        )
+        self.routes = TaskRoutes(fallback, membership)
         self.deps = ChannelDeps(
-            control or stub,
-            self.watches,
-            self.submits,
+            self.routes,
             self.metrics,
             RateLimiter(settings.gateway_generate_rate_per_s, settings.gateway_generate_burst),
             settings.gateway_max_prompt_chars,
@@ -164,6 +169,8 @@ class Gateway:
             # Every client reconnects at once after a deploy: the kernel's default accept
             # queue (100 in asyncio) drops SYNs then, and clients wait seconds to retry.
             backlog=self.settings.gateway_listen_backlog,
+            # GATEWAY_REUSE_PORT: other gateway processes may listen on this port too.
+            reuse_port=self.settings.gateway_reuse_port,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle sweeper")
@@ -183,8 +190,7 @@ class Gateway:
             await asyncio.wait_for(server.wait_closed(), self.settings.gateway_shutdown_grace_s)
         except TimeoutError:
             log.warning("sockets still open after the shutdown grace")
-        await self.watches.close()
-        await self.submits.close()
+        await self.routes.close()
 
     async def _sweep_idle(self) -> None:
         # An idle socket is closed between `idle` and `idle * 1.25` after its last frame; a

@@ -24,12 +24,12 @@ from gateway_svc import task_payloads as tp
 from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.limits import RateLimiter
 from gateway_svc.phoenix import Message, reply
-from gateway_svc.submits import Submits
-from gateway_svc.watches import TaskWatches, Watch
+from gateway_svc.routes import RETRY_FOR_S, REWATCH_FOR_S, Owner, TaskRoutes, moved
+from gateway_svc.watches import Watch
 from svckit.errors import ServiceError
 from svckit.lifecycle import cancel_and_wait
 from svckit.requests import MAX_PROMPT_CHARS, InvalidRequest, TooLong
-from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from switchboard.v1 import common_pb2, tasks_pb2
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,7 @@ WritableFn = Callable[[], Awaitable[None]]
 class ChannelDeps:
     """What every channel of a gateway shares."""
 
-    stub: tasks_pb2_grpc.TaskServiceStub  # Cancel, on the acks' connection (see __main__)
-    watches: TaskWatches  # every channel's watch, over one stream
-    submits: Submits  # every llm_generate's Submit, over one stream of its own
+    routes: TaskRoutes  # each task's task_svc node: its watches, Submits and Cancel
     metrics: m.GatewayMetrics
     generate_limiter: RateLimiter  # per user, across all of the user's sockets
     max_prompt_chars: int = MAX_PROMPT_CHARS
@@ -85,6 +83,7 @@ class TaskChannel:
         self._writable = writable
         self._join_timeout = deps.join_timeout
         self._watch: Watch | None = None
+        self._last_seq = 0  # of the last event pushed (or the join's last_seq)
         self._terminal = False
         self._closed = False
         self._new_since: float | None = None  # when the join found the task new (unsubmitted)
@@ -106,24 +105,20 @@ class TaskChannel:
             after_seq = tp.last_seq_of(params)
         except InvalidRequest as error:
             return False, {"reason": "invalid_request", "message": error.message}
-        request = tasks_pb2.WatchRequest(
-            task_id=self.task_id, user_id=self.user, after_seq=after_seq
-        )
-        self._watch = watch = self.deps.watches.open(request)
+        self._last_seq = after_seq
         try:
-            first = await asyncio.wait_for(watch.read(), self._join_timeout)
+            first = await asyncio.wait_for(self._open_watch(after_seq), self._join_timeout)
         except ServiceError as refusal:
-            watch.cancel()
             if refusal.code == Code.ERROR_CODE_FORBIDDEN:
                 return False, {"reason": "unauthorized"}
             log.warning("join failed", extra={"topic": self.topic, "error": repr(refusal)})
             return False, tp.error_reply(refusal)
         except TimeoutError:
-            watch.cancel()
             log.warning("join timed out", extra={"topic": self.topic})
             return False, {"reason": "timeout", "message": "the task service did not answer"}
         if first is None or not first.HasField("state"):
-            watch.cancel()
+            if self._watch is not None:
+                self._watch.cancel()
             log.error("watch began without a state", extra={"topic": self.topic})
             return False, {"reason": "internal", "message": "no task state"}
         self._terminal = first.state.status in tp.TERMINAL
@@ -131,29 +126,58 @@ class TaskChannel:
             self._new_since = self.deps.clock()
         return True, tp.state_payload(first.state)
 
+    async def _open_watch(
+        self, after_seq: int, retry_for_s: float = RETRY_FOR_S
+    ) -> tasks_pb2.WatchResponse | None:
+        """Watch at the task's node (asked again wherever it moves meanwhile): its first
+        response, the watch then in `self._watch`."""
+
+        async def watch_at(owner: Owner) -> tasks_pb2.WatchResponse | None:
+            request = tasks_pb2.WatchRequest(
+                task_id=self.task_id, user_id=self.user, after_seq=after_seq
+            )
+            watch = owner.watches.open(request)
+            try:
+                first = await watch.read()
+            except BaseException:
+                watch.cancel()
+                raise
+            self._watch = watch
+            return first
+
+        return await self.deps.routes.call(self.task_id, watch_at, retry_for_s=retry_for_s)
+
+    async def _rewatch(self) -> bool:
+        """The task's node went away or handed its shard over: watch at its new node from
+        the last seq pushed, so the client sees one gap-free sequence. False if that fails
+        (the client then rejoins, after phx_error)."""
+        if self._watch is not None:
+            self._watch.cancel()
+        try:
+            first = await self._open_watch(self._last_seq, REWATCH_FOR_S)
+        except ServiceError as error:
+            log.warning("rewatch failed", extra={"topic": self.topic, "error": repr(error)})
+            return False
+        if first is not None and first.HasField("state"):
+            self._terminal = self._terminal or first.state.status in tp.TERMINAL
+        log.info("watching at the task's new node", extra={"topic": self.topic})
+        return True
+
     def start(self) -> None:
         """Begin pushing the task's events; call after the join reply has been sent."""
         self._pump = asyncio.create_task(self._pump_events(), name=f"pump {self.topic}")
 
     async def _pump_events(self) -> None:
-        assert self._watch is not None
         try:
             while True:
-                if self._writable is not None:
-                    await self._writable()  # the socket's queue paces the watch
-                message = await self._watch.read()
-                if message is None:
+                try:
+                    await self._push_events()
                     break
-                if not message.HasField("event"):
-                    continue
-                event = message.event
-                self._new_since = None  # submitted: only task_svc knows what became of it
-                self._terminal = self._terminal or tp.is_terminal(event)
-                push = tp.event_push(event)
-                if push is not None:
-                    self.metrics.pushed(push[0])
-                    async with self._out:
-                        await self._send(Message(self.join_ref, None, self.topic, *push))
+                except ServiceError as error:
+                    if self._closed or self._terminal or not moved(error):
+                        raise
+                    if not await self._rewatch():
+                        raise
         except ServiceError as error:
             if self._closed:
                 return
@@ -166,9 +190,30 @@ class TaskChannel:
                 return
             log.exception("watch pump failed", extra={"topic": self.topic})
         if not self._terminal and not self._closed:
-            # The stream ended early (task_svc restarted or drained): phx_error makes the
-            # client rejoin with last_seq and catch up from the new stream.
+            # The stream ended early and no node took it up: phx_error makes the client
+            # rejoin with last_seq and catch up from the new stream.
             await self._on_crash(self)
+
+    async def _push_events(self) -> None:
+        """Push the watch's events until it ends (raises ServiceError if it breaks)."""
+        while True:
+            if self._writable is not None:
+                await self._writable()  # the socket's queue paces the watch
+            assert self._watch is not None
+            message = await self._watch.read()
+            if message is None:
+                return
+            if not message.HasField("event"):
+                continue
+            event = message.event
+            self._new_since = None  # submitted: only task_svc knows what became of it
+            self._terminal = self._terminal or tp.is_terminal(event)
+            self._last_seq = max(self._last_seq, event.seq)
+            push = tp.event_push(event)
+            if push is not None:
+                self.metrics.pushed(push[0])
+                async with self._out:
+                    await self._send(Message(self.join_ref, None, self.topic, *push))
 
     # -- client events ----------------------------------------------------------------------
 
@@ -234,7 +279,9 @@ class TaskChannel:
             try:
                 response = await self._store_here(request)
                 if response is None:
-                    response = await self.deps.submits.submit(request)
+                    response = await self.deps.routes.call(
+                        self.task_id, lambda owner: owner.submits.submit(request)
+                    )
             except ServiceError as refusal:
                 log.info("submit refused", extra={"topic": self.topic, "error": repr(refusal)})
                 if refusal.code == Code.ERROR_CODE_RATE_LIMITED:
@@ -259,13 +306,19 @@ class TaskChannel:
         return await direct.submit(request)
 
     async def _cancel(self, message: Message) -> None:
+        request = tasks_pb2.CancelRequest(task_id=self.task_id, user_id=self.user)
+
+        async def cancel_at(owner: Owner) -> tasks_pb2.CancelResponse:
+            try:
+                response: tasks_pb2.CancelResponse = await owner.stub.Cancel(request)
+                return response
+            except grpc.aio.AioRpcError as rpc_error:
+                raise ServiceError.from_rpc_error(rpc_error) from None
+
         async with self._out:
             try:
-                response = await self.deps.stub.Cancel(
-                    tasks_pb2.CancelRequest(task_id=self.task_id, user_id=self.user)
-                )
-            except grpc.aio.AioRpcError as rpc_error:
-                refusal = ServiceError.from_rpc_error(rpc_error)
+                response = await self.deps.routes.call(self.task_id, cancel_at)
+            except ServiceError as refusal:
                 await self._reply(message.ref, "error", tp.error_reply(refusal))
                 return
             await self._reply(message.ref, "ok", tp.state_payload(response.state))

@@ -12,6 +12,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     switchboard_env: str = "development"
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_stream_replicas: int = 1  # JetStream replicas of the streams (3 on a NATS cluster)
     history_svc_listen: str = "127.0.0.1:50053"
     database_url: str = "sqlite+aiosqlite:///var/switchboard.db"
 

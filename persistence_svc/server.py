@@ -49,7 +49,7 @@ class PersistenceServer:
         self.repository = await Repository.open(settings.database_url)
         self.nc = await connect_nats(settings.nats_url, "persistence_svc")
         js = self.nc.jetstream()
-        await ensure_stream(js, task_events_stream_config())
+        await ensure_stream(js, task_events_stream_config(settings.nats_stream_replicas))
         self.consumer = EventConsumer(
             js,
             self.repository,

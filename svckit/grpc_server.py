@@ -26,7 +26,7 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -35,6 +35,13 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     # backoff grows to two minutes, which would hold every task back that long.
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # A target of several addresses (`ipv4:127.0.0.1:50052,127.0.0.1:50062`, as `make
+    # cluster` gives task_svc for its two llm_svc) gets a connection to each, and each new
+    # call goes to the next ready one; one that is down is skipped. gRPC's default
+    # (pick_first) would send everything to the first address while it is up. With one
+    # address it is the same as pick_first, except that a lost connection is made again at
+    # once rather than at the next call.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 
@@ -112,7 +119,7 @@ def insecure_channel(
     `own_connection`: not shared with other channels to the same target (gRPC's global
     subchannel pool would share one TCP connection): calls on it get their own HTTP/2 flow
     control window, so they never wait behind another channel's streaming traffic."""
-    options: list[tuple[str, int]] = list(CHANNEL_OPTIONS)
+    options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
     channel = grpc.aio.insecure_channel(target, options=options)

@@ -1,7 +1,8 @@
 """The NATS connection and the JetStream layout that task_svc and persistence_svc share.
 
-Layout (docs/architecture.md): jobs live on a work-queue stream (`switchboard.jobs.<queue>`,
-message id = task id, so Submit is idempotent through JetStream's duplicate window);
+Layout (docs/architecture.md): jobs live on a work-queue stream
+(`switchboard.jobs.<shard>.<queue>`, svckit/shards.py; message id = task id, so Submit is
+idempotent through JetStream's duplicate window);
 lifecycle events on a limits stream (`switchboard.tasks.<task_id>.<kind>`, message id
 `<task_id>:<seq>`) that persistence_svc consumes with a durable consumer.
 """
@@ -20,12 +21,13 @@ from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from svckit.shards import JOBS_SUBJECT_PREFIX, job_subject, shard_of
+
 log = logging.getLogger(__name__)
 
 MIN_SERVER_VERSION = (2, 11)
 
 JOBS_STREAM = "SB_JOBS"
-JOBS_SUBJECT_PREFIX = "switchboard.jobs"
 # task_svc's QueueBoard (events.proto), on core NATS: not stored, only the last one counts.
 QUEUE_BOARD_SUBJECT = "switchboard.queues"
 TASK_EVENTS_STREAM = "SB_TASK_EVENTS"
@@ -36,11 +38,10 @@ TASK_EVENTS_SUBJECT_PREFIX = "switchboard.tasks"
 SNAPSHOT_SUFFIX = ".snapshot"
 
 
-def job_subject(queue: str) -> str:
-    return f"{JOBS_SUBJECT_PREFIX}.{queue}"
-
-
-PUBLISH_TIMEOUT_S = 5.0  # a PubAck not back by then: the job is not known to be stored
+PUBLISH_TIMEOUT_S = 5.0
+# nats-py's own drain timeout is 30 s, longer than a pod's termination grace; a drain that
+# has not finished by then is given up (what it did not flush is redelivered or retried).
+DRAIN_TIMEOUT_S = 3.0  # a PubAck not back by then: the job is not known to be stored
 
 
 class NotConnected(nats.errors.Error):
@@ -49,7 +50,7 @@ class NotConnected(nats.errors.Error):
 
 
 async def store_job(
-    nc: Client, js: JetStreamContext, queue: str, job: bytes, msg_id: str
+    nc: Client, js: JetStreamContext, task_id: str, queue: str, job: bytes, msg_id: str
 ) -> PubAck:
     """Store a job on SB_JOBS and await its PubAck: the one way in, for the gateway's acks
     and task_svc's Submit alike. Deduplicated on `msg_id` within the duplicate window.
@@ -58,7 +59,10 @@ async def store_job(
     if not nc.is_connected:
         raise NotConnected
     return await js.publish(
-        job_subject(queue), job, timeout=PUBLISH_TIMEOUT_S, headers={"Nats-Msg-Id": msg_id}
+        job_subject(shard_of(task_id), queue),
+        job,
+        timeout=PUBLISH_TIMEOUT_S,
+        headers={"Nats-Msg-Id": msg_id},
     )
 
 
@@ -75,17 +79,18 @@ def is_snapshot(subject: str) -> bool:
 DUPLICATE_WINDOW_S = 24 * 3600.0
 
 
-def jobs_stream_config() -> StreamConfig:
+def jobs_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=JOBS_STREAM,
         subjects=[f"{JOBS_SUBJECT_PREFIX}.>"],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
     )
 
 
-def task_events_stream_config() -> StreamConfig:
+def task_events_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=TASK_EVENTS_STREAM,
         subjects=[f"{TASK_EVENTS_SUBJECT_PREFIX}.>"],
@@ -93,7 +98,17 @@ def task_events_stream_config() -> StreamConfig:
         storage=StorageType.FILE,
         max_age=7 * 24 * 3600.0,
         duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
     )
+
+
+def servers_of(url: str) -> list[str]:
+    """NATS_URL may list a cluster's servers, comma-separated: the client picks one and
+    fails over to the others."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+ENSURE_ATTEMPTS = 5
 
 
 class NatsVersionError(RuntimeError):
@@ -131,7 +146,7 @@ async def connect_nats(
     while True:
         try:
             nc = await nats.connect(
-                url,
+                servers_of(url),
                 name=name,
                 connect_timeout=2,
                 reconnect_time_wait=1,
@@ -157,7 +172,21 @@ async def connect_nats(
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream, or update it to `config` if it exists."""
+    """Create the stream, or update it to `config` if it exists. On a NATS cluster a request
+    made while another process's stream is still forming may get no answer: it is asked
+    again, a few times."""
+    assert config.name is not None
+    for attempt in range(1, ENSURE_ATTEMPTS + 1):
+        try:
+            await _ensure_stream(js, config)
+            return
+        except nats.errors.TimeoutError:
+            if attempt == ENSURE_ATTEMPTS:
+                raise
+            log.warning("stream request unanswered; again", extra={"stream": config.name})
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     assert config.name is not None
     try:
         await js.stream_info(config.name)
@@ -174,7 +203,8 @@ async def close_nats(nc: Client) -> None:
     if nc.is_closed:
         return
     try:
-        await nc.drain()
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            await nc.drain()
     except (nats.errors.Error, OSError, TimeoutError) as error:
         log.warning("nats drain failed; closing", extra={"error": repr(error)})
         await nc.close()

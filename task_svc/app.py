@@ -1,9 +1,10 @@
 """Assembling task_svc from its parts, with one ordered, idempotent shutdown.
 
 `TaskApp.start(settings)` opens NATS, ensures both streams, starts the lifecycle publisher,
-the job engine (which follows the job stream from then on), the gRPC server and the queue
-board; `shutdown()` reports NOT_SERVING, stops intake, lets
-running tasks finish for the grace period, cancels the rest (their jobs are redelivered),
+the job engine, joins the cluster (membership.py: the node takes its shards, their jobs
+rebuilt before it serves), then starts the gRPC server and the queue board; `shutdown()`
+reports NOT_SERVING, hands every shard over (its running tasks may finish for
+TASK_HANDOFF_GRACE_S, the rest are cut and resumed by the next holder), stops the engine,
 then closes the gRPC server, the publisher, the LLM channel and NATS. Tests use it too.
 """
 
@@ -25,11 +26,12 @@ from svckit.nats import (
     task_events_stream_config,
 )
 from switchboard.v1 import llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
-from task_svc.config import Settings, engine_config
+from task_svc.config import Settings, advertise_addr, engine_config, node_id
 from task_svc.events import LifecyclePublisher
 from task_svc.jetstream_store import JetStreamJobStore
 from task_svc.jobs import JobEngine
 from task_svc.llm_client import LlmClient
+from task_svc.membership import NodeMembership
 from task_svc.queue_board import BoardPublisher
 from task_svc.service import TaskService
 
@@ -50,6 +52,7 @@ class TaskApp:
         grpc_server: GrpcServer,
         catalog: ModelCatalog,
         board: BoardPublisher,
+        membership: NodeMembership,
     ) -> None:
         self.settings = settings
         self.nc = nc
@@ -60,6 +63,7 @@ class TaskApp:
         self.grpc_server = grpc_server
         self.catalog = catalog
         self.board = board
+        self.membership = membership
         self._closed = False
 
     @property
@@ -77,8 +81,9 @@ class TaskApp:
 
         nc = await connect_nats(settings.nats_url, "task_svc", on_link=jetstream_link)
         js = nc.jetstream()
-        await ensure_stream(js, jobs_stream_config())
-        await ensure_stream(js, task_events_stream_config())
+        replicas = settings.nats_stream_replicas
+        await ensure_stream(js, jobs_stream_config(replicas))
+        await ensure_stream(js, task_events_stream_config(replicas))
         llm_channel = insecure_channel(settings.llm_svc_addr)
         llm = llm_pb2_grpc.LlmServiceStub(llm_channel)
         publisher = LifecyclePublisher(js)
@@ -98,11 +103,30 @@ class TaskApp:
             lambda server: tasks_pb2_grpc.add_TaskServiceServicer_to_server(service, server),
             [SERVICE_NAME],
         )
+        membership = NodeMembership(
+            js,
+            engine,
+            node=node_id(settings),
+            address=advertise_addr(settings),
+            lease_s=settings.task_lease_s,
+            replicas=replicas,
+            handoff_grace_s=settings.task_handoff_grace_s,
+        )
         app = cls(
-            settings, nc, llm_channel, llm_client, publisher, engine, grpc_server, catalog, board
+            settings,
+            nc,
+            llm_channel,
+            llm_client,
+            publisher,
+            engine,
+            grpc_server,
+            catalog,
+            board,
+            membership,
         )
         try:
-            await engine.start()
+            await engine.start(shards=())
+            await membership.start()
             await grpc_server.start()
             board.start()
         except BaseException:
@@ -118,6 +142,7 @@ class TaskApp:
         for name in ["", SERVICE_NAME]:
             await self.grpc_server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.board.close()
+        await self.membership.leave()
         await self.engine.shutdown(grace)
         # Watch streams of finished tasks have ended; what is left gets a short grace.
         await self.grpc_server.stop(1.0)

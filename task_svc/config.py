@@ -7,6 +7,7 @@ a value the engine uses is always the one the environment (or a test) gave.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from svckit.requests import MAX_PROMPT_CHARS
+from svckit.shards import node_key
 
 
 class QueueSettings(BaseModel):
@@ -28,7 +30,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore")
 
     log_level: str = "INFO"
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # a cluster's servers comma-separated
+    nats_stream_replicas: int = 1  # JetStream replicas of the streams and buckets
     task_svc_listen: str = "127.0.0.1:50051"
     llm_svc_addr: str = "127.0.0.1:50052"
 
@@ -49,7 +52,16 @@ class Settings(BaseSettings):
     task_shutdown_grace_s: float = 10.0
     task_job_ack_wait_s: float = 60.0  # in-progress acks go out every third of it
     task_max_ack_pending: int = 100_000  # jobs held in memory (JetStream's default is 1000)
-    task_consumer: str = "task_svc"  # the durable consumer name on SB_JOBS
+    task_consumer: str = "task_svc"  # SB_JOBS's consumers are named <this>-shard-<n>
+    # This node in the cluster (svckit/shards.py): its id (a StatefulSet's pod name; the
+    # default, host and port, is unique on one machine), the address gateways and other
+    # nodes reach its TaskService at (default: TASK_SVC_LISTEN), how long its heartbeat
+    # lives in NATS (a dead node's shards move after about this long), and how long a shard
+    # it hands over lets its running tasks finish before they are cut and resumed elsewhere.
+    task_node_id: str = ""
+    task_advertise_addr: str = ""
+    task_lease_s: float = 5.0
+    task_handoff_grace_s: float = 10.0
     task_retain_finished_s: float = 300.0  # a finished task stays answerable this long
     task_watcher_queue: int = 1024  # events buffered per watcher before it is dropped
     task_max_restarts: int = 3  # a TaskServer crashing more than this ...
@@ -63,6 +75,23 @@ class Settings(BaseSettings):
     task_models_cache_s: float = 10.0
     # How often the queues' state goes out to the gateways (QueueBoard, queue_board.py).
     task_queue_board_interval_s: float = 0.25
+
+
+def node_id(settings: Settings) -> str:
+    return node_key(settings.task_node_id or f"{socket.gethostname()}-{port_of(settings)}")
+
+
+def advertise_addr(settings: Settings) -> str:
+    if settings.task_advertise_addr:
+        return settings.task_advertise_addr
+    host, _, port = settings.task_svc_listen.rpartition(":")
+    if host in ("0.0.0.0", "[::]", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
+def port_of(settings: Settings) -> str:
+    return settings.task_svc_listen.rpartition(":")[2]
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ The deliveries it hands out are held: in-progress acks go out every third of `ac
 while their jobs wait or run (`keep_alive`, a loop the engine supervises), an ack when one is
 done, a nak for those still held at close.
 
-Single-instance assumption: task_svc runs as ONE instance owning SB_JOBS. At start the
-consumer is deleted and created again, which makes JetStream deliver every job still stored at
-once (the previous incarnation's deliveries are forgotten) instead of after ack_wait: a
-task_svc killed with -9 gets its queued and running work back immediately. Several instances
-need one subject partition (shard) per owner instead (`filter_subject`), each recovering only
-its own.
+One consumer per shard (`filter_subject`: that shard's jobs), bound by the node holding the
+shard (task_svc/membership.py), and only one node holds a shard at a time. When a node takes a
+shard, its consumer is deleted and created again, which makes JetStream deliver every job
+still stored at once (the previous holder's deliveries are forgotten) instead of after
+ack_wait: a task_svc killed with -9 has its queued and running work back immediately, at its
+restart or wherever its shards went.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class JobConsumer:
         self.filter_subject = filter_subject
         self.held: dict[int, Msg] = {}  # by stream sequence
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._pending_at_bind = 0
 
     async def bind(self) -> None:
         """Recreate the durable consumer (see the module docstring) and bind to it."""
@@ -78,14 +79,17 @@ class JobConsumer:
             max_deliver=-1,
             filter_subject=self.filter_subject,
         )
-        await self.js.add_consumer(JOBS_STREAM, config)
+        # What it holds comes with the answer: on a cluster, an info request made at once
+        # may reach a server that does not know the new consumer yet.
+        info = await self.js.add_consumer(JOBS_STREAM, config)
+        self._pending_at_bind = info.num_pending or 0
         self._sub = await self.js.pull_subscribe_bind(durable=self.name, stream=JOBS_STREAM)
 
     async def take_pending(self) -> list[Msg]:
-        """Every job waiting for this consumer now; each is held until `ack`ed."""
+        """Every job waiting for this consumer when it was bound; each is held until
+        `ack`ed."""
         assert self._sub is not None
-        info = await self.js.consumer_info(JOBS_STREAM, self.name)
-        remaining = info.num_pending or 0
+        remaining = self._pending_at_bind
         out: list[Msg] = []
         while remaining > 0:
             try:
@@ -158,16 +162,13 @@ class JobConsumer:
                 await self._sub.unsubscribe()
             self._sub = None
 
-    async def keep_alive(self) -> None:
-        """The in-progress acks, while the engine runs (it supervises this loop): a held
-        job's ack_wait runs from its delivery, queued or running, so JetStream is told we
-        are still on it well before it would redeliver it."""
-        interval = max(self.ack_wait_s / 3, 0.1)
-        while True:
-            await asyncio.sleep(interval)
-            for msg in list(self.held.values()):
-                with contextlib.suppress(nats.errors.Error, OSError):
-                    await msg.in_progress()
+    async def touch_held(self) -> None:
+        """An in-progress ack for every held job (the store sends them every third of
+        ack_wait): a held job's ack_wait runs from its delivery, queued or running, so
+        JetStream is told we are still on it well before it would redeliver it."""
+        for msg in list(self.held.values()):
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await msg.in_progress()
 
 
 async def _next(queue: asyncio.Queue[Msg], timeout: float) -> Msg | None:

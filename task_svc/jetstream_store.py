@@ -1,17 +1,19 @@
 """The JobStore on NATS JetStream: jobs on the work-queue stream SB_JOBS (subject
-`switchboard.jobs.<queue>`), what was stored about a task read back from SB_TASK_EVENTS
-(events.py), dead letters on SB_DEAD_LETTERS (deadletters.py).
+`switchboard.jobs.<shard>.<queue>`, svckit/shards.py), what was stored about a task read
+back from SB_TASK_EVENTS (events.py), dead letters on SB_DEAD_LETTERS (deadletters.py).
 
-Every job reaches the engine through the durable consumer (consumer.py): at start those a
-previous incarnation left, then each one stored meanwhile, whether a gateway stored it
-(gateway_svc/direct_submit.py) or this engine did for a Submit (one publish, awaiting its
-PubAck: Submit replies only after it). A finished job is acked off the work queue; one that
-finished before the consumer handed it over is removed by stream sequence
+Every job reaches the engine through the durable consumer of its shard (consumer.py, one per
+shard this node holds, named `<consumer>-shard-<n>`): when the shard is acquired, the jobs it
+holds (a previous owner's, killed or drained), then each one stored meanwhile, whether a
+gateway stored it (gateway_svc/direct_submit.py) or this engine did for a Submit (one publish,
+awaiting its PubAck: Submit replies only after it). A finished job is acked off the work
+queue; one that finished before the consumer handed it over is removed by stream sequence
 (STREAM.MSG.DELETE, without secure erase, which would first overwrite the message on disk).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -21,7 +23,8 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from svckit.nats import JOBS_STREAM, JOBS_SUBJECT_PREFIX, PUBLISH_TIMEOUT_S, store_job
+from svckit.nats import JOBS_STREAM, PUBLISH_TIMEOUT_S, store_job
+from svckit.shards import queue_of, shard_subjects
 from switchboard.v1 import events_pb2, tasks_pb2
 from task_svc.consumer import JobConsumer
 from task_svc.deadletters import DeadLetters
@@ -32,7 +35,7 @@ from task_svc.task_state import TaskSpec
 log = logging.getLogger(__name__)
 
 MESSAGE_NOT_FOUND = 10037  # JetStream's error code: removed already (or never stored)
-ALL_JOBS = f"{JOBS_SUBJECT_PREFIX}.>"  # the one shard there is
+FOLLOW_RETRY_S = 0.5
 
 
 @contextlib.contextmanager
@@ -52,47 +55,82 @@ class JetStreamJobStore:
         consumer: str,
         ack_wait_s: float,
         max_ack_pending: int,
-        shard: str = ALL_JOBS,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
-        self.consumer = JobConsumer(
-            nc,
-            name=consumer,
-            ack_wait_s=ack_wait_s,
-            max_ack_pending=max_ack_pending,
-            filter_subject=shard,
-        )
+        self.consumer_name = consumer
+        self.ack_wait_s = ack_wait_s
+        self.max_ack_pending = max_ack_pending
+        self.consumers: dict[int, JobConsumer] = {}  # by shard held
+        self._follows: dict[int, asyncio.Task[None]] = {}
+        self._arrived: asyncio.Queue[Pending] = asyncio.Queue()
         self.letters = DeadLetters(self.js, PUBLISH_TIMEOUT_S)
 
     async def open(self) -> None:
         await self.letters.open()
-        await self.consumer.bind()
 
     async def close(self) -> None:
-        await self.consumer.close()
+        for shard in list(self.consumers):
+            await self.release(shard)
 
     def loops(self) -> Mapping[str, Loop]:
-        return {"in-progress acks": self.consumer.keep_alive}
+        return {"in-progress acks": self._keep_alive}
+
+    async def acquire(self, shard: int) -> list[Pending]:
+        with unavailable():
+            consumer = JobConsumer(
+                self.nc,
+                name=f"{self.consumer_name}-shard-{shard}",
+                ack_wait_s=self.ack_wait_s,
+                max_ack_pending=self.max_ack_pending,
+                filter_subject=shard_subjects(shard),
+            )
+            await consumer.bind()
+            msgs = await consumer.take_pending()
+        self.consumers[shard] = consumer
+        self._follows[shard] = asyncio.create_task(self._follow(consumer), name=f"jobs {shard}")
+        return [job for msg in msgs if (job := await self._job(consumer, msg)) is not None]
+
+    async def release(self, shard: int) -> None:
+        follow = self._follows.pop(shard, None)
+        if follow is not None:
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+        consumer = self.consumers.pop(shard, None)
+        if consumer is not None:
+            await consumer.close()
+
+    async def _follow(self, consumer: JobConsumer) -> None:
+        """One shard's jobs as they are stored, into the arrivals every shard shares."""
+        while True:
+            try:
+                async for msg in consumer.follow():
+                    job = await self._job(consumer, msg)
+                    if job is not None:
+                        self._arrived.put_nowait(job)
+            except (nats.errors.Error, OSError, TimeoutError) as error:
+                log.warning("job arrivals broke; following again", extra={"e": repr(error)})
+            await asyncio.sleep(FOLLOW_RETRY_S)
+
+    async def arrivals(self) -> AsyncIterator[Pending]:
+        while True:
+            yield await self._arrived.get()
+
+    async def _keep_alive(self) -> None:
+        """The in-progress acks of every shard's held jobs (consumer.py)."""
+        interval = max(self.ack_wait_s / 3, 0.1)
+        while True:
+            await asyncio.sleep(interval)
+            for consumer in list(self.consumers.values()):
+                await consumer.touch_held()
 
     async def put(self, spec: TaskSpec, msg_id: str) -> Put:
         with unavailable():
             job = spec.to_job().SerializeToString()
-            ack = await store_job(self.nc, self.js, spec.queue, job, msg_id)
+            ack = await store_job(self.nc, self.js, spec.task_id, spec.queue, job, msg_id)
         return Put(ack.seq, bool(ack.duplicate))
 
-    async def take_pending(self) -> list[Pending]:
-        msgs = await self.consumer.take_pending()
-        return [job for msg in msgs if (job := await self._job(msg)) is not None]
-
-    async def arrivals(self) -> AsyncIterator[Pending]:
-        with unavailable():
-            async for msg in self.consumer.follow():
-                job = await self._job(msg)
-                if job is not None:
-                    yield job
-
-    async def _job(self, msg: Msg) -> Pending | None:
+    async def _job(self, consumer: JobConsumer, msg: Msg) -> Pending | None:
         """A delivered job, or None for one that cannot be read (terminated: never again)."""
         metadata = msg.metadata
         seq = metadata.sequence.stream
@@ -102,19 +140,21 @@ class JetStreamJobStore:
                 raise ValueError("job without task_id")
         except Exception:
             log.error("undecodable job terminated", extra={"subject": msg.subject})
-            self.consumer.held.pop(seq, None)
+            consumer.held.pop(seq, None)
             with contextlib.suppress(nats.errors.Error, OSError):
                 await msg.term()
             return None
-        queue = msg.subject.removeprefix(f"{JOBS_SUBJECT_PREFIX}.")
-        return Pending(TaskSpec.from_job(job, queue), seq, metadata.num_delivered > 1)
+        return Pending(
+            TaskSpec.from_job(job, queue_of(msg.subject)), seq, metadata.num_delivered > 1
+        )
 
     async def done(self, seq: int) -> None:
         with unavailable():
-            if seq in self.consumer.held:
-                await self.consumer.ack(seq)
-            else:
-                await self._delete(seq)
+            for consumer in self.consumers.values():
+                if seq in consumer.held:
+                    await consumer.ack(seq)
+                    return
+            await self._delete(seq)
 
     async def _delete(self, seq: int) -> None:
         request = orjson.dumps({"seq": seq, "no_erase": True})

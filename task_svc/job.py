@@ -29,6 +29,7 @@ class Job:
     retry_timer: asyncio.TimerHandle | None = None  # RETRY_WAIT
     outage_since: float | None = None  # when llm_svc first failed it, since its last good run
     outages: int = 0  # reruns after llm_svc was unreachable (they cost no attempt)
+    released: bool = False  # its shard is being handed over: it ends here unfinished
     accepted: asyncio.Event = field(default_factory=asyncio.Event)  # no longer ACCEPTING
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # DONE
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 from svckit.errors import ServiceError
+from svckit.shards import SHARD_COUNT, shard_of
 from switchboard.v1 import common_pb2, tasks_pb2
 from task_svc.config import EngineConfig
 from task_svc.intake import Intake
@@ -44,8 +45,30 @@ Code = common_pb2.ErrorCode
 ARRIVALS_RETRY_S = 0.5
 
 
+ALL_SHARDS = range(SHARD_COUNT)
+SHARD_READY_TIMEOUT_S = 10.0
+
+
 def shutting_down() -> ServiceError:
     return ServiceError(Code.ERROR_CODE_OVERLOADED, "task_svc is shutting down")
+
+
+def not_here(task_id: str) -> ServiceError:
+    """The task's shard is another node's (or no node's, for a moment): ask again where
+    the membership says it lives."""
+    return ServiceError(
+        Code.ERROR_CODE_UNAVAILABLE,
+        f"task {task_id} is served by another task_svc node",
+        retry_after_ms=200,
+    )
+
+
+def not_here_for(shard: int) -> ServiceError:
+    return ServiceError(
+        Code.ERROR_CODE_UNAVAILABLE,
+        f"shard {shard} moved to another task_svc node",
+        retry_after_ms=200,
+    )
 
 
 class JobEngine:
@@ -61,7 +84,9 @@ class JobEngine:
         self.servers = Servers(config, publisher.publish_snapshot, self._gave_up)
         self.registry = self.servers.registry
         self.supervisor = self.servers.supervisor
-        self.runner = Runner(self.jobs, store, publisher, llm, self.servers, self._notify)
+        self.runner = Runner(
+            self.jobs, store, publisher, llm, self.servers, self._notify, self.owns
+        )
         self.intake = Intake(
             self.jobs, self.queues, store, publisher, self.servers, self.runner, config.seq_reserve
         )
@@ -73,24 +98,66 @@ class JobEngine:
             "engine", max_restarts=5, period_s=60.0, backoff_s=0.1, max_backoff_s=5.0
         )
         self.broken = asyncio.Event()
+        self.shards: dict[int, asyncio.Event] = {}  # held, each set once taken over
         self._open = False
 
     # -- start and stop ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Rebuild every job left in the store (all of them before this returns, so the
-        first Watch or Get already knows them), then open intake."""
+    async def start(self, shards: Iterable[int] = ALL_SHARDS) -> None:
+        """Take `shards` over (their jobs rebuilt before this returns, so the first Watch
+        or Get already knows them), then open intake. A node of a cluster starts with
+        none: its membership acquires and releases them (task_svc/membership.py)."""
         await self.store.open()
-        pending = await self.store.take_pending()
-        await self.intake.recover(pending)
-        if pending:
-            log.info("jobs recovered at start", extra={"count": len(pending)})
+        for shard in shards:
+            await self.acquire(shard)
         self._open = self.runner.open = True
         for queue in self.queues:
             self.runner.pump(queue)
         loops = {"arrivals": self._take_arrivals, "positions": self.positions.run}
         for name, loop in {**loops, **self.store.loops()}.items():
             self.loops.start_child(name, loop, on_give_up=partial(self._loop_gave_up, name))
+
+    # -- shards ----------------------------------------------------------------------
+
+    async def acquire(self, shard: int) -> None:
+        """Own `shard`: rebuild every job its store holds (a previous holder's: it may have
+        run, and even finished), then take its new jobs as they come."""
+        ready = self.shards.setdefault(shard, asyncio.Event())
+        pending = await self.store.acquire(shard)
+        await self.intake.recover(pending)
+        ready.set()
+        if pending:
+            log.info("jobs recovered", extra={"shard": shard, "count": len(pending)})
+
+    async def release(self, shard: int, grace_s: float) -> None:
+        """Hand `shard` over: refuse its new work, give its waiting jobs back at once, let
+        its running ones finish for `grace_s`, then cut them (the next holder resumes
+        them), and forget its tasks (their watchers are told to watch elsewhere)."""
+        self.shards.pop(shard, None)
+        jobs = [job for job in self.jobs.values() if shard_of(job.task_id) == shard]
+        await self.runner.release(jobs, grace_s)
+        await self.store.release(shard)
+        self.servers.move_away(shard, not_here_for(shard))
+
+    async def lose(self, shard: int) -> None:
+        """Stop `shard` at once (this node is cut off: another may own it already)."""
+        await self.release(shard, 0.0)
+
+    def owns(self, task_id: str) -> bool:
+        return shard_of(task_id) in self.shards
+
+    async def check_owned(self, task_id: str) -> None:
+        """Return once this node serves `task_id`'s shard (waiting while it is being taken
+        over); raise UNAVAILABLE when another node does."""
+        ready = self.shards.get(shard_of(task_id))
+        if ready is None:
+            raise not_here(task_id)
+        if not ready.is_set():
+            try:
+                async with asyncio.timeout(SHARD_READY_TIMEOUT_S):
+                    await ready.wait()
+            except TimeoutError:
+                raise not_here(task_id) from None
 
     def stop_intake(self) -> None:
         """Refuse new Submits and start no more jobs (idempotent)."""
@@ -116,6 +183,7 @@ class JobEngine:
         """Accept a task durably; (its state, whether it had been submitted before)."""
         if not self._open:
             raise shutting_down()
+        await self.check_owned(spec.task_id)
         server, duplicate = await self.intake.submit(spec)
         return self.positions.fresh_state(server), duplicate
 
@@ -154,6 +222,7 @@ class JobEngine:
         """Run a dead-lettered task again (same id, seq continuing, attempts from zero)."""
         if not self._open:
             raise shutting_down()
+        await self.check_owned(task_id)
         letter = await self.store.dead_letter(task_id)
         if letter is None:
             raise ServiceError(Code.ERROR_CODE_NOT_FOUND, f"no dead letter for task {task_id}")
@@ -171,6 +240,7 @@ class JobEngine:
 
     async def _server_of(self, task_id: str, user_id: str) -> TaskServer:
         """The task's server, for its owner only (NOT_FOUND, FORBIDDEN)."""
+        await self.check_owned(task_id)
         server = await self.find(task_id)
         job = self.jobs.get(task_id)
         if server is None and job is not None:
@@ -187,6 +257,8 @@ class JobEngine:
         while True:
             try:
                 async for item in self.store.arrivals():
+                    if not self.owns(item.spec.task_id):
+                        continue  # its shard was released meanwhile: held for the next owner
                     try:
                         await self.intake.arrived(item)
                     except Exception:  # held still: it comes back at the next start

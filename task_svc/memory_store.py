@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 
+from svckit.shards import shard_of
 from switchboard.v1 import tasks_pb2
 from task_svc.deadletters import MAX_LIST
 from task_svc.events import Stored
@@ -29,6 +30,7 @@ class MemoryJobStore:
         self.jobs: dict[int, TaskSpec] = {}  # the stream: seq -> job
         self.msg_ids: dict[str, int] = {}  # every message id ever stored (dedup)
         self.held: set[int] = set()  # pending jobs handed to the current engine
+        self.shards: set[int] = set()  # the shards the current engine holds
         self.stored: dict[str, Stored] = {}  # task id -> last lifecycle event or snapshot
         self.letters: dict[str, tasks_pb2.DeadLetter] = {}  # oldest first
         self.log: list[tuple[str, str | int]] = []
@@ -42,6 +44,7 @@ class MemoryJobStore:
 
     async def open(self) -> None:
         self.held = set()
+        self.shards = set()
         self._arrived = asyncio.Queue()  # a previous engine's arrivals are pending jobs now
 
     async def close(self) -> None:
@@ -74,6 +77,8 @@ class MemoryJobStore:
         return seq
 
     def _arrive(self, spec: TaskSpec, seq: int) -> None:
+        if shard_of(spec.task_id) not in self.shards:
+            return  # stored for whoever holds its shard
         self.held.add(seq)
         self._arrived.put_nowait(Pending(spec, seq))
 
@@ -84,9 +89,17 @@ class MemoryJobStore:
         while True:
             yield await self._arrived.get()
 
-    async def take_pending(self) -> list[Pending]:
-        self.held = set(self.jobs)
-        return [Pending(spec, seq) for seq, spec in self.jobs.items()]
+    async def acquire(self, shard: int) -> list[Pending]:
+        self.shards.add(shard)
+        mine = {seq: spec for seq, spec in self.jobs.items() if shard_of(spec.task_id) == shard}
+        self.held |= set(mine)
+        return [Pending(spec, seq) for seq, spec in mine.items()]
+
+    async def release(self, shard: int) -> None:
+        self.shards.discard(shard)
+        for seq in sorted(s for s in self.held if shard_of(self.jobs[s].task_id) == shard):
+            self.log.append(("nak", seq))
+            self.held.discard(seq)
 
     async def done(self, seq: int) -> None:
         self._write("ack" if seq in self.held else "remove", seq)

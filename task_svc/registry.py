@@ -8,6 +8,7 @@ and is woken when the task is submitted.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from svckit.errors import ServiceError
@@ -64,6 +65,16 @@ class Registry:
         """Forget `server` (only that object: a newer server for the id stays)."""
         if self._servers.get(server.task_id) is server:
             del self._servers[server.task_id]
+
+    def servers(self) -> list[TaskServer]:
+        return list(self._servers.values())
+
+    def drop_claims(self, matches: Callable[[str], bool], why: ServiceError) -> None:
+        """Fail the claims whose task id `matches` (their shard moved to another node)."""
+        for task_id in [t for t in self._claims if matches(t)]:
+            claim = self._claims.pop(task_id)
+            if not claim.submitted.done():
+                claim.submitted.set_exception(why)
 
     def claim(self, task_id: str, user_id: str) -> Claim:
         """Claim an unsubmitted task id for `user_id` (FORBIDDEN if another user owns it)."""

@@ -53,6 +53,7 @@ class Runner:
         llm: LlmClient,
         servers: Servers,
         notify: Notify,
+        owns: Callable[[str], bool] = lambda _task_id: True,
     ) -> None:
         self.jobs = jobs
         self.store = store
@@ -60,6 +61,7 @@ class Runner:
         self.llm = llm
         self.servers = servers
         self.notify = notify
+        self.owns = owns  # whether this node holds the task's shard
         self.open = False  # jobs start only while open (after start, before shutdown)
         self.stopping = False  # past the shutdown grace: what has not finished stays stored
         self._owned: set[asyncio.Task[None]] = set()
@@ -75,6 +77,11 @@ class Runner:
     def pump(self, queue: JobQueue) -> None:
         while self.open and (task_id := queue.scheduler.next_ready()) is not None:
             job = self.jobs[task_id]  # the scheduler holds QUEUED jobs only
+            if not self.owns(task_id):  # accepted as its shard was handed over
+                queue.scheduler.finished(task_id)
+                job.released = True
+                self._let_go(job)
+                continue
             job.move(Step.START)
             job.worker = asyncio.create_task(
                 run_task(job.server, self.llm, self.publisher.publish), name=f"work:{task_id}"
@@ -93,8 +100,8 @@ class Runner:
         self.pump(job.queue)
         core = job.server.core
         result = outcome(job)
-        if self.stopping and not core.terminal:
-            job.move(Step.RELEASE)  # cancelled by shutdown: the next start runs it again
+        if (self.stopping or job.released) and not core.terminal:
+            self._let_go(job)  # cut by shutdown or a hand-over: run again where it goes
         elif isinstance(result, LlmUnreachable) and not core.terminal:
             await self._after_outage(job, result)
         elif isinstance(result, ServiceError) and not core.terminal:
@@ -282,6 +289,37 @@ class Runner:
         for task in list(self._owned):
             task.cancel()
         await asyncio.gather(*self._owned, return_exceptions=True)
+
+    async def release(self, jobs: list[Job], grace_s: float) -> None:
+        """A shard's hand-over: its waiting jobs are let go at once, its running ones may
+        finish for `grace_s`, then are cut; all stay stored for the shard's next holder."""
+        for job in jobs:
+            job.released = True
+        self._let_go_waiting(jobs)
+        runs = [j.runner for j in jobs if j.runner and not j.runner.done()]
+        if runs:
+            await asyncio.wait(runs, timeout=grace_s)
+        for job in jobs:
+            if job.state is JobState.RUNNING and job.worker is not None:
+                job.worker.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        self._let_go_waiting(jobs)  # gone back to waiting (a retry) meanwhile
+
+    def _let_go_waiting(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.state in WAITING_IN_QUEUE:
+                self._withdraw(job)
+                self._let_go(job)
+
+    def _let_go(self, job: Job) -> None:
+        """Leave an unfinished job in the store (RELEASE): the next start, or the next
+        holder of its shard, runs it."""
+        job.move(Step.RELEASE)
+        if job.released and self.jobs.get(job.task_id) is job:
+            del self.jobs[job.task_id]
+        if not self.owns(job.task_id):
+            self.servers.registry.remove(job.server)
+            job.server.move_away()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from svckit.errors import ServiceError
+from svckit.shards import shard_of
 from switchboard.v1 import events_pb2
 from task_svc.config import EngineConfig
 from task_svc.registry import Registry
@@ -57,6 +59,15 @@ class Servers:
             server.end()
 
         asyncio.get_running_loop().call_later(self.retain_s, retire)
+
+    def move_away(self, shard: int, why: ServiceError) -> None:
+        """Forget every task of `shard` (another node serves it now): its watchers and
+        those waiting for its submit are told so, to watch there."""
+        for server in self.registry.servers():
+            if shard_of(server.task_id) == shard:
+                self.registry.remove(server)
+                server.move_away()
+        self.registry.drop_claims(lambda task_id: shard_of(task_id) == shard, why)
 
     async def stop(self) -> None:
         await self.supervisor.stop()

@@ -19,10 +19,10 @@ from svckit.requests import (
     check_user,
 )
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
-from task_svc.jobs import JobEngine
+from task_svc.jobs import JobEngine, not_here
 from task_svc.registry import forbidden
 from task_svc.submit_mux import serve_submits
-from task_svc.task_server import DROPPED, TaskServer
+from task_svc.task_server import DROPPED, MOVED, TaskServer
 from task_svc.task_state import TaskSpec, ends_task
 from task_svc.watch_mux import serve_watch_many
 
@@ -82,6 +82,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     ) -> AsyncIterator[tasks_pb2.WatchResponse]:
         check_task_id(request.task_id)
         check_user(request.user_id)
+        await self.engine.check_owned(request.task_id)
         registry = self.engine.registry
         server = await self.engine.find(request.task_id)
         send_state = True
@@ -117,6 +118,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 return
             while True:
                 item = await watcher.get()
+                if item is MOVED:
+                    raise not_here(server.task_id)
                 if item is DROPPED or not isinstance(item, tasks_pb2.TaskEvent):
                     raise ServiceError(
                         Code.ERROR_CODE_OVERLOADED,

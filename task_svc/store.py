@@ -5,10 +5,11 @@ what was stored about a task, dead letters) and the `Lifecycle` publisher (event
 keeps everything in dicts, so the engine's tests run without NATS.
 
 A job is stored at a sequence number (`seq`) and stays stored until `done(seq)`: that is what
-makes it survive a crash. `take_pending` hands over, at start, what a previous incarnation left
-(killed, or stopped with the job unfinished); `arrivals` then hands over every job stored while
-this one runs: those a gateway stored itself to acknowledge an `llm_generate` at once, and this
-engine's own (which it knows already: it created them before storing them).
+makes it survive a crash. Jobs are sharded by task id (svckit/shards.py); `acquire(shard)`
+hands over what the shard holds when this engine takes it (what a previous holder left:
+killed, or stopped with the job unfinished); `arrivals` then hands over every job stored in
+the shards held: those a gateway stored itself to acknowledge an `llm_generate` at once, and
+this engine's own (which it knows already: it created them before storing them).
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ Loop = Callable[[], Coroutine[Any, Any, None]]
 
 class JobStore(Protocol):
     async def open(self) -> None:
-        """Get ready; after this, `take_pending` returns what is left from before."""
+        """Get ready (holding no shard yet)."""
 
     async def close(self) -> None:
-        """Give back every pending job not `done` (redelivered at the next start)."""
+        """Give back every pending job not `done` (redelivered to the shards' next holder)."""
 
     def loops(self) -> Mapping[str, Loop]:
         """The store's own loops, by name: the engine runs them, supervised, from `open`
@@ -59,12 +60,15 @@ class JobStore(Protocol):
     async def put(self, spec: TaskSpec, msg_id: str) -> Put:
         """Store a job durably (deduplicated on `msg_id`)."""
 
-    async def take_pending(self) -> list[Pending]:
-        """Every job this store's shard still holds: at start, a previous incarnation's. A
-        store may be restricted to some shards (several instances); this one has one."""
+    async def acquire(self, shard: int) -> list[Pending]:
+        """Hold `shard`: every job it holds now (a previous holder's); its jobs stored from
+        now on come through `arrivals`."""
+
+    async def release(self, shard: int) -> None:
+        """Stop holding `shard`; its pending jobs not `done` are given back."""
 
     def arrivals(self) -> AsyncIterator[Pending]:
-        """Every job stored from now on, in order, until `close`."""
+        """Every job stored in a held shard from now on, in order, until `close`."""
 
     async def done(self, seq: int) -> None:
         """The job at `seq` is finished: remove it (a pending one is acknowledged)."""

@@ -52,7 +52,8 @@ class _Dropped:
     pass
 
 
-DROPPED: Final = _Dropped()
+DROPPED: Final = _Dropped()  # the watcher fell behind
+MOVED: Final = _Dropped()  # the task's shard went to another node
 WatchItem = tasks_pb2.TaskEvent | _Dropped
 
 
@@ -75,6 +76,15 @@ class Watcher:
                 self.queue.get_nowait()
             self.queue.put_nowait(DROPPED)
             return False
+
+    def end(self, why: _Dropped) -> None:
+        """Queue `why` after what is queued (or instead of it, when the queue is full)."""
+        try:
+            self.queue.put_nowait(why)
+        except asyncio.QueueFull:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(why)
 
     async def get(self) -> WatchItem:
         return await self.queue.get()
@@ -149,6 +159,15 @@ class TaskServer:
     def end(self) -> None:
         """Retention is over: the server answers only direct reads from now on."""
         self._ended = True
+
+    def move_away(self) -> None:
+        """The task's shard went to another node: every watcher is told to watch there."""
+        self._ended = True
+        for watcher in list(self.watchers):
+            watcher.end(MOVED)
+        self._watchers = None
+        if self._mailbox is not None:  # its loop is awake: stop it, the next holder has its own
+            self.host.supervisor.terminate(self.task_id)
 
     # -- the mailbox -------------------------------------------------------------------
 

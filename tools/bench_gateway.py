@@ -10,7 +10,11 @@ websockets echo server (same library, same options, no Phoenix), and several hol
 that open and heartbeat the idle sockets. Each connection uses its own user, as real clients
 do, so no per-user limit applies.
 
-    python -m tools.bench_gateway [--connections 20000] [--clients 500]
+With `--gateways N` (N > 1) there are N gateway processes on one port (GATEWAY_REUSE_PORT,
+as `make cluster` runs two): Linux spreads the connects between them, and the figures are
+for all of them together (RSS and CPU summed, the sockets each one holds).
+
+    python -m tools.bench_gateway [--connections 20000] [--clients 500] [--gateways 1]
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import orjson
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
+
+from tools.natsserver import free_port
 
 HOLDERS = 4  # processes opening the idle sockets
 OPEN_CONCURRENCY = 100  # handshakes in flight per holder
@@ -123,7 +129,7 @@ async def serve_tasks() -> None:
     await _ready_then_wait(server.port, lambda: server.stop(0))
 
 
-async def serve_gateway(tasks_addr: str) -> None:
+async def serve_gateway(tasks_addr: str, port: int = 0, reuse_port: bool = False) -> None:
     from gateway_svc.config import Settings
     from gateway_svc.server import Gateway
     from svckit.grpc_server import insecure_channel
@@ -135,7 +141,12 @@ async def serve_gateway(tasks_addr: str) -> None:
     # default thresholds, 20,000 sockets' objects made the collector stop the loop for up to
     # a second (13 full collections), heartbeat p99 269 ms; with these, 4.4 ms.
     tune_gc()
-    settings = Settings(gateway_port=0, task_svc_addr=tasks_addr, gateway_idle_timeout_s=300)
+    settings = Settings(
+        gateway_port=port,
+        gateway_reuse_port=reuse_port,
+        task_svc_addr=tasks_addr,
+        gateway_idle_timeout_s=300,
+    )
     channel = insecure_channel(tasks_addr)
     gateway = Gateway(settings, SECRET.encode(), tasks_pb2_grpc.TaskServiceStub(channel))
     await gateway.start()
@@ -314,27 +325,38 @@ async def ready_port(child: Child) -> int:
     return int(line.split()[1])
 
 
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 async def connection_bench(
     start: Callable[..., Awaitable[Child]],
-    gateway: Child,
+    gateways: list[Child],
     port: int,
     connections: int,
     fd_limit: int,
 ) -> list[str]:
+    """Hold `connections` idle sockets on the gateway(s) listening on `port`, heartbeat
+    each once, and report memory, CPU and heartbeat times, summed over the gateways."""
     lines: list[str] = []
     target = connections
-    if fd_limit - FD_MARGIN < connections:
-        target = fd_limit - FD_MARGIN
+    # Several gateways share the sockets, not evenly: a quarter more than a fair share.
+    per_gateway = connections if len(gateways) == 1 else math.ceil(connections / len(gateways))
+    if len(gateways) > 1:
+        per_gateway += per_gateway // 4
+    if fd_limit - FD_MARGIN < per_gateway:
+        target = (fd_limit - FD_MARGIN) * connections // per_gateway
         lines.append(
             f"RLIMIT_NOFILE allows {fd_limit} descriptors per process: holding {target} "
             f"sockets instead of {connections}"
         )
     url = f"ws://127.0.0.1:{port}/socket/websocket"
+    pids = [g.process.pid for g in gateways]
     # Warm up (imports, caches, the first allocations of every kind), then the baseline.
-    await _warm_up(url)
-    before = rss_kib(gateway.process.pid)
-    cpu_before = cpu_s(gateway.process.pid)
-    fds_before = len(os.listdir(f"/proc/{gateway.process.pid}/fd"))
+    await _warm_up(url, 20 * len(gateways))
+    before = sum(rss_kib(pid) for pid in pids)
+    cpu_before = sum(cpu_s(pid) for pid in pids)
+    fds_before = [fds(pid) for pid in pids]
     per = [target // HOLDERS + (1 if i < target % HOLDERS else 0) for i in range(HOLDERS)]
     holders = [
         await start(
@@ -346,31 +368,40 @@ async def connection_bench(
     opened = [await h.json(180) for h in holders]
     held = sum(r["opened"] for r in opened)
     open_s = max(r["seconds"] for r in opened)
-    after_open = rss_kib(gateway.process.pid)
-    cpu_open = cpu_s(gateway.process.pid) - cpu_before
-    cpu_before_beat = cpu_s(gateway.process.pid)
+    # What each gateway holds: its descriptors beyond its baseline, one per socket.
+    spread = [fds(pid) - fds0 for pid, fds0 in zip(pids, fds_before, strict=True)]
+    after_open = sum(rss_kib(pid) for pid in pids)
+    cpu_open = sum(cpu_s(pid) for pid in pids) - cpu_before
+    cpu_before_beat = sum(cpu_s(pid) for pid in pids)
     holders_cpu = sum(cpu_s(h.process.pid) for h in holders)
     for h in holders:
         await h.tell("BEAT")
     beats = [x for h in holders for x in (await h.json(120))["beats"]]
-    cpu_beat = cpu_s(gateway.process.pid) - cpu_before_beat
+    cpu_beat = sum(cpu_s(pid) for pid in pids) - cpu_before_beat
     holders_cpu = sum(cpu_s(h.process.pid) for h in holders) - holders_cpu
-    after_beat = rss_kib(gateway.process.pid)
+    after_beat = sum(rss_kib(pid) for pid in pids)
     for h in holders:
         await h.tell("CLOSE")
     for h in holders:
         await h.json(120)
     failures = [f for r in opened for f in r["failures"]]
     per_conn = (max(after_open, after_beat) - before) * 1024 / max(1, held)
+    holding = (
+        "one gateway process"
+        if len(gateways) == 1
+        else f"{len(gateways)} gateway processes on one port (SO_REUSEPORT), "
+        f"{' / '.join(map(str, spread))} each"
+    )
     lines.append(
-        f"idle sockets held by one gateway process: {held} of {target} "
+        f"idle sockets held by {holding}: {held} of {target} "
         f"(opened in {open_s:.1f} s, {held / open_s:.0f}/s; gateway CPU "
         f"{cpu_open * 1e6 / max(1, held):.0f} us per connect)"
     )
     if failures:
         lines.append(f"  first connect failures: {failures}")
+    rss = "gateway RSS" if len(gateways) == 1 else f"gateway RSS (sum of {len(gateways)})"
     lines.append(
-        f"gateway RSS: {before / 1024:.1f} MiB before, {after_open / 1024:.1f} MiB holding, "
+        f"{rss}: {before / 1024:.1f} MiB before, {after_open / 1024:.1f} MiB holding, "
         f"{after_beat / 1024:.1f} MiB after heartbeats -> {per_conn / 1024:.1f} KiB per "
         f"connection (goal < 20 KiB; Phoenix ~40 KiB)"
     )
@@ -382,22 +413,24 @@ async def connection_bench(
         f"({cpu_beat * 1e6 / max(1, len(beats)):.0f} us per heartbeat), "
         f"holders {holders_cpu:.1f} s"
     )
-    await _wait_released(gateway.process.pid, fds_before)
+    for pid, fds0 in zip(pids, fds_before, strict=True):
+        await _wait_released(pid, fds0)
     return lines
 
 
-async def _wait_released(pid: int, fds: int, seconds: float = 60) -> None:
+async def _wait_released(pid: int, baseline: int, seconds: float = 60) -> None:
     """Wait until the gateway has closed the held sockets, so the next measurement does not
     share the CPU with their clean-up (polled: the gateway is another process)."""
     deadline = time.monotonic() + seconds
-    while len(os.listdir(f"/proc/{pid}/fd")) > fds + 8 and time.monotonic() < deadline:  # noqa: ASYNC110
+    while fds(pid) > baseline + 8 and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.2)
 
 
-async def _warm_up(url: str) -> None:
+async def _warm_up(url: str, count: int = 20) -> None:
+    """Sockets enough to reach every gateway on the port (the kernel picks one for each)."""
     from gateway_svc.tokens import mint
 
-    for i in range(20):
+    for i in range(count):
         token = mint(f"warm-{i}", SECRET.encode(), ttl=600)
         async with connect(f"{url}?token={token}&vsn=2.0.0", compression=None) as ws:
             await ws.send(HEARTBEAT)
@@ -471,30 +504,56 @@ async def _reply(ws: ClientConnection, ref: str) -> dict[str, Any]:
             return frame[4]  # type: ignore[no-any-return]
 
 
-async def run_gateway_bench(connections: int = 20000, clients: int = 500) -> list[str]:
+async def start_gateways(
+    start: Callable[..., Awaitable[Child]], tasks_port: int, count: int
+) -> tuple[list[Child], int]:
+    """One gateway on a port of its own, or `count` on one port with SO_REUSEPORT; the
+    gateways and the port."""
+    tasks_addr = f"127.0.0.1:{tasks_port}"
+    if count == 1:
+        gateway = await start("gateway", "--serve", "gateway", "--tasks-addr", tasks_addr)
+        return [gateway], await ready_port(gateway)
+    port = free_port()
+    gateways = []
+    for i in range(count):
+        args = ("--serve", "gateway", "--tasks-addr", tasks_addr, "--port", str(port))
+        gateway = await start(f"gateway-{i + 1}", *args, "--reuse-port")
+        if await ready_port(gateway) != port:
+            raise RuntimeError(f"{gateway.name} did not bind {port}")
+        gateways.append(gateway)
+    return gateways, port
+
+
+async def run_gateway_bench(
+    connections: int = 20000, clients: int = 500, gateways: int = 1
+) -> list[str]:
     """Lines to print: held sockets and RSS per connection, heartbeat p99 while holding them,
-    then join / llm_generate ack latency beside a bare websocket echo (same run)."""
+    then join / llm_generate ack latency beside a bare websocket echo (same run). With
+    `gateways` > 1, that many gateway processes share one port."""
     fd_limit = raise_nofile()
     lines = [f"gateway bench: {connections} idle sockets, {clients} concurrent clients"]
+    if gateways > 1:
+        lines[0] += f", {gateways} gateway processes on one port (GATEWAY_REUSE_PORT)"
     async with asyncio.timeout(240), children() as start:
         tasks = await start("tasks", "--serve", "tasks")
         tasks_port = await ready_port(tasks)
-        gateway = await start(
-            "gateway", "--serve", "gateway", "--tasks-addr", f"127.0.0.1:{tasks_port}"
-        )
-        gateway_port = await ready_port(gateway)
+        gateway_children, gateway_port = await start_gateways(start, tasks_port, gateways)
         echo = await start("echo", "--serve", "echo")
         echo_port = await ready_port(echo)
         if connections > 0:
-            lines += await connection_bench(start, gateway, gateway_port, connections, fd_limit)
+            lines += await connection_bench(
+                start, gateway_children, gateway_port, connections, fd_limit
+            )
         if clients > 0:
-            cpu = {c.name: cpu_s(c.process.pid) for c in (gateway, tasks)}
+            measured = [*gateway_children, tasks]
+            cpu = {c.name: cpu_s(c.process.pid) for c in measured}
             client_cpu = time.process_time()
             lines += await latency_bench(gateway_port, echo_port, clients, rounds=5)
-            used = {c.name: cpu_s(c.process.pid) - cpu[c.name] for c in (gateway, tasks)}
+            used = {c.name: cpu_s(c.process.pid) - cpu[c.name] for c in measured}
             client_used = time.process_time() - client_cpu
+            gateway_used = sum(used[c.name] for c in gateway_children)
             lines.append(
-                f"CPU during the latency runs: gateway {used['gateway']:.1f} s, "
+                f"CPU during the latency runs: gateway {gateway_used:.1f} s, "
                 f"TaskService {used['tasks']:.1f} s, clients {client_used:.1f} s"
             )
     return lines
@@ -504,9 +563,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_gateway", description=__doc__)
     parser.add_argument("--connections", type=int, default=20000, help="idle sockets to hold")
     parser.add_argument("--clients", type=int, default=500, help="concurrent clients")
+    parser.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateway processes sharing one port with GATEWAY_REUSE_PORT (default 1: one, "
+        "on a port of its own)",
+    )
     # Internal: the child processes.
     parser.add_argument("--serve", choices=["tasks", "gateway", "echo"], help=argparse.SUPPRESS)
     parser.add_argument("--tasks-addr", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--hold", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--first-user", type=int, default=0, help=argparse.SUPPRESS)
@@ -514,13 +582,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve == "tasks":
         uvloop.run(serve_tasks())
     elif args.serve == "gateway":
-        uvloop.run(serve_gateway(args.tasks_addr))
+        uvloop.run(serve_gateway(args.tasks_addr, args.port, args.reuse_port))
     elif args.serve == "echo":
         uvloop.run(serve_echo())
     elif args.hold:
         uvloop.run(hold(args.hold, args.count, args.first_user))
     else:
-        for line in uvloop.run(run_gateway_bench(args.connections, args.clients)):
+        if args.gateways < 1:
+            parser.error("--gateways must be at least 1")
+        bench = run_gateway_bench(args.connections, args.clients, args.gateways)
+        for line in uvloop.run(bench):
             print(line)
 
 

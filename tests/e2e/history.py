@@ -21,7 +21,16 @@ async def terminal_history(
     stack: Stack, task_id: str, user: str, seconds: float = 30
 ) -> tuple[history_pb2.HistoryTask, list[events_pb2.LifecycleEvent]]:
     """The task's row once it is terminal, and its event trail in seq order."""
-    async with insecure_channel(stack.config.address("persistence_svc")) as channel:
+    return await terminal_history_at(
+        stack.config.address("persistence_svc"), task_id, user, seconds
+    )
+
+
+async def terminal_history_at(
+    address: str, task_id: str, user: str, seconds: float = 30
+) -> tuple[history_pb2.HistoryTask, list[events_pb2.LifecycleEvent]]:
+    """`terminal_history`, from the persistence_svc at `address`."""
+    async with insecure_channel(address) as channel:
         history = history_pb2_grpc.HistoryServiceStub(channel)
 
         async def terminal_row() -> history_pb2.HistoryTask | None:

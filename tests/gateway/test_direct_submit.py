@@ -23,6 +23,7 @@ from svckit.nats import (
     ensure_stream,
     jobs_stream_config,
 )
+from svckit.shards import job_subject, shard_of
 from switchboard.v1 import common_pb2, events_pb2, llm_pb2, tasks_pb2
 from tests.conftest import eventually, timeout
 from tests.gateway.fake_tasks import FakeTask
@@ -103,7 +104,7 @@ async def test_the_job_is_stored_once_with_its_resolved_model_and_queue(
     assert response is not None and not response.duplicate
     assert response.state.status == common_pb2.TASK_STATUS_QUEUED
     assert response.state.model == "big" and response.state.queue_position == 1
-    stored = await nc.jetstream().get_last_msg(JOBS_STREAM, "switchboard.jobs.slow")
+    stored = await nc.jetstream().get_last_msg(JOBS_STREAM, job_subject(shard_of("t-1"), "slow"))
     job = events_pb2.Job.FromString(stored.data or b"")
     assert (job.task_id, job.user_id, job.prompt, job.model) == ("t-1", "alice", "hello", "big")
     assert job.priority == 2 and job.submitted_at.seconds > 0
@@ -150,7 +151,8 @@ async def test_only_the_first_push_on_a_new_task_is_stored_by_the_gateway(
         ack = await recv(ws)
         assert ack[4]["status"] == "ok" and ack[4]["response"]["status"] == "queued"
         assert stack.fake.submits == []  # stored here, not by task_svc
-        stored = await nc.jetstream().get_last_msg(JOBS_STREAM, "switchboard.jobs.fast")
+        subject = job_subject(shard_of(new.split(":")[1]), "fast")
+        stored = await nc.jetstream().get_last_msg(JOBS_STREAM, subject)
         assert events_pb2.Job.FromString(stored.data or b"").task_id == new.split(":")[1]
         # Pushed again on the same channel: task_svc answers (idempotency is its job).
         await send(ws, ["1", "3", new, "llm_generate", {"prompt": "hi"}])

@@ -132,6 +132,7 @@ async def fake_llm() -> AsyncIterator[FakeLlm]:
 
 
 AppFactory = Callable[..., Awaitable[TaskApp]]
+NODE_ID = "test-node"
 
 
 @pytest.fixture
@@ -144,6 +145,9 @@ async def make_app(nats_url: str, fake_llm: FakeLlm) -> AsyncIterator[AppFactory
             "llm_svc_addr": fake_llm.address,
             "task_svc_listen": "127.0.0.1:0",
             "task_shutdown_grace_s": 0.0,
+            "task_handoff_grace_s": 0.0,
+            # One node restarted (not a second node): it takes its shards back at once.
+            "task_node_id": NODE_ID,
         }
         values.update(overrides)
         app = await TaskApp.start(Settings(**values))

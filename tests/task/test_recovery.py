@@ -13,10 +13,12 @@ import pytest
 from nats.aio.client import Client
 
 from svckit.grpc_server import insecure_channel
+from svckit.shards import job_subject, shard_of
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 from task_svc.task_state import TaskCore, TaskSpec
 from tests.conftest import timeout
 from tests.task.conftest import (
+    NODE_ID,
     AppFactory,
     FakeLlm,
     Kind,
@@ -149,7 +151,8 @@ async def test_a_redelivered_job_of_a_finished_task_is_only_acked(
     await first.shutdown()
     # Put the job back as if it had never been acked (a fresh message id: not a duplicate).
     spec = TaskSpec(task_id, "alice", "done once", "fake-small", 0)
-    await nc.jetstream().publish("switchboard.jobs.default", spec.to_job().SerializeToString())
+    subject = job_subject(shard_of(task_id), "default")
+    await nc.jetstream().publish(subject, spec.to_job().SerializeToString())
     second = await make_app()
     async with insecure_channel(f"127.0.0.1:{second.port}") as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
@@ -171,6 +174,7 @@ async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
         LLM_SVC_ADDR=fake_llm.address,
         TASK_SVC_LISTEN=f"127.0.0.1:{port}",
         TASK_JOB_ACK_WAIT_S="60",
+        TASK_NODE_ID=NODE_ID,  # the app started after it is the same node, restarted
         LOG_LEVEL="WARNING",
     )
     process = subprocess.Popen([sys.executable, "-m", "task_svc"], env=env)
@@ -191,7 +195,7 @@ async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
     # Recreates the durable consumer, so the unacked job comes back at once (not after the
     # 60 s ack_wait), and rebuilds the task before serving: the first Get already knows it.
     app = await make_app(task_job_ack_wait_s=60.0)
-    info = await nc.jetstream().consumer_info("SB_JOBS", "task_svc")
+    info = await nc.jetstream().consumer_info("SB_JOBS", f"task_svc-shard-{shard_of(task_id)}")
     assert info.config.max_ack_pending == 100_000 and info.config.ack_wait == 60
     async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)

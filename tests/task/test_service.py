@@ -12,6 +12,7 @@ from nats.aio.client import Client
 from svckit.errors import ServiceError
 from svckit.grpc_server import insecure_channel
 from svckit.nats import QUEUE_BOARD_SUBJECT
+from svckit.shards import job_subject, shard_of
 from switchboard.v1 import common_pb2, events_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from task_svc.app import TaskApp
 from tests.conftest import eventually, timeout
@@ -48,7 +49,8 @@ async def test_submit_replies_after_the_job_is_stored_in_jetstream(
     assert reply.state.seq == 1 and reply.state.queue_position == 1
     assert reply.state.model == "fake-small"  # the default model, resolved
     # The job is on the work queue (held unacked while the fake holds the generation).
-    stored = await nc.jetstream().get_last_msg("SB_JOBS", "switchboard.jobs.default")
+    subject = job_subject(shard_of(task_id), "default")
+    stored = await nc.jetstream().get_last_msg("SB_JOBS", subject)
     job = events_pb2.Job.FromString(stored.data or b"")
     assert job.task_id == task_id and job.user_id == "alice" and job.prompt == "hold the line"
     assert (stored.headers or {}).get("Nats-Msg-Id") == task_id
@@ -76,7 +78,9 @@ async def test_a_job_a_gateway_stored_itself_runs_for_its_watcher_and_leaves_the
     job = events_pb2.Job(task_id=task_id, user_id="alice", prompt="from the gateway")
     js = nc.jetstream()
     ack = await js.publish(
-        "switchboard.jobs.default", job.SerializeToString(), headers={"Nats-Msg-Id": task_id}
+        job_subject(shard_of(task_id), "default"),
+        job.SerializeToString(),
+        headers={"Nats-Msg-Id": task_id},
     )
     events: list[tasks_pb2.TaskEvent] = []
     async with asyncio.timeout(timeout(10)):
