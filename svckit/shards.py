@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import orjson
 
-SHARD_COUNT = 64
+SHARD_COUNT = 16  # see docs/architecture.md: nats-server's cost per job grows with consumers
 JOBS_SUBJECT_PREFIX = "switchboard.jobs"
 NODES_BUCKET = "SB_NODES"  # node id -> Member, expiring after the lease TTL
 SHARDS_BUCKET = "SB_SHARDS"  # shard.<n> -> Lease, no TTL: a lease lives while its node does

@@ -29,6 +29,7 @@ from switchboard.v1 import events_pb2, tasks_pb2
 from task_svc.consumer import JobConsumer
 from task_svc.deadletters import DeadLetters
 from task_svc.events import Stored, read_stored
+from task_svc.legacy_jobs import MOVED_HEADER, move_legacy_jobs
 from task_svc.store import Loop, Pending, Put, StoreUnavailable
 from task_svc.task_state import TaskSpec
 
@@ -78,6 +79,8 @@ class JetStreamJobStore:
 
     async def acquire(self, shard: int) -> list[Pending]:
         with unavailable():
+            if shard == 0:  # once per cluster start, by whoever takes shard 0
+                await move_legacy_jobs(self.js, self.consumer_name)
             consumer = JobConsumer(
                 self.nc,
                 name=f"{self.consumer_name}-shard-{shard}",
@@ -144,9 +147,9 @@ class JetStreamJobStore:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await msg.term()
             return None
-        return Pending(
-            TaskSpec.from_job(job, queue_of(msg.subject)), seq, metadata.num_delivered > 1
-        )
+        moved = bool(msg.headers and msg.headers.get(MOVED_HEADER))
+        redelivered = metadata.num_delivered > 1 or moved
+        return Pending(TaskSpec.from_job(job, queue_of(msg.subject)), seq, redelivered)
 
     async def done(self, seq: int) -> None:
         with unavailable():

@@ -25,8 +25,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 import nats.js.errors
 from nats.js.client import JetStreamContext
@@ -215,8 +215,7 @@ class NodeMembership:
         except KV_ERRORS:
             return False
 
-    def _start(self, shard: int, work: asyncio.Future[None] | object) -> None:
-        assert asyncio.iscoroutine(work)
+    def _start(self, shard: int, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work, name=f"shard {shard}")
         self._busy[shard] = task
         task.add_done_callback(lambda _t: self._busy.pop(shard, None))

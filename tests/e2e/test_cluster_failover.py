@@ -37,7 +37,7 @@ ENV = {
     **TEST_ENV,
     "LOG_LEVEL": "INFO",
     "LOCAL_MODEL_TOKEN_DELAY_MS": "60",  # a few seconds per answer: killed mid-stream
-    "TASK_LEASE_S": "4",  # a dead node's shards move after about this long
+    "TASK_LEASE_S": "6",  # a dead node's shards move after about this long
     "GATEWAY_GENERATE_RATE_PER_S": "0",
 }
 TERMINAL = ("llm_response", "error")

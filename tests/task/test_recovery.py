@@ -11,12 +11,14 @@ import sys
 import grpc
 import pytest
 from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from svckit.grpc_server import insecure_channel
+from svckit.nats import ensure_stream, jobs_stream_config
 from svckit.shards import job_subject, shard_of
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 from task_svc.task_state import TaskCore, TaskSpec
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tests.task.conftest import (
     NODE_ID,
     AppFactory,
@@ -234,3 +236,44 @@ async def test_submit_after_a_restart_is_still_idempotent(
     assert reply.duplicate and reply.state.status == Status.TASK_STATUS_COMPLETED
     assert reply.state.content == "only once" and reply.state.seq == done[-1].seq
     assert fake_llm.order == [task_id]
+
+
+async def test_jobs_stored_before_sharding_run_after_the_upgrade(
+    make_app: AppFactory, fake_llm: FakeLlm, nc: Client
+) -> None:
+    """What a task_svc of the single-instance kind left: its jobs on
+    `switchboard.jobs.<queue>` and its durable consumer over the whole stream (whose filter
+    would overlap every shard's). The upgraded node moves the jobs to their shards and runs
+    them; the one the old node had started is recovered as a rerun."""
+    js = nc.jetstream()
+    await ensure_stream(js, jobs_stream_config())
+    old = ConsumerConfig(
+        durable_name="task_svc", ack_policy=AckPolicy.EXPLICIT, filter_subject="switchboard.jobs.>"
+    )
+    await js.add_consumer("SB_JOBS", old)
+    ran, waiting = new_id(), new_id()
+    for task_id in (ran, waiting):
+        job = TaskSpec(task_id, "alice", f"from before {task_id}", "fake-small", 0).to_job()
+        await js.publish("switchboard.jobs.default", job.SerializeToString())
+    started = await js.pull_subscribe_bind(durable="task_svc", stream="SB_JOBS")
+    assert len(await started.fetch(1, timeout=timeout(5))) == 1  # the old node took one
+    await started.unsubscribe()
+
+    for task_id in (ran, waiting):
+        fake_llm.release(task_id)
+    app = await make_app()
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        for task_id in (ran, waiting):
+            events = events_of(await watch_all(stub, task_id))
+            assert events[-1].completed.content == f"from before {task_id}"
+            # Both may have run before (a moved job is recovered): each restarts its text.
+            assert events[0].progress.message == "restarted"
+    assert sorted(fake_llm.order) == sorted([ran, waiting])
+
+    async def emptied() -> bool:
+        return (await js.stream_info("SB_JOBS")).state.messages == 0
+
+    await eventually(emptied)
+    names = [c.name for c in await js.consumers_info("SB_JOBS")]
+    assert "task_svc" not in names
