@@ -10,6 +10,7 @@ lifecycle events on a limits stream (`switchboard.tasks.<task_id>.<kind>`, messa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -207,4 +208,5 @@ async def close_nats(nc: Client) -> None:
             await nc.drain()
     except (nats.errors.Error, OSError, TimeoutError) as error:
         log.warning("nats drain failed; closing", extra={"error": repr(error)})
-        await nc.close()
+        with contextlib.suppress(nats.errors.Error, OSError):  # the server may be gone
+            await nc.close()
