@@ -58,6 +58,18 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             print("\n".join([line for line in lines if '"level":"info"' not in line][-15:]))
 
 
+@pytest.fixture
+async def clients(cluster: Cluster) -> AsyncIterator[list[PhoenixClient]]:
+    """Alice's sockets, spread over both gateways by the kernel."""
+    token = dev_token("alice")
+    opened = [await PhoenixClient.connect(cluster.socket_url, token=token) for _ in range(SOCKETS)]
+    try:
+        yield opened
+    finally:
+        for client in opened:
+            await client.close()
+
+
 class Follower:
     """One task's channel, every push it gets until the task's answer."""
 
@@ -130,50 +142,38 @@ async def history_is_once(
 
 
 async def test_a_task_svc_and_a_nats_node_killed_mid_stream_lose_nothing(
-    cluster: Cluster,
+    cluster: Cluster, clients: list[PhoenixClient]
 ) -> None:
-    token = dev_token("alice")
-    clients = [await PhoenixClient.connect(cluster.socket_url, token=token) for _ in range(SOCKETS)]
-    try:
-        followers = await generate(cluster, clients, TASKS)
-        running = [asyncio.create_task(f.follow()) for f in followers]
+    followers = await generate(cluster, clients, TASKS)
+    running = [asyncio.create_task(f.follow()) for f in followers]
 
-        async def half_streaming() -> bool:
-            return sum(f.streaming.is_set() for f in followers) >= TASKS // 2
+    async def half_streaming() -> bool:
+        return sum(f.streaming.is_set() for f in followers) >= TASKS // 2
 
-        await eventually(half_streaming, 30)
-        await asyncio.gather(
-            cluster.kill("task_svc-2", signal.SIGKILL), cluster.kill("nats-2", signal.SIGKILL)
-        )
-        await finish(running, followers)
-        for follower in followers:
-            follower.check()
-        # The dead node's running tasks ran again elsewhere (their first event reset the text).
-        assert any(f.restarted for f in followers)
-        await history_is_once(cluster, followers)
-    finally:
-        for client in clients:
-            await client.close()
+    await eventually(half_streaming, 30)
+    await asyncio.gather(
+        cluster.kill("task_svc-2", signal.SIGKILL), cluster.kill("nats-2", signal.SIGKILL)
+    )
+    await finish(running, followers)
+    for follower in followers:
+        follower.check()
+    # The dead node's running tasks ran again elsewhere (their first event reset the text).
+    assert any(f.restarted for f in followers)
+    await history_is_once(cluster, followers)
 
 
 async def test_a_joining_task_svc_takes_shards_over_without_running_any_task_twice(
-    cluster: Cluster,
+    cluster: Cluster, clients: list[PhoenixClient]
 ) -> None:
-    token = dev_token("alice")
-    clients = [await PhoenixClient.connect(cluster.socket_url, token=token) for _ in range(SOCKETS)]
-    try:
-        followers = await generate(cluster, clients, TASKS)
-        running = [asyncio.create_task(f.follow()) for f in followers]
-        await asyncio.wait_for(followers[0].streaming.wait(), timeout(30))
-        await cluster.add_task_svc(timeout=timeout(60))
-        later = await generate(cluster, clients, TASKS // 2)  # stored while shards move
-        running += [asyncio.create_task(f.follow()) for f in later]
-        await finish(running, followers + later)
-        for follower in followers + later:
-            follower.check()
-            assert not follower.restarted, follower.pushes  # drained, not cut
-        for kinds in await history_is_once(cluster, followers + later):
-            assert kinds.count(Kind.LIFECYCLE_KIND_STARTED) == 1, kinds  # ran once
-    finally:
-        for client in clients:
-            await client.close()
+    followers = await generate(cluster, clients, TASKS)
+    running = [asyncio.create_task(f.follow()) for f in followers]
+    await asyncio.wait_for(followers[0].streaming.wait(), timeout(30))
+    await cluster.add_task_svc(timeout=timeout(60))
+    later = await generate(cluster, clients, TASKS // 2)  # stored while shards move
+    running += [asyncio.create_task(f.follow()) for f in later]
+    await finish(running, followers + later)
+    for follower in followers + later:
+        follower.check()
+        assert not follower.restarted, follower.pushes  # drained, not cut
+    for kinds in await history_is_once(cluster, followers + later):
+        assert kinds.count(Kind.LIFECYCLE_KIND_STARTED) == 1, kinds  # ran once
