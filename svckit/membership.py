@@ -112,10 +112,14 @@ class MembershipView:
         horizon = self.clock() - self.lease_s
         return {node: seen.member for node, seen in self.nodes.items() if seen.at > horizon}
 
+    def is_live(self, node: str) -> bool:
+        seen = self.nodes.get(node)
+        return seen is not None and seen.at > self.clock() - self.lease_s
+
     def owner(self, shard: int) -> Lease | None:
-        """The shard's holder, if it is alive."""
+        """The shard's holder, if it is alive (asked for every call a gateway routes)."""
         held = self.leases.get(shard)
-        if held is None or held.lease.node not in self.live():
+        if held is None or not self.is_live(held.lease.node):
             return None
         return held.lease
 

@@ -34,7 +34,7 @@ from task_svc.queues import Queues
 from task_svc.registry import forbidden
 from task_svc.runner import Runner
 from task_svc.servers import Servers
-from task_svc.store import JobStore, Lifecycle, StoreUnavailable
+from task_svc.store import JobStore, Lifecycle
 from task_svc.supervisor import Supervisor
 from task_svc.task_server import TaskServer
 from task_svc.task_state import TaskSpec
@@ -42,7 +42,6 @@ from task_svc.task_state import TaskSpec
 log = logging.getLogger(__name__)
 
 Code = common_pb2.ErrorCode
-ARRIVALS_RETRY_S = 0.5
 
 
 ALL_SHARDS = range(SHARD_COUNT)
@@ -253,19 +252,15 @@ class JobEngine:
         return server
 
     async def _take_arrivals(self) -> None:
-        """Run what gateways store (and see this engine's own jobs come back: ignored)."""
-        while True:
+        """Run what gateways store (and see this engine's own jobs come back: ignored). The
+        store follows each shard itself, again after NATS errors: arrivals never break."""
+        async for item in self.store.arrivals():
+            if not self.owns(item.spec.task_id):
+                continue  # its shard was released meanwhile: held for the next owner
             try:
-                async for item in self.store.arrivals():
-                    if not self.owns(item.spec.task_id):
-                        continue  # its shard was released meanwhile: held for the next owner
-                    try:
-                        await self.intake.arrived(item)
-                    except Exception:  # held still: it comes back at the next start
-                        log.exception("arrival failed", extra={"task_id": item.spec.task_id})
-            except StoreUnavailable as error:
-                log.warning("job arrivals broke; following again", extra={"e": repr(error)})
-            await asyncio.sleep(ARRIVALS_RETRY_S)
+                await self.intake.arrived(item)
+            except Exception:  # held still: it comes back to the shard's next holder
+                log.exception("arrival failed", extra={"task_id": item.spec.task_id})
 
     def _loop_gave_up(self, name: str, error: BaseException) -> None:
         log.critical("engine loop crashed too often", extra={"loop": name}, exc_info=error)

@@ -99,7 +99,7 @@ class Follower:
         return any(payload.get("reset") for event, payload in self.pushes if event == "progress")
 
 
-async def generate(cluster: Cluster, clients: list[PhoenixClient], count: int) -> list[Follower]:
+async def generate(clients: list[PhoenixClient], count: int) -> list[Follower]:
     followers = []
     for i in range(count):
         task_id = str(uuid.uuid4())
@@ -144,7 +144,7 @@ async def history_is_once(
 async def test_a_task_svc_and_a_nats_node_killed_mid_stream_lose_nothing(
     cluster: Cluster, clients: list[PhoenixClient]
 ) -> None:
-    followers = await generate(cluster, clients, TASKS)
+    followers = await generate(clients, TASKS)
     running = [asyncio.create_task(f.follow()) for f in followers]
 
     async def half_streaming() -> bool:
@@ -165,11 +165,11 @@ async def test_a_task_svc_and_a_nats_node_killed_mid_stream_lose_nothing(
 async def test_a_joining_task_svc_takes_shards_over_without_running_any_task_twice(
     cluster: Cluster, clients: list[PhoenixClient]
 ) -> None:
-    followers = await generate(cluster, clients, TASKS)
+    followers = await generate(clients, TASKS)
     running = [asyncio.create_task(f.follow()) for f in followers]
     await asyncio.wait_for(followers[0].streaming.wait(), timeout(30))
     await cluster.add_task_svc(timeout=timeout(60))
-    later = await generate(cluster, clients, TASKS // 2)  # stored while shards move
+    later = await generate(clients, TASKS // 2)  # stored while shards move
     running += [asyncio.create_task(f.follow()) for f in later]
     await finish(running, followers + later)
     for follower in followers + later:
