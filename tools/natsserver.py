@@ -28,18 +28,24 @@ ROOT = Path(__file__).resolve().parent.parent
 # the kernel hands out as the source of an outgoing connection could otherwise be taken in
 # the moment between choosing it here and a server binding it.
 _PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()  # a config asks for many ports before any is bound
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on now, outside the ephemeral range."""
+    """A port on 127.0.0.1 that nothing listens on now, outside the ephemeral range, and
+    never one this process handed out before (a cluster's twenty picks would otherwise
+    collide now and then: one port, two servers, "address already in use")."""
     for _ in range(200):
         port = random.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise OSError("no free port found")
 
 
