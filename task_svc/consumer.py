@@ -64,9 +64,15 @@ class JobConsumer:
         self.held: dict[int, Msg] = {}  # by stream sequence
         self._sub: JetStreamContext.PullSubscription | None = None
         self._pending_at_bind = 0
+        # The stream's last sequence just before this consumer was made: a job at or below
+        # it may have been delivered (and run) by a previous holder, whichever of `take_pending`
+        # and `follow` hands it over here; above it, the job was stored since.
+        self.stored_before_bind = 0
 
     async def bind(self) -> None:
         """Recreate the durable consumer (see the module docstring) and bind to it."""
+        stream = await self.js.stream_info(JOBS_STREAM)
+        self.stored_before_bind = stream.state.last_seq
         with contextlib.suppress(NotFoundError):
             await self.js.delete_consumer(JOBS_STREAM, self.name)
         config = ConsumerConfig(

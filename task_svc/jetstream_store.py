@@ -148,7 +148,9 @@ class JetStreamJobStore:
                 await msg.term()
             return None
         moved = bool(msg.headers and msg.headers.get(MOVED_HEADER))
-        redelivered = metadata.num_delivered > 1 or moved
+        # A recreated consumer counts deliveries from one again: a job stored before it was
+        # bound may have run at the shard's previous holder, however it comes now.
+        redelivered = metadata.num_delivered > 1 or moved or seq <= consumer.stored_before_bind
         return Pending(TaskSpec.from_job(job, queue_of(msg.subject)), seq, redelivered)
 
     async def done(self, seq: int) -> None:

@@ -11,12 +11,14 @@ import sys
 import grpc
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from svckit.grpc_server import insecure_channel
 from svckit.nats import ensure_stream, jobs_stream_config
 from svckit.shards import job_subject, shard_of
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from task_svc.consumer import JobConsumer
 from task_svc.task_state import TaskCore, TaskSpec
 from tests.conftest import eventually, timeout
 from tests.task.conftest import (
@@ -167,9 +169,11 @@ async def test_a_redelivered_job_of_a_finished_task_is_only_acked(
     assert fake_llm.order == [task_id]
 
 
-async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
-    nats_url: str, make_app: AppFactory, fake_llm: FakeLlm, nc: Client, port: int
-) -> None:
+async def start_and_kill_task_svc(
+    nats_url: str, fake_llm: FakeLlm, port: int, prompt: str
+) -> tuple[str, int]:
+    """A task_svc process runs a task, watched until its first chunk, and is killed with -9
+    (no shutdown, no nak) while the generation holds: (the task id, the last seq seen)."""
     env = dict(
         os.environ,
         NATS_URL=nats_url,
@@ -184,16 +188,29 @@ async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
     try:
         async with insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = tasks_pb2_grpc.TaskServiceStub(channel)
-            request = tasks_pb2.SubmitRequest(task_id=task_id, user_id="alice", prompt="hold on")
+            request = tasks_pb2.SubmitRequest(task_id=task_id, user_id="alice", prompt=prompt)
             await stub.Submit(request, timeout=timeout(20), wait_for_ready=True)
-            async with asyncio.timeout(timeout(10)):
-                await fake_llm.started[task_id].wait()
-        process.kill()  # kill -9: no shutdown, no nak
+            watch = stub.Watch(tasks_pb2.WatchRequest(task_id=task_id, user_id="alice"))
+            seen = 0
+            async for response in watch:
+                if response.WhichOneof("kind") == "event":
+                    seen = response.event.seq
+                    if response.event.WhichOneof("kind") == "chunk":
+                        break
+            watch.cancel()
+        process.kill()
         process.wait(timeout=timeout(10))
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    return task_id, seen
+
+
+async def test_a_job_of_a_killed_task_svc_is_redelivered_and_completes(
+    nats_url: str, make_app: AppFactory, fake_llm: FakeLlm, nc: Client, port: int
+) -> None:
+    task_id, _seen = await start_and_kill_task_svc(nats_url, fake_llm, port, "hold on")
     # Recreates the durable consumer, so the unacked job comes back at once (not after the
     # 60 s ack_wait), and rebuilds the task before serving: the first Get already knows it.
     app = await make_app(task_job_ack_wait_s=60.0)
@@ -277,3 +294,31 @@ async def test_jobs_stored_before_sharding_run_after_the_upgrade(
     await eventually(emptied)
     names = [c.name for c in await js.consumers_info("SB_JOBS")]
     assert "task_svc" not in names
+
+
+async def test_a_job_run_before_is_recovered_even_when_it_arrives_after_the_take_over(
+    nats_url: str,
+    make_app: AppFactory,
+    fake_llm: FakeLlm,
+    port: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a cluster, the new consumer's first fetch may end before it has brought every job
+    back (its leader just moved), and the rest come as new deliveries of a new consumer
+    (delivered once). A job stored before the take-over is recovered all the same: its seq
+    continues above what its watchers saw and its text restarts."""
+    task_id, seen = await start_and_kill_task_svc(nats_url, fake_llm, port, "hold twice")
+
+    async def nothing_pending(_consumer: JobConsumer) -> list[Msg]:
+        return []
+
+    monkeypatch.setattr(JobConsumer, "take_pending", nothing_pending)
+    app = await make_app(task_job_ack_wait_s=60.0)
+    fake_llm.release(task_id)
+    async with insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        events = events_of(await watch_all(stub, task_id))
+    assert fake_llm.order == [task_id, task_id]
+    assert events[0].progress.message == "restarted"
+    assert events[0].seq > seen
+    assert events[-1].completed.content == "hold twice"
