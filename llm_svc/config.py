@@ -49,7 +49,11 @@ class Settings(BaseSettings):
     # open before one probe call.
     llm_breaker_failures: int = 5
     llm_breaker_reset_s: float = 30.0
-    # Per-user daily quotas (UTC days, counted in this process); 0 disables one.
+    # With NATS, rate limits and quotas are counted for every llm_svc replica together
+    # (fleet.py); empty: each replica counts for itself. Servers comma-separated.
+    nats_url: str = ""
+    nats_stream_replicas: int = 1  # JetStream replicas of the quota bucket
+    # Per-user daily quotas (UTC days); 0 disables one.
     llm_user_daily_requests: int = 20_000
     llm_user_daily_tokens: int = 5_000_000
     # Answers kept for when every model of a chain is down; 0 entries disables the cache.

@@ -10,13 +10,18 @@ A reservation may take the bucket below zero when the wait it implies is short (
 A longer wait is refused with RATE_LIMITED and its retry-after, so the retry policy can
 choose between waiting and the next model of the chain. A provider's own 429 with a
 retry-after pauses its buckets for that long, so we stop sending what it will refuse.
+
+With several llm_svc replicas calling one provider with one key, each replica's buckets
+would allow the whole budget: `share` (svckit/spend_share.py) tells the others what this one
+took, and `charge` takes what they took from ours, so the fleet keeps to one budget (a
+replica's 429 pause stays its own: the others hear their own 429s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -28,6 +33,7 @@ from switchboard.v1 import common_pb2
 
 Code = common_pb2.ErrorCode
 CHARS_PER_TOKEN = 4
+WINDOW_S = 60.0  # what a bucket refills in: older charges no longer count
 
 
 def estimate_request_tokens(request: ProviderRequest) -> int:
@@ -100,8 +106,12 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._scopes: dict[str, _Scope] = {}
+        # Told what this replica takes from each scope ([requests, tokens]): the others'.
+        self.share: Callable[[str, Sequence[float]], None] | None = None
+        # Other replicas' charges to scopes this one has not used yet: (when, amounts).
+        self._early: dict[str, list[tuple[float, Sequence[float]]]] = {}
 
-    def _buckets(self, model: ModelEntry) -> list[_Scope]:
+    def _buckets(self, model: ModelEntry) -> list[tuple[str, _Scope]]:
         key = self.key_ids.get(model.provider, "")
         scopes = []
         for name, limits in self.limits_for(model).items():
@@ -110,14 +120,36 @@ class RateLimiter:
             scope_id = f"{key}/{name}"
             scope = self._scopes.get(scope_id)
             if scope is None:
-                now = self._clock()
-                scope = _Scope(
-                    TokenBucket(limits.rpm, now) if limits.rpm else None,
-                    TokenBucket(limits.tpm, now) if limits.tpm else None,
-                )
-                self._scopes[scope_id] = scope
-            scopes.append(scope)
+                scope = self._scopes[scope_id] = self._new_scope(scope_id, limits)
+            scopes.append((scope_id, scope))
         return scopes
+
+    def _new_scope(self, scope_id: str, limits: Limits) -> _Scope:
+        """Full buckets, less what other replicas took from this scope in the last window."""
+        early = self._early.pop(scope_id, [])
+        start = early[0][0] if early else self._clock()
+        scope = _Scope(
+            TokenBucket(limits.rpm, start) if limits.rpm else None,
+            TokenBucket(limits.tpm, start) if limits.tpm else None,
+        )
+        for when, amounts in early:
+            _charge(scope, amounts, when)
+        return scope
+
+    def charge(self, spent: Mapping[str, Sequence[float]]) -> None:
+        """Other replicas took these ([requests, tokens] by scope) from the fleet's budget."""
+        now = self._clock()
+        for scope_id, amounts in spent.items():
+            scope = self._scopes.get(scope_id)
+            if scope is not None:
+                _charge(scope, amounts, now)
+                continue
+            early = [e for e in self._early.get(scope_id, []) if now - e[0] < WINDOW_S]
+            self._early[scope_id] = [*early, (now, amounts)]
+
+    def _told(self, scope_id: str, requests: float, tokens: float) -> None:
+        if self.share is not None:
+            self.share(scope_id, (requests, tokens))
 
     def reserve(self, model: ModelEntry, tokens: int) -> float:
         """Reserve one request and `tokens` in every scope of `model`; the seconds to wait
@@ -125,7 +157,7 @@ class RateLimiter:
         scopes = self._buckets(model)
         now = self._clock()
         wait = 0.0
-        for scope in scopes:
+        for _, scope in scopes:
             if scope.requests is not None:
                 wait = max(wait, scope.requests.wait_for(1, now))
             if scope.tokens is not None:
@@ -136,23 +168,22 @@ class RateLimiter:
                 f"rate limit of {model.provider} reached (our own limit, before calling)",
                 retry_after_ms=int(wait * 1000) + 1,
             )
-        for scope in scopes:
-            if scope.requests is not None:
-                scope.requests.take(1, now)
-            if scope.tokens is not None:
-                scope.tokens.take(tokens, now)
+        for scope_id, scope in scopes:
+            _charge(scope, (1, tokens), now)
+            self._told(scope_id, 1, tokens)
         return wait
 
     def settle(self, model: ModelEntry, reserved: int, used: int) -> None:
         """The call spent `used` tokens of the `reserved` estimate."""
         now = self._clock()
-        for scope in self._buckets(model):
-            if scope.tokens is not None:
-                scope.tokens.give(reserved - used, now)
+        for scope_id, scope in self._buckets(model):
+            if scope.tokens is not None and used != reserved:
+                _charge(scope, (0, used - reserved), now)
+                self._told(scope_id, 0, used - reserved)
 
     def pause(self, model: ModelEntry, seconds: float) -> None:
         now = self._clock()
-        for scope in self._buckets(model):
+        for _, scope in self._buckets(model):
             for bucket in (scope.requests, scope.tokens):
                 if bucket is not None:
                     bucket.pause(seconds, now)
@@ -175,3 +206,14 @@ class RateLimiter:
             if attempt.usage is not None:
                 used = attempt.usage.total_tokens
             self.settle(attempt.model, reserved, used)
+
+
+def _charge(scope: _Scope, amounts: Sequence[float], now: float) -> None:
+    """Take [requests, tokens] from the scope's buckets (a negative amount gives back)."""
+    for bucket, amount in zip((scope.requests, scope.tokens), amounts, strict=False):
+        if bucket is None or not amount:
+            continue
+        if amount > 0:
+            bucket.take(amount, now)
+        else:
+            bucket.give(-amount, now)

@@ -1,5 +1,6 @@
 """llm_svc assembled: settings → HTTP clients and providers → catalogue → guards (circuit
-breakers, rate limits), quota, cache → generator → gRPC server.
+breakers, rate limits), quota, cache → generator → gRPC server; with NATS_URL, the limits
+and quotas are shared with the other replicas (fleet.py).
 
 `LlmServer` is what `__main__` runs, and what other services' tests can start in-process
 (`LlmServer(Settings(llm_svc_listen="127.0.0.1:0", local_model_token_delay_ms=0))`).
@@ -15,11 +16,12 @@ from llm_svc.breaker import Breakers
 from llm_svc.cache import MemoryResponseCache
 from llm_svc.catalogue import Catalogue
 from llm_svc.config import Settings
+from llm_svc.fleet import Fleet
 from llm_svc.generation import Generator
 from llm_svc.limits import RateLimiter
 from llm_svc.policy import RetryPolicy
 from llm_svc.providers.registry import HttpClients, build_providers, key_ids
-from llm_svc.quota import MemoryQuota
+from llm_svc.quota import DailyQuota
 from llm_svc.service import SERVICE_NAME, LlmServicer
 from svckit.grpc_server import GrpcServer
 from switchboard.v1 import llm_pb2_grpc
@@ -53,7 +55,12 @@ class LlmServer:
             key_ids(self.providers),
             max_wait_s=settings.llm_rate_limit_max_wait_ms / 1000,
         )
-        self.quota = MemoryQuota(settings.llm_user_daily_requests, settings.llm_user_daily_tokens)
+        self.quota = DailyQuota(settings.llm_user_daily_requests, settings.llm_user_daily_tokens)
+        self.fleet: Fleet | None = None
+        if settings.nats_url:
+            self.fleet = Fleet(
+                settings.nats_url, settings.nats_stream_replicas, self.limiter, self.quota
+            )
         self.cache = MemoryResponseCache(settings.llm_cache_max_entries, settings.llm_cache_ttl_s)
         self.generator = Generator(
             self.catalogue,
@@ -78,6 +85,8 @@ class LlmServer:
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.fleet is not None:
+            self.fleet.start()
         log.info(
             "llm_svc ready",
             extra={
@@ -92,6 +101,8 @@ class LlmServer:
             return
         self._stopped = True
         await self.grpc.stop(self.settings.llm_shutdown_grace_s)
+        if self.fleet is not None:
+            await self.fleet.close()
         for provider in self.providers.values():
             await provider.aclose()
         await self.http.aclose()

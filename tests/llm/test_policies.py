@@ -17,7 +17,7 @@ from llm_svc.limits import RateLimiter, TokenBucket, estimate_request_tokens
 from llm_svc.policy import Attempt, CachedAnswer, RetryPolicy
 from llm_svc.providers.base import Provider, ProviderRequest, TokenUsage
 from llm_svc.providers.local import LocalProvider
-from llm_svc.quota import DAY_S, MemoryQuota
+from llm_svc.quota import DAY_S, DailyQuota
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, llm_pb2
 from tests.llm.fakes import Script, ScriptedProvider, failure
@@ -273,7 +273,7 @@ async def test_rate_limits_guard_the_generator() -> None:
 
 async def test_quota_counts_requests_and_tokens_per_utc_day() -> None:
     clock = Clock(now=10 * DAY_S + 3600.0)
-    quota = MemoryQuota(daily_requests=3, daily_tokens=100, clock=clock)
+    quota = DailyQuota(daily_requests=3, daily_tokens=100, clock=clock)
     await quota.admit("alice")
     await quota.record("alice", 60)
     await quota.admit("alice")
@@ -293,7 +293,7 @@ async def test_quota_counts_requests_and_tokens_per_utc_day() -> None:
 async def test_a_spent_quota_fails_fast_without_calling_a_provider() -> None:
     clock = Clock(now=5 * DAY_S)
     alpha = ScriptedProvider("alpha")
-    quota = MemoryQuota(daily_requests=0, daily_tokens=6, clock=clock)
+    quota = DailyQuota(daily_requests=0, daily_tokens=6, clock=clock)
     generator, _ = make({"local": LocalProvider(0), "alpha": alpha}, clock, quota=quota)
     final = (await run(generator, request())).final
     assert final.usage.total_tokens == 5
@@ -307,7 +307,7 @@ async def test_a_spent_quota_fails_fast_without_calling_a_provider() -> None:
 
 async def test_bad_requests_do_not_count_against_the_quota() -> None:
     clock = Clock()
-    quota = MemoryQuota(daily_requests=1, clock=clock)
+    quota = DailyQuota(daily_requests=1, clock=clock)
     generator, _ = make({"local": LocalProvider(0)}, clock, quota=quota)
     assert (await run(generator, request(prompt=" "))).error.code == (
         Code.ERROR_CODE_INVALID_REQUEST
