@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import nats.errors
@@ -33,6 +34,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from svckit.errors import ServiceError
+from svckit.nats import while_forming
 from switchboard.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -209,7 +211,9 @@ def quota_bucket_config(replicas: int) -> KeyValueConfig:
 async def open_quota_bucket(js: JetStreamContext, replicas: int) -> KeyValue:
     with contextlib.suppress(nats.js.errors.BucketNotFoundError):
         return await js.key_value(QUOTA_BUCKET)
-    return await js.create_key_value(quota_bucket_config(replicas))
+    return await while_forming(
+        QUOTA_BUCKET, partial(js.create_key_value, quota_bucket_config(replicas))
+    )
 
 
 def _key(day: int, user_id: str) -> str:

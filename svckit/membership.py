@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import nats.errors
 from nats.js.api import KeyValueConfig, StorageType
@@ -23,6 +24,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from svckit.nats import while_forming
 from svckit.shards import NODES_BUCKET, SHARDS_BUCKET, Lease, Member, shard_of, shard_of_key
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ async def ensure_buckets(js: JetStreamContext, lease_s: float, replicas: int) ->
         try:
             await js.key_value(config.bucket)
         except BucketNotFoundError:
-            await js.create_key_value(config)
+            await while_forming(config.bucket, partial(js.create_key_value, config))
             log.info("kv bucket created", extra={"bucket": config.bucket})
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import nats
 import nats.errors
@@ -20,11 +21,13 @@ from nats.aio.client import Client
 from nats.errors import NoServersError
 from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from svckit.shards import JOBS_SUBJECT_PREFIX, job_subject, shard_of
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MIN_SERVER_VERSION = (2, 11)
 
@@ -110,6 +113,8 @@ def servers_of(url: str) -> list[str]:
 
 
 ENSURE_ATTEMPTS = 5
+ENSURE_RETRY_S = 0.5
+NO_PEERS_FOR_PLACEMENT = 10005  # JetStream's error while a cluster peer is still joining
 
 
 class NatsVersionError(RuntimeError):
@@ -172,19 +177,27 @@ async def connect_nats(
     return nc
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream, or update it to `config` if it exists. On a NATS cluster a request
-    made while another process's stream is still forming may get no answer: it is asked
-    again, a few times."""
-    assert config.name is not None
+async def while_forming(what: str, request: Callable[[], Awaitable[T]]) -> T:
+    """Make a JetStream management request (create a stream or a bucket). On a NATS cluster
+    that has just formed, one may get no answer (another process's stream is still forming)
+    or "no suitable peers" (a peer is not known to be online yet): it is asked again, a few
+    times."""
     for attempt in range(1, ENSURE_ATTEMPTS + 1):
         try:
-            await _ensure_stream(js, config)
-            return
-        except nats.errors.TimeoutError:
-            if attempt == ENSURE_ATTEMPTS:
+            return await request()
+        except (TimeoutError, APIError) as error:
+            placement = isinstance(error, APIError) and error.err_code == NO_PEERS_FOR_PLACEMENT
+            if attempt == ENSURE_ATTEMPTS or not (placement or isinstance(error, TimeoutError)):
                 raise
-            log.warning("stream request unanswered; again", extra={"stream": config.name})
+            log.warning("jetstream not ready yet; again", extra={"for": what, "e": repr(error)})
+            await asyncio.sleep(ENSURE_RETRY_S)
+    raise AssertionError("unreachable")
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream, or update it to `config` if it exists."""
+    assert config.name is not None
+    await while_forming(config.name, lambda: _ensure_stream(js, config))
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -5,13 +5,21 @@ from __future__ import annotations
 import random
 
 import grpc
+import nats.errors
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nats.js.errors import APIError
 
 from svckit.backoff import full_jitter
 from svckit.errors import ERRORS, ServiceError
 from svckit.grpc_server import GrpcServer, insecure_channel
-from svckit.nats import connect_nats, ensure_stream, jobs_stream_config
+from svckit.nats import (
+    NO_PEERS_FOR_PLACEMENT,
+    connect_nats,
+    ensure_stream,
+    jobs_stream_config,
+    while_forming,
+)
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 
 Code = common_pb2.ErrorCode
@@ -72,3 +80,25 @@ def test_full_jitter_doubles_its_ceiling_up_to_the_cap() -> None:
         delays = [full_jitter(attempt, 0.5, 3.0) for _ in range(500)]
         assert min(delays) >= 0 and max(delays) <= ceiling
         assert max(delays) > 0.9 * ceiling  # drawn over the whole range, not a fixed step
+
+
+async def test_a_jetstream_request_is_asked_again_while_the_cluster_forms() -> None:
+    answers: list[BaseException | str] = [
+        APIError(code=400, err_code=NO_PEERS_FOR_PLACEMENT, description="peer offline"),
+        nats.errors.TimeoutError(),
+        "created",
+    ]
+
+    async def request() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    assert await while_forming("SB_TEST", request) == "created"
+
+    async def refused() -> str:
+        raise APIError(code=400, err_code=10058, description="stream name already in use")
+
+    with pytest.raises(APIError):  # any other refusal is final
+        await while_forming("SB_TEST", refused)
