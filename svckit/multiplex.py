@@ -249,6 +249,12 @@ class MuxClient(Generic[Item]):
         self._old: list[_Link[Item]] = []
         self.streams_opened = 0  # how many stream-stream calls were opened so far
 
+    @property
+    def calls(self) -> int:
+        """The logical calls open on the current stream."""
+        link = self._link
+        return len(link.queues) if link is not None and link.broken is None else 0
+
     def call(self) -> MuxCall[Item]:
         link = self._link
         if link is None or link.broken is not None:

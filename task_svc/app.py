@@ -87,7 +87,7 @@ class TaskApp:
         llm_channel = insecure_channel(settings.llm_svc_addr)
         llm = llm_pb2_grpc.LlmServiceStub(llm_channel)
         publisher = LifecyclePublisher(js)
-        llm_client = LlmClient(llm)
+        llm_client = LlmClient(llm, settings.task_llm_streams)
         store = JetStreamJobStore(
             nc,
             consumer=settings.task_consumer,

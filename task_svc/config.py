@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     nats_stream_replicas: int = 1  # JetStream replicas of the streams and buckets
     task_svc_listen: str = "127.0.0.1:50051"
     llm_svc_addr: str = "127.0.0.1:50052"
+    # GenerateMany streams to llm_svc: as many as its replicas behind LLM_SVC_ADDR, so that
+    # every replica gets generations (one replica: 1, every generation on one stream).
+    task_llm_streams: int = 1
 
     # Per model class (the `queue` llm_svc's ListModels gives each model), as JSON, e.g.
     # TASK_QUEUES='{"local": {"concurrency": 64}, "openai": {"concurrency": 8, "max_attempts": 5}}'.

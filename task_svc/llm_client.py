@@ -1,5 +1,8 @@
-"""task_svc's side of LlmService.GenerateMany: one gRPC stream to llm_svc carries every
-running generation (svckit/multiplex.py; llm_svc/multiplex.py is the other side).
+"""task_svc's side of LlmService.GenerateMany: a gRPC stream to llm_svc carries many running
+generations (svckit/multiplex.py; llm_svc/multiplex.py is the other side). With several
+llm_svc replicas behind one target, `streams` streams (TASK_LLM_STREAMS) are opened on the
+channel, which spreads them over the replicas (round_robin, svckit/grpc_server.py); each
+generation goes on the stream carrying the fewest.
 
 `generate(request)` reads like a call of its own: an async iterator of that generation's
 events, ending with its `final` or `error`. Closing it early (the worker was cancelled: a
@@ -33,18 +36,21 @@ def _split(batch: llm_pb2.GenerateBatch) -> Iterable[tuple[int, Event]]:
 
 
 class LlmClient:
-    def __init__(self, stub: llm_pb2_grpc.LlmServiceStub) -> None:
-        self.mux: MuxClient[Event] = MuxClient(
-            stub.GenerateMany,
-            _split,
-            lambda commands: llm_pb2.GenerateCommands(commands=commands),
-            "llm_svc",
-        )
+    def __init__(self, stub: llm_pb2_grpc.LlmServiceStub, streams: int = 1) -> None:
+        self.muxes: list[MuxClient[Event]] = [
+            MuxClient(
+                stub.GenerateMany,
+                _split,
+                lambda commands: llm_pb2.GenerateCommands(commands=commands),
+                "llm_svc",
+            )
+            for _ in range(max(streams, 1))
+        ]
 
     async def generate(self, request: llm_pb2.GenerateRequest) -> AsyncGenerator[Event, None]:
         """The events of one generation, up to and including its `final` or `error`; a broken
         stream raises its ServiceError."""
-        call = self.mux.call()
+        call = min(self.muxes, key=lambda mux: mux.calls).call()
         call.send(llm_pb2.GenerateCommand(id=call.id, start=request))
         ended = False
         try:
@@ -62,4 +68,5 @@ class LlmClient:
             call.close()
 
     async def close(self) -> None:
-        await self.mux.close()
+        for mux in self.muxes:
+            await mux.close()

@@ -185,6 +185,7 @@ class Cluster:
                 # The gateways' fallback; which task_svc owns a task is theirs to find.
                 "TASK_SVC_ADDR": _address(c.task_ports[0]),
                 "LLM_SVC_ADDR": llm_target,
+                "TASK_LLM_STREAMS": str(len(c.llm_ports)),  # one stream per llm_svc
                 "HISTORY_SVC_LISTEN": _address(c.persistence_port),
                 "HISTORY_SVC_ADDR": _address(c.persistence_port),
             }

@@ -15,7 +15,7 @@ from svckit.errors import ServiceError
 from svckit.grpc_server import insecure_channel
 from switchboard.v1 import llm_pb2, llm_pb2_grpc
 from task_svc.llm_client import LlmClient
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tests.llm.fakes import HangingProvider, settings
 from tests.llm.streams import check_stream
 
@@ -45,7 +45,7 @@ async def test_concurrent_generations_share_one_stream_and_each_gets_its_answer(
     )
     for prompt, events in zip(prompts, results, strict=True):
         assert check_stream(events).final.content == complete(prompt, 256).content
-    assert client.mux.streams_opened == 1  # one stream carried them all
+    assert client.muxes[0].streams_opened == 1  # one stream carried them all
 
 
 async def test_closing_one_generation_cancels_its_provider_and_not_the_others(
@@ -99,7 +99,38 @@ async def test_a_broken_stream_fails_its_generations_and_the_next_one_opens_a_ne
             assert broken.value.retryable
             with pytest.raises(ServiceError):  # still down: the new stream fails too
                 await asyncio.wait_for(events_of(client, "again"), timeout(5))
-            assert client.mux.streams_opened == 2
+            assert client.muxes[0].streams_opened == 2
             await client.close()
+    finally:
+        await second.shutdown()
+
+
+async def test_streams_spread_generations_over_the_replicas_of_one_target(
+    server: LlmServer,
+) -> None:
+    second = LlmServer(settings())
+    await second.start()
+    replicas = (server, second)
+    target = "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in replicas)
+    try:
+        async with insecure_channel(target) as channel:
+            stub = llm_pb2_grpc.LlmServiceStub(channel)
+
+            async def both_connected() -> bool:  # round_robin picks only among ready ones
+                warm = llm_pb2.GenerateRequest(request_id="w", user_id="warm", prompt="w")
+                async for _ in stub.Generate(warm, timeout=timeout(5)):
+                    pass
+                return all(r.quota.usage("warm")[0] > 0 for r in replicas)
+
+            await eventually(both_connected)
+            client = LlmClient(stub, streams=2)
+            prompts = [f"spread {i}" for i in range(8)]
+            answers = await asyncio.gather(*(events_of(client, p) for p in prompts))
+            await client.close()
+        assert [check_stream(a).final.content for a in answers] == [
+            complete(p, 256).content for p in prompts
+        ]
+        served = [r.quota.usage("alice")[0] for r in replicas]
+        assert sum(served) == 8 and min(served) > 0, served
     finally:
         await second.shutdown()
