@@ -9,7 +9,7 @@ tasks' events go out together, their PubAcks awaited at once, so a busy process 
 trip for many of them. If NATS is briefly unavailable a task's chain retries with backoff
 rather than lose the event.
 
-Snapshots (checkpoints: seq, owner and attempts only) go to
+Snapshots (checkpoints: seq, owner, attempts and the text so far) go to
 `switchboard.tasks.<task_id>.snapshot`, message id `<task_id>:snapshot:<seq>`; persistence_svc
 acks them without storing. They take the same chain as the task's lifecycle events, so the
 last message stored for a task always holds its highest stored seq.
@@ -168,6 +168,8 @@ class Stored:
     user_id: str
     attempts: int
     lifecycle: events_pb2.LifecycleEvent | None = None
+    content: str = ""  # a snapshot's text so far (a run cut mid-way continues it)
+    progress: float = 0.0
 
     @property
     def terminal(self) -> bool:
@@ -183,6 +185,8 @@ async def read_stored(js: JetStreamContext, task_id: str) -> Stored | None:
         return None
     if is_snapshot(raw.subject or ""):
         state = history_pb2.TaskSnapshot.FromString(raw.data or b"").state
-        return Stored(state.seq, state.user_id, state.attempts)
+        return Stored(
+            state.seq, state.user_id, state.attempts, content=state.content, progress=state.progress
+        )
     event = events_pb2.LifecycleEvent.FromString(raw.data or b"")
     return Stored(event.seq, event.user_id, event.attempt, event)

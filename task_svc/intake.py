@@ -9,7 +9,8 @@ then says whether it finished (restored, not rerun) or must run on.
 
 A job from a previous incarnation runs again unless its task had finished (then it is only
 removed), its seq continuing above anything a watcher may have seen (task_server.py,
-checkpoints) and its first event saying that the text restarts.
+checkpoints), its first event saying that the text restarts, and the text its last
+checkpoint held coming back at once, for the run to continue.
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ class Intake:
             self.registry.add(job.server)
             await self.runner.finish(job)  # re-published: the store drops the duplicate
             return
-        continue_seq(job, stored or Stored(0, job.spec.user_id, 0), self.seq_reserve)
-        self._enqueue(job, RESTARTED)
+        stored = stored or Stored(0, job.spec.user_id, 0)
+        continue_seq(job, stored, self.seq_reserve)
+        self._enqueue(job, RESTARTED, text=(stored.content, stored.progress))
 
     async def last_stored(self, task_id: str) -> Stored | None:
         """What was stored about a task; a failed lookup is logged and read as nothing."""
@@ -191,9 +193,19 @@ class Intake:
         if self.jobs.get(job.task_id) is job:
             del self.jobs[job.task_id]
 
-    def _enqueue(self, job: Job, restart: str = "", reset: tasks_pb2.Reset | None = None) -> None:
+    def _enqueue(
+        self,
+        job: Job,
+        restart: str = "",
+        reset: tasks_pb2.Reset | None = None,
+        text: tuple[str, float] = ("", 0.0),
+    ) -> None:
         """Put the task in QUEUED (with its position and eta), register its server, and put
         the job in its queue.
+
+        `text`: the text a recovered task's last checkpoint held, and its progress. Watchers
+        drop theirs at the restart and get this back at once, in one chunk; the run then
+        continues it (worker.py, `continue_from`) instead of generating it again.
 
         QUEUED is applied to the state directly, not through the mailbox: the server is not
         registered yet, so nothing else can reach it (no watcher, no message), and the ack
@@ -202,6 +214,8 @@ class Intake:
         position = job.queue.scheduler.position_for(job.spec.priority)
         eta_ms = job.queue.eta_ms(position)
         queued = job.server.core.queued(position, eta_ms, restart, reset)
+        if text[0]:
+            job.server.core.chunk(*text)
         self.registry.add(job.server)
         if queued is not None and queued.lifecycle is not None:
             self.publisher.publish(queued.lifecycle)

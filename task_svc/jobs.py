@@ -128,19 +128,20 @@ class JobEngine:
         if pending:
             log.info("jobs recovered", extra={"shard": shard, "count": len(pending)})
 
-    async def release(self, shard: int, grace_s: float) -> None:
+    async def release(self, shard: int, grace_s: float, *, keep_text: bool = True) -> None:
         """Hand `shard` over: refuse its new work, give its waiting jobs back at once, let
-        its running ones finish for `grace_s`, then cut them (the next holder resumes
-        them), and forget its tasks (their watchers are told to watch elsewhere)."""
+        its running ones finish for `grace_s`, then cut them (the next holder continues
+        their text), and forget its tasks (their watchers are told to watch elsewhere)."""
         self.shards.pop(shard, None)
         jobs = [job for job in self.jobs.values() if shard_of(job.task_id) == shard]
-        await self.runner.release(jobs, grace_s)
+        await self.runner.release(jobs, grace_s, keep_text=keep_text)
         await self.store.release(shard)
         self.servers.move_away(shard, not_here_for(shard))
 
     async def lose(self, shard: int) -> None:
-        """Stop `shard` at once (this node is cut off: another may own it already)."""
-        await self.release(shard, 0.0)
+        """Stop `shard` at once (this node is cut off: another may own it already, and
+        nothing more can be stored)."""
+        await self.release(shard, 0.0, keep_text=False)
 
     def owns(self, task_id: str) -> bool:
         return shard_of(task_id) in self.shards

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 from svckit.errors import ServiceError
+from svckit.nats import PUBLISH_TIMEOUT_S
 from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
 from task_svc.deadletters import dead_letter
 from task_svc.job import RESTARTED, RESUMING, Job
@@ -278,10 +279,9 @@ class Runner:
         if runs:
             await asyncio.wait(runs, timeout=grace_s)
         self.stopping = True
-        for job in list(self.jobs.values()):
-            if job.state is JobState.RUNNING and job.worker is not None:
-                job.worker.cancel()
+        cut = self._cut(list(self.jobs.values()))
         await asyncio.gather(*runs, return_exceptions=True)
+        self._keep_text(cut)  # the publisher's own close waits for them
         for job in list(self.jobs.values()):
             if job.state in WAITING_IN_QUEUE:
                 self._withdraw(job)
@@ -290,20 +290,42 @@ class Runner:
             task.cancel()
         await asyncio.gather(*self._owned, return_exceptions=True)
 
-    async def release(self, jobs: list[Job], grace_s: float) -> None:
+    async def release(self, jobs: list[Job], grace_s: float, *, keep_text: bool = True) -> None:
         """A shard's hand-over: its waiting jobs are let go at once, its running ones may
-        finish for `grace_s`, then are cut; all stay stored for the shard's next holder."""
+        finish for `grace_s`, then are cut; all stay stored for the shard's next holder,
+        with a checkpoint of each cut run's text, which the next holder continues
+        (`keep_text`; not when NATS is out of reach: the last periodic one stands)."""
         for job in jobs:
             job.released = True
         self._let_go_waiting(jobs)
         runs = [j.runner for j in jobs if j.runner and not j.runner.done()]
         if runs:
             await asyncio.wait(runs, timeout=grace_s)
-        for job in jobs:
-            if job.state is JobState.RUNNING and job.worker is not None:
-                job.worker.cancel()
+        cut = self._cut(jobs)
         await asyncio.gather(*runs, return_exceptions=True)
         self._let_go_waiting(jobs)  # gone back to waiting (a retry) meanwhile
+        stored = self._keep_text(cut) if keep_text else []
+        if stored:
+            await asyncio.wait(stored, timeout=PUBLISH_TIMEOUT_S)
+
+    @staticmethod
+    def _cut(jobs: list[Job]) -> list[Job]:
+        """Cancel the running ones' workers (their runners end them); those cut."""
+        cut = [job for job in jobs if job.state is JobState.RUNNING and job.worker is not None]
+        for job in cut:
+            assert job.worker is not None
+            job.worker.cancel()
+        return cut
+
+    def _keep_text(self, cut: list[Job]) -> list[asyncio.Future[None]]:
+        """A checkpoint of each cut run that had streamed text: its next run, here after a
+        restart or at the shard's next holder, continues from there (intake.py)."""
+        cores = [job.server.core for job in cut]
+        return [
+            self.publisher.publish_snapshot(core.snapshot_message())
+            for core in cores
+            if core.content and not core.terminal
+        ]
 
     def _let_go_waiting(self, jobs: list[Job]) -> None:
         for job in jobs:

@@ -393,13 +393,16 @@ class TaskCore:
 
     def snapshot_message(self) -> history_pb2.TaskSnapshot:
         """A checkpoint of this task for SB_TASK_EVENTS (history.proto, TaskSnapshot): only
-        what recovery reads back (events.read_stored: seq, owner, attempts), not the text."""
+        what recovery reads back (events.read_stored): seq, owner, attempts, and the text so
+        far with its progress, which the task's next run continues (intake.py)."""
         state = common_pb2.TaskState(
             task_id=self.task_id,
             user_id=self.user_id,
             status=self.status,
             seq=self.seq,
             attempts=self.attempts,
+            content=self.content,
+            progress=self.progress,
         )
         return history_pb2.TaskSnapshot(state=state, taken_at=timestamp(now_ns()))
 

@@ -41,7 +41,10 @@ class Recorder:
 
     def publish_snapshot(self, snapshot: history_pb2.TaskSnapshot) -> asyncio.Future[None]:
         state = snapshot.state
-        self.store.stored[state.task_id] = Stored(state.seq, state.user_id, state.attempts)
+        self.store.stored[state.task_id] = Stored(
+            state.seq, state.user_id, state.attempts, content=state.content, progress=state.progress
+        )
+        self.store.log.append(("snapshot", state.content))
         return self._stored()
 
     def kinds(self, task_id: str) -> list[str]:
@@ -51,13 +54,15 @@ class Recorder:
 class ScriptedLlm(LlmClient):
     """Echoes the prompt's words. `hold ...` waits after the first word until `release`;
     `fail ...` is refused (not retryable); `flaky ...` is rate limited on its first two
-    runs. Records the order of starts and sees cancellations."""
+    runs. A run asked to continue a text (`continue_from`) streams only the words after it.
+    Records the order of starts, what each was asked to continue, and cancellations."""
 
     def __init__(self) -> None:  # no stub: nothing to connect to
         self.order: list[str] = []
         self.releases: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.started: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.cancelled: set[str] = set()
+        self.continued: defaultdict[str, list[str]] = defaultdict(list)  # continue_from
 
     def release(self, task_id: str) -> None:
         self.releases[task_id].set()
@@ -68,6 +73,7 @@ class ScriptedLlm(LlmClient):
         task_id = request.request_id
         self.order.append(task_id)
         self.started[task_id].set()
+        self.continued[task_id].append(request.continue_from)
         try:
             if request.prompt.startswith("flaky") and self.order.count(task_id) <= 2:
                 error = common_pb2.Error(
@@ -86,6 +92,9 @@ class ScriptedLlm(LlmClient):
             words = request.prompt.split()
             for index, word in enumerate(words):
                 text = word if index == 0 else " " + word
+                so_far = " ".join(words[: index + 1])
+                if request.continue_from.startswith(so_far):
+                    continue  # the text so far has it
                 yield llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text=text))
                 if index == 0 and request.prompt.startswith("hold"):
                     await self.releases[task_id].wait()

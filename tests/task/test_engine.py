@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from svckit.errors import ServiceError
+from svckit.shards import shard_of
 from switchboard.v1 import common_pb2
 from task_svc.config import Settings, engine_config
 from task_svc.events import Stored
@@ -20,7 +21,7 @@ from task_svc.jobs import JobEngine
 from task_svc.memory_store import MemoryJobStore
 from task_svc.store import Pending
 from task_svc.task_state import TaskCore, TaskSpec
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tests.task.fakes import Recorder, ScriptedLlm
 
 Code = common_pb2.ErrorCode
@@ -467,3 +468,32 @@ async def test_a_loop_crashing_past_the_intensity_breaks_the_engine(llm: Scripte
         assert store.runs == 6  # the first run and five restarts
     finally:
         await e.engine.shutdown(0)
+
+
+async def test_a_run_cut_by_a_hand_over_continues_its_text_at_the_next_holder(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    first = await make_engine()
+    task = await first.submit("hold on to this")
+    server = await first.engine.find(task.task_id)
+    assert server is not None
+
+    async def first_word_streamed() -> bool:  # then the run holds
+        return server.core.content == "hold"
+
+    await eventually(first_word_streamed)
+    seen = server.core.seq
+    await first.engine.release(shard_of(task.task_id), grace_s=0.0)
+    assert task.task_id in llm.cancelled
+    assert ("snapshot", "hold") in store.log  # checkpointed before the shard was let go
+
+    second = await make_engine()  # the shard's next holder, on the same store
+    await second.reached("finished", task.task_id)
+    done = await second.engine.find(task.task_id)
+    assert done is not None and done.core.content == "hold on to this"
+    assert llm.continued[task.task_id] == ["", "hold"]  # not generated again
+    events = done.core.events_after(seen)
+    restart, replay = events[0], events[1]
+    assert restart.progress.HasField("reset") and restart.seq > seen
+    assert replay.chunk.delta == "hold"  # the text so far, back at once after the reset
+    assert "".join(e.chunk.delta for e in events) == "hold on to this"
