@@ -78,4 +78,4 @@ class Settings(BaseSettings):
     # processes (`make cluster` runs two). Off, a second process on the port fails to bind.
     gateway_reuse_port: bool = False
     # `host:port` of the Prometheus /metrics endpoint (svckit.metrics); empty = off.
-    gateway_metrics_listen: str = ""
+    gateway_metrics_listen: str = "127.0.0.1:9100"

@@ -153,6 +153,7 @@ class Connection:
         while not self._closing:
             try:
                 data = await ws.recv()
+                self.metrics.frames_in += 1
             except ConnectionClosed as closed:
                 if closed.sent is not None and closed.sent.code == CLOSE_TOO_BIG:
                     # websockets refused a frame over max_size (GATEWAY_MAX_FRAME_BYTES).
@@ -214,6 +215,7 @@ class Connection:
         the outbox behind the others."""
         if self._closing:
             return
+        self.metrics.frames_out += 1
         data = phoenix.encode(message, self.vsn)
         if (
             self._writer is None

@@ -1,14 +1,20 @@
 """The gateway's Prometheus metrics, on one registry per `Gateway` (tests build several).
 
-Label values come from small fixed sets (never a user id, topic or token), so cardinality is
-bounded whatever clients send.
+Label values come from small fixed sets (never a user id, topic or token; a model is one the
+catalogue resolved), so cardinality is bounded whatever clients send. The `switchboard_*`
+names are the ones dashboards and alerts rely on (deploy/monitoring/). Frames are counted in
+plain integers and exported at scrape time: a Counter's lock per frame would be the costliest
+thing a frame does here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from gateway_svc.channels import LIMIT_CHANNELS as LIMIT_CHANNELS  # GATEWAY_MAX_CHANNELS
 
@@ -28,12 +34,45 @@ REFUSED_VSN = "unsupported_vsn"
 REFUSED_TOO_MANY = "too_many_connections"
 
 
+ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+STREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.connections = Gauge("gateway_connections", "Open sockets.", registry=r)
-        self.channels = Gauge("gateway_channels", "Joined task channels.", registry=r)
+        self.connections = Gauge("switchboard_sockets", "Open sockets.", registry=r)
+        self.channels = Gauge("switchboard_channels", "Joined task channels.", registry=r)
+        self.ack = Histogram(
+            "switchboard_ack_seconds",
+            "llm_generate push to its reply (accepted or refused), in the gateway.",
+            buckets=ACK_BUCKETS,
+            registry=r,
+        )
+        self.first_chunk = Histogram(
+            "switchboard_first_chunk_seconds",
+            "Accepted llm_generate to the task's first chunk pushed, by model.",
+            ["model"],
+            buckets=STREAM_BUCKETS,
+            registry=r,
+        )
+        self.generation = Histogram(
+            "switchboard_generation_seconds",
+            "Accepted llm_generate to the task's end pushed (answer or error), by model.",
+            ["model"],
+            buckets=STREAM_BUCKETS,
+            registry=r,
+        )
+        self.closes = Counter(
+            "switchboard_socket_closes",
+            "Sockets closed, by WebSocket close code (1006: dropped without one).",
+            ["code"],
+            registry=r,
+        )
+        self.frames_in = 0  # exported by _FrameCounts
+        self.frames_out = 0
+        r.register(_FrameCounts(self))
         self.connects = Counter("gateway_connects", "Accepted socket connects.", registry=r)
         self.refused = Counter(
             "gateway_connects_refused",
@@ -96,3 +135,18 @@ class GatewayMetrics:
         if child is None:
             child = self._pushed[event] = self.pushes.labels(event)
         child.inc()
+
+
+class _FrameCounts(Collector):
+    """`switchboard_frames_total{direction}` from the gateway's plain frame counters."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        frames = CounterMetricFamily(
+            "switchboard_frames", "WebSocket frames, by direction.", labels=["direction"]
+        )
+        frames.add_metric(["in"], self.metrics.frames_in)
+        frames.add_metric(["out"], self.metrics.frames_out)
+        yield frames

@@ -277,5 +277,6 @@ class Gateway:
         finally:
             self._live.discard(connection)
             self.metrics.connections.dec()
+            self.metrics.closes.labels(str(ws.close_code or 1006)).inc()
             self._handlers -= 1
             self._check_idle()

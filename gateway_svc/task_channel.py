@@ -91,6 +91,7 @@ class TaskChannel:
         self._inbox: collections.deque[Message] = collections.deque()
         self._pump: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._timing: _Timing | None = None  # of the generation accepted on this channel
 
     # -- join -------------------------------------------------------------------------------
 
@@ -207,11 +208,14 @@ class TaskChannel:
                 continue
             event = message.event
             self._new_since = None  # submitted: only task_svc knows what became of it
-            self._terminal = self._terminal or tp.is_terminal(event)
+            ends = tp.is_terminal(event)
+            self._terminal = self._terminal or ends
             self._last_seq = max(self._last_seq, event.seq)
             push = tp.event_push(event)
             if push is not None:
                 self.metrics.pushed(push[0])
+                if self._timing is not None:
+                    self._timed(push[0], ends)
                 async with self._out:
                     await self._send(Message(self.join_ref, None, self.topic, *push))
 
@@ -247,10 +251,24 @@ class TaskChannel:
                 await self._reply(message.ref, "error", {"reason": "unknown event"})
 
     async def _generate(self, message: Message) -> None:
-        response = await self._submit(message)
+        started = time.monotonic()
+        response = await self._submit(message, started)
+        self.metrics.ack.observe(time.monotonic() - started)
         self.metrics.generates.labels("ok" if response is None else "error").inc()
 
-    async def _submit(self, message: Message) -> dict[str, Any] | None:
+    def _timed(self, event: str, ends: bool) -> None:
+        """Time the accepted generation's first chunk and its end (this channel's pushes)."""
+        timing = self._timing
+        assert timing is not None
+        elapsed = time.monotonic() - timing.started
+        if event == "chunk" and not timing.chunked:
+            timing.chunked = True
+            self.metrics.first_chunk.labels(timing.model).observe(elapsed)
+        elif ends:
+            self._timing = None
+            self.metrics.generation.labels(timing.model).observe(elapsed)
+
+    async def _submit(self, message: Message, started: float) -> dict[str, Any] | None:
         """Validate, rate-limit, Submit, reply; the error response when refused. Checks run
         cheapest first, so a refused push never reaches task_svc."""
         try:
@@ -290,6 +308,8 @@ class TaskChannel:
                 await self._reply(message.ref, "error", error_response)
                 return error_response
             await self._reply(message.ref, "ok", tp.submit_reply(self.task_id, response))
+            if not response.duplicate:
+                self._timing = _Timing(started, response.state.model or "default")
             return None
 
     async def _store_here(
@@ -332,3 +352,12 @@ class TaskChannel:
             self._watch.cancel()
         me = asyncio.current_task()
         await cancel_and_wait(*(t for t in (self._pump, self._worker) if t is not me))
+
+
+@dataclass
+class _Timing:
+    """When this channel's generation was pushed, and for which model (the catalogue's)."""
+
+    started: float
+    model: str
+    chunked: bool = False

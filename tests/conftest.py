@@ -14,9 +14,15 @@ from typing import TypeVar
 import pytest
 
 from tools.natsserver import NatsServer, free_port, start_nats
+from tools.stack import METRICS_LISTEN
 
 T = TypeVar("T")
 TIMEOUT_SCALE = float(os.environ.get("SB_TEST_TIMEOUT_SCALE", "1"))
+
+# A service a test starts as a process binds its /metrics on a free port, not on the fixed
+# one `make run` uses (which may be running beside the tests).
+for _setting in METRICS_LISTEN.values():
+    os.environ.setdefault(_setting, "127.0.0.1:0")
 
 
 def timeout(seconds: float) -> float:

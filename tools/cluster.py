@@ -31,6 +31,8 @@ from typing import IO
 from tools.natsserver import ClusterNode, free_port, guarded, node_ready
 from tools.stack import (
     DEFAULT_NICE,
+    METRICS_LISTEN,
+    METRICS_PORTS,
     ROOT,
     Instance,
     Processes,
@@ -55,7 +57,6 @@ class ClusterConfig:
     var_dir: Path = ROOT / "var" / "cluster"
     gateway_port: int = 4000
     gateway_grpc_ports: list[int] = field(default_factory=lambda: [50050, 50060])
-    gateway_metrics_ports: list[int] = field(default_factory=lambda: [9400, 9401])
     task_ports: list[int] = field(default_factory=lambda: [50051, 50061, 50071])
     llm_ports: list[int] = field(default_factory=lambda: [50052, 50062])
     persistence_port: int = 50053
@@ -77,7 +78,6 @@ class ClusterConfig:
             var_dir=var_dir,
             gateway_port=free_port(),
             gateway_grpc_ports=free(2),
-            gateway_metrics_ports=free(2),
             task_ports=free(3),
             llm_ports=free(2),
             persistence_port=free_port(),
@@ -115,6 +115,7 @@ class Cluster:
         logs = config.var_dir / "logs" if config.log_to_files else None
         self.group = Processes(self.env, logs)
         self.task_ports: dict[str, int] = {}
+        self.metrics_ports: dict[str, int] = {}  # by instance name
         for node in self.nodes:
             self.group.add(self._nats_instance(node))
         for i, port in enumerate(config.llm_ports, start=1):
@@ -123,12 +124,8 @@ class Cluster:
         self._add_service("persistence_svc", 1, config.persistence_port, {})
         for i, port in enumerate(config.task_ports, start=1):
             self._add_task_svc(i, port)
-        ports = zip(config.gateway_grpc_ports, config.gateway_metrics_ports, strict=True)
-        for i, (grpc_port, metrics_port) in enumerate(ports, start=1):
-            env = {
-                "GATEWAY_GRPC_LISTEN": _address(grpc_port),
-                "GATEWAY_METRICS_LISTEN": _address(metrics_port),
-            }
+        for i, grpc_port in enumerate(config.gateway_grpc_ports, start=1):
+            env = {"GATEWAY_GRPC_LISTEN": _address(grpc_port)}
             self._add_service("gateway_svc", i, grpc_port, env)
 
     # -- the layout -------------------------------------------------------------------
@@ -147,6 +144,9 @@ class Cluster:
 
     def _add_service(self, service: str, n: int, port: int, env: dict[str, str]) -> str:
         name = f"{service}-{n}"
+        metrics_port = self._metrics_port(service, n)
+        self.metrics_ports[name] = metrics_port
+        env = {**env, METRICS_LISTEN[service]: _address(metrics_port)}
         self.group.add(
             Instance(
                 name,
@@ -219,7 +219,18 @@ class Cluster:
 
     @property
     def gateway_metrics_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}/metrics" for port in self.config.gateway_metrics_ports]
+        return [self.metrics_url(name) for name in self.names("gateway_svc")]
+
+    def metrics_url(self, name: str) -> str:
+        """The `/metrics` endpoint of instance `name` (e.g. `task_svc-2`)."""
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
+
+    def _metrics_port(self, service: str, n: int) -> int:
+        """`make run`'s metrics port for the first instance, ten above for each further one
+        (like the gRPC ports); free ports for tests."""
+        if self.config.free_ports:
+            return free_port()
+        return METRICS_PORTS[service] + 10 * (n - 1)
 
     def names(self, service: str) -> list[str]:
         """The instances of `service` ("task_svc", "nats"), in start order."""

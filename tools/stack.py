@@ -33,6 +33,15 @@ from tools.natsserver import NatsServer, free_port, start_nats
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("llm_svc", "persistence_svc", "task_svc", "gateway_svc")
 COLOURS = {"nats": 90, "llm_svc": 35, "persistence_svc": 34, "task_svc": 33, "gateway_svc": 36}
+# Each service's Prometheus /metrics endpoint: the setting, and `make run`'s port (the
+# services' own defaults; tests use free ports).
+METRICS_LISTEN = {
+    "gateway_svc": "GATEWAY_METRICS_LISTEN",
+    "task_svc": "TASK_METRICS_LISTEN",
+    "llm_svc": "LLM_METRICS_LISTEN",
+    "persistence_svc": "PERSISTENCE_METRICS_LISTEN",
+}
+METRICS_PORTS = {"gateway_svc": 9100, "task_svc": 9101, "llm_svc": 9102, "persistence_svc": 9103}
 EMBEDDED_NATS_PORT = 4223  # not 4222: machines here may run their own (older) NATS there
 # The CPU priority of each service (its nice value) when the whole stack shares a machine: the
 # acks' path (gateway_svc, and nats-server at 0) first, the streams next, history last. With
@@ -68,6 +77,7 @@ class StackConfig:
             "persistence_svc": 50053,
         }
     )
+    metrics_ports: dict[str, int] = field(default_factory=lambda: dict(METRICS_PORTS))
     nats_url: str | None = None  # None: start an embedded nats-server
     nats_port: int = EMBEDDED_NATS_PORT
     database_url: str | None = None  # None: SQLite under var_dir
@@ -82,6 +92,7 @@ class StackConfig:
             var_dir=var_dir,
             gateway_port=free_port(),
             grpc_ports=ports,
+            metrics_ports={name: free_port() for name in SERVICES},
             nats_port=free_port(),
             log_to_files=True,
             **kwargs,  # type: ignore[arg-type]
@@ -89,6 +100,9 @@ class StackConfig:
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.grpc_ports[service]}"
+
+    def metrics_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
 
     @property
     def socket_url(self) -> str:
@@ -384,6 +398,8 @@ class Stack:
                 "HISTORY_SVC_ADDR": c.address("persistence_svc"),
             }
         )
+        for service, setting in METRICS_LISTEN.items():
+            env[setting] = f"127.0.0.1:{c.metrics_ports[service]}"
         env.update(c.extra_env)
         return env
 

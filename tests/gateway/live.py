@@ -53,13 +53,13 @@ class Stack:
         except TimeoutError:
             raise AssertionError(
                 "not drained: "
-                f"sockets={self.metric('gateway_connections')} "
-                f"channels={self.metric('gateway_channels')} "
+                f"sockets={self.metric('switchboard_sockets')} "
+                f"channels={self.metric('switchboard_channels')} "
                 f"user_slots={self.gateway.user_connections.open} "
                 f"watches={self.fake.active_watches}"
             ) from None
-        assert self.metric("gateway_connections") == 0
-        assert self.metric("gateway_channels") == 0
+        assert self.metric("switchboard_sockets") == 0
+        assert self.metric("switchboard_channels") == 0
         assert self.gateway.user_connections.open == {}
 
 

@@ -42,7 +42,7 @@ async def test_connect_refused_with_403_before_upgrade(stack: Stack) -> None:
     with pytest.raises(InvalidStatus) as missing:
         await connect(f"ws://127.0.0.1:{stack.gateway.port}/other?token={stack.token()}")
     assert missing.value.response.status_code == 404
-    assert stack.metric("gateway_connections") == 0
+    assert stack.metric("switchboard_sockets") == 0
     assert stack.metric("gateway_connects_refused_total", reason="missing_token") == 1
     assert stack.metric("gateway_connects_refused_total", reason="invalid_token") == 1
     assert stack.metric("gateway_connects_refused_total", reason="expired_token") == 1
@@ -293,3 +293,26 @@ def test_token_from_subprotocol_accepts_both_base64_alphabets() -> None:
     assert token_from_subprotocols(Headers([("Sec-WebSocket-Protocol", "phoenix")])) is None
     bad = Headers([("Sec-WebSocket-Protocol", "base64url.bearer.phx.%%%")])
     assert token_from_subprotocols(bad) is None
+
+
+async def test_a_generation_is_timed_and_its_frames_and_close_counted(stack: Stack) -> None:
+    t = topic()
+    async with connect(stack.url()) as ws:
+        await send(ws, ["1", "1", t, "phx_join", {}])
+        await recv(ws)
+        await send(ws, ["1", "2", t, "llm_generate", {"prompt": "hi"}])
+        await recv(ws)  # the ack
+        assert stack.metric("switchboard_ack_seconds_count") == 1
+        assert stack.metric("switchboard_first_chunk_seconds_count", model="local-small") == 0
+        await stack.fake.run(t.removeprefix("task:"))
+        async with asyncio.timeout(timeout(5)):
+            while (await recv(ws))[3] != "llm_response":
+                pass
+        assert stack.metric("switchboard_first_chunk_seconds_count", model="local-small") == 1
+        assert stack.metric("switchboard_generation_seconds_count", model="local-small") == 1
+        assert stack.metric("switchboard_generation_seconds_sum", model="local-small") > 0
+        assert stack.metric("switchboard_frames_total", direction="in") == 2
+        # The join and generate replies, the queued and started progress, two chunks, the end.
+        assert stack.metric("switchboard_frames_total", direction="out") == 7
+    await stack.wait_drained()
+    assert stack.metric("switchboard_socket_closes_total", code="1000") == 1
