@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/switchboard/v1/*.proto)
 JS     := tests/js/node_modules/.package-lock.json
+PROMTOOL := $(VENV)/bin/promtool
 USER   ?= dev
 
 # gRPC's C core logs transport chatter at INFO; our services log for themselves.
@@ -48,7 +49,14 @@ run: $(STAMP) check-protos
 cluster: $(STAMP) check-protos
 	$(PY) -m tools.cluster
 
-test: $(STAMP) $(JS) check-protos lint
+# promtool checks and unit-tests deploy/monitoring/alerts.yaml (tests/test_monitoring.py):
+# taken from Debian's prometheus package, unpacked, nothing installed system-wide.
+$(PROMTOOL): | $(STAMP)
+	rm -rf $(VENV)/.prometheus && mkdir -p $(VENV)/.prometheus
+	cd $(VENV)/.prometheus && apt-get download prometheus >/dev/null 2>&1 && dpkg-deb -x prometheus_*.deb .
+	cp $(VENV)/.prometheus/usr/bin/promtool $(PROMTOOL) && rm -rf $(VENV)/.prometheus
+
+test: $(STAMP) $(JS) $(PROMTOOL) check-protos lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -17,6 +17,7 @@ from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.metrics import GatewayMetrics
 from gateway_svc.server import Gateway
 from gateway_svc.tokens import SecretConfigError, secret_from
+from svckit import tracing
 from svckit.catalog import ModelCatalog
 from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.lifecycle import freeze_startup_objects, run_service
@@ -32,6 +33,7 @@ DIRECT_CONNECT_TIMEOUT_S = 10.0
 
 
 async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
+    tracing.setup("gateway_svc", settings.otel_exporter_otlp_endpoint)
     channel = insecure_channel(settings.task_svc_addr)  # every socket's Watch streams
     # Submits (one SubmitMany stream) and Cancel on a connection of their own: an ack never
     # queues behind the watches' traffic.
@@ -72,6 +74,7 @@ async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
             await direct.close()
         if exporter is not None:
             exporter.close()
+        tracing.shutdown()
 
 
 async def direct_submit(settings: Settings) -> DirectSubmit | None:

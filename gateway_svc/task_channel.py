@@ -26,6 +26,7 @@ from gateway_svc.limits import RateLimiter
 from gateway_svc.phoenix import Message, reply
 from gateway_svc.routes import RETRY_FOR_S, REWATCH_FOR_S, Owner, TaskRoutes, moved
 from gateway_svc.watches import Watch
+from svckit import tracing
 from svckit.errors import ServiceError
 from svckit.lifecycle import cancel_and_wait
 from svckit.requests import MAX_PROMPT_CHARS, InvalidRequest, TooLong
@@ -252,9 +253,11 @@ class TaskChannel:
 
     async def _generate(self, message: Message) -> None:
         started = time.monotonic()
-        response = await self._submit(message, started)
+        span = tracing.start("llm_generate", attributes={"task_id": self.task_id})
+        response = await self._submit(message, started, tracing.traceparent(span))
         self.metrics.ack.observe(time.monotonic() - started)
         self.metrics.generates.labels("ok" if response is None else "error").inc()
+        tracing.end(span, error=response["reason"] if response is not None else "")
 
     def _timed(self, event: str, ends: bool) -> None:
         """Time the accepted generation's first chunk and its end (this channel's pushes)."""
@@ -268,13 +271,16 @@ class TaskChannel:
             self._timing = None
             self.metrics.generation.labels(timing.model).observe(elapsed)
 
-    async def _submit(self, message: Message, started: float) -> dict[str, Any] | None:
+    async def _submit(
+        self, message: Message, started: float, traceparent: str
+    ) -> dict[str, Any] | None:
         """Validate, rate-limit, Submit, reply; the error response when refused. Checks run
         cheapest first, so a refused push never reaches task_svc."""
         try:
             request = tp.submit_request(
                 self.task_id, self.user, message.payload, self.deps.max_prompt_chars
             )
+            request.traceparent = traceparent
         except InvalidRequest as error:
             if isinstance(error, TooLong):
                 self.metrics.limit(m.LIMIT_PROMPT_SIZE)

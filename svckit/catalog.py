@@ -95,6 +95,7 @@ def job_of(request: tasks_pb2.SubmitRequest, model: ResolvedModel) -> events_pb2
         model=model.model,
         priority=request.priority,
         options=request.options,
+        traceparent=request.traceparent,
     )
     job.submitted_at.GetCurrentTime()
     return job

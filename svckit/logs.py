@@ -1,7 +1,8 @@
 """Structured logs: one JSON object per line on stderr.
 
 Call `log.info("task accepted", extra={"task_id": ...})`; every key of `extra` becomes a
-field. Secrets are never passed here: settings objects hold them as SecretStr.
+field. A line logged inside a traced span carries its `trace_id` (svckit/tracing.py).
+Secrets are never passed here: settings objects hold them as SecretStr.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from svckit.tracing import current_trace_id
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -32,6 +35,9 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
+        trace_id = current_trace_id()  # inside a span: the line joins its trace
+        if trace_id and "trace_id" not in entry:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()

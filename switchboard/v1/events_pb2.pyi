@@ -132,11 +132,14 @@ class Job(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     SUBMITTED_AT_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     user_id: _builtins.str
     prompt: _builtins.str
     model: _builtins.str
     priority: _builtins.int
+    traceparent: _builtins.str
+    """W3C trace context of the submit's span; empty: not traced"""
     @_builtins.property
     def options(self) -> _common_pb2.GenerationOptions: ...
     @_builtins.property
@@ -151,10 +154,11 @@ class Job(_message.Message):
         priority: _builtins.int = ...,
         options: _common_pb2.GenerationOptions | None = ...,
         submitted_at: _timestamp_pb2.Timestamp | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "submitted_at", b"submitted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "priority", b"priority", "prompt", b"prompt", "submitted_at", b"submitted_at", "task_id", b"task_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "priority", b"priority", "prompt", b"prompt", "submitted_at", b"submitted_at", "task_id", b"task_id", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

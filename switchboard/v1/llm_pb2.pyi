@@ -29,6 +29,7 @@ class GenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     CONTINUE_FROM_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """the task id, for logs and idempotency"""
     user_id: _builtins.str
@@ -39,6 +40,8 @@ class GenerateRequest(_message.Message):
     """The text the caller already has from an earlier run of this generation that was cut:
     it is continued, not repeated. Deltas carry only the new text; `final.content` is all.
     """
+    traceparent: _builtins.str
+    """W3C trace context of the task's run; empty: not traced"""
     @_builtins.property
     def options(self) -> _common_pb2.GenerationOptions: ...
     def __init__(
@@ -50,10 +53,11 @@ class GenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         options: _common_pb2.GenerationOptions | None = ...,
         continue_from: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_from", b"continue_from", "model", b"model", "options", b"options", "prompt", b"prompt", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_from", b"continue_from", "model", b"model", "options", b"options", "prompt", b"prompt", "request_id", b"request_id", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,6 +30,7 @@ class SubmitRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """a UUID chosen by the client (the channel topic)"""
     user_id: _builtins.str
@@ -38,6 +39,8 @@ class SubmitRequest(_message.Message):
     """empty: the default model"""
     priority: _builtins.int
     """0 (highest) - 9"""
+    traceparent: _builtins.str
+    """W3C trace context of the caller's span (svckit/tracing.py); empty when not traced."""
     @_builtins.property
     def options(self) -> _common_pb2.GenerationOptions: ...
     def __init__(
@@ -49,10 +52,11 @@ class SubmitRequest(_message.Message):
         model: _builtins.str = ...,
         priority: _builtins.int = ...,
         options: _common_pb2.GenerationOptions | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "priority", b"priority", "prompt", b"prompt", "task_id", b"task_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "options", b"options", "priority", b"priority", "prompt", b"prompt", "task_id", b"task_id", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

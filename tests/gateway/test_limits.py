@@ -109,7 +109,7 @@ async def test_channel_limit_is_replied_and_counted(stack: Stack) -> None:
             {"status": "error", "response": {"reason": "too many channels joined"}},
         ]
         assert stack.metric("gateway_limit_hits_total", limit="channels_per_socket") == 1
-        assert stack.metric("gateway_channels") == 1
+        assert stack.metric("switchboard_channels") == 1
 
 
 @pytest.mark.parametrize("stack", [{"gateway_max_frame_bytes": 1024}], indirect=True)
