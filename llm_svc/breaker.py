@@ -83,6 +83,12 @@ class CircuitBreaker:
         """The call ended without a verdict (cancelled): a probe slot is free again."""
         self.probing = False
 
+    def state_at(self, now: float) -> State:
+        """The state a call would find at `now` (`allow` moves OPEN on only when called)."""
+        if self.state is State.OPEN and now >= self.opened_at + self.reset_after_s:
+            return State.HALF_OPEN
+        return self.state
+
 
 class Breakers:
     """A `Guard`: one `CircuitBreaker` per provider, created on first use."""
@@ -104,6 +110,12 @@ class Breakers:
             breaker = CircuitBreaker(self.failure_threshold, self.reset_after_s)
             self.breakers[provider] = breaker
         return breaker
+
+    def states(self) -> dict[str, State]:
+        """Each provider's state now, for metrics scraped from another thread: the table is
+        copied in one step (a provider's first call may add to it meanwhile)."""
+        now = self._clock()
+        return {name: breaker.state_at(now) for name, breaker in list(self.breakers.items())}
 
     @asynccontextmanager
     async def admit(self, attempt: Attempt) -> AsyncIterator[None]:

@@ -15,6 +15,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     llm_svc_listen: str = "127.0.0.1:50052"
+    # `host:port` of the Prometheus /metrics endpoint of `python -m llm_svc` (metrics.py,
+    # svckit/metrics.py); empty = off, `host:0` = a free port (logged). make cluster gives
+    # each replica its own port (tools/stack.py), tests a free one (tests/conftest.py).
+    llm_metrics_listen: str = "127.0.0.1:9102"
+    # OTLP/gRPC collector for traces (svckit/tracing.py); empty: no traces.
+    otel_exporter_otlp_endpoint: str = ""
 
     llm_models_file: Path = DEFAULT_MODELS_FILE
     llm_default_model: str = ""  # empty: the catalogue's choice ("local" with no key)

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 
 from llm_svc.catalogue import Catalogue, ModelEntry
+from llm_svc.metrics import LlmMetrics
 from llm_svc.pacing import DeadlinePassed, paced
 from llm_svc.policy import (
     FALLBACK_CODES,
@@ -45,6 +46,7 @@ from llm_svc.providers.base import (
 )
 from llm_svc.providers.local import count_tokens
 from llm_svc.quota import UserQuota
+from svckit import tracing
 from svckit.errors import ServiceError
 from svckit.requests import InvalidRequest, check_options
 from switchboard.v1 import common_pb2, llm_pb2
@@ -135,6 +137,7 @@ class Generator:
         guards: Sequence[Guard] = (),
         cache: ResponseCache | None = None,
         quota: UserQuota | None = None,
+        metrics: LlmMetrics | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -144,6 +147,8 @@ class Generator:
         self.guards = list(guards)
         self.cache = cache
         self.quota = quota
+        # Always some registry (its own when not given), so counting needs no checks.
+        self.metrics = metrics if metrics is not None else LlmMetrics()
         self._sleep = sleep
         self._clock = clock
 
@@ -155,16 +160,25 @@ class Generator:
             if self.quota is not None:
                 await self.quota.admit(request.user_id)
         except ServiceError as error:
+            if error.code == Code.ERROR_CODE_QUOTA_EXCEEDED:
+                self.metrics.quota_refused()
             yield error_event(error)
             return
-        async with aclosing(self._generate(request, chain)) as events:
-            async for event in events:
-                if event.HasField("final") and self.quota is not None:
-                    await self.quota.record(request.user_id, event.final.usage.total_tokens)
-                yield event
+        self.metrics.active.inc()
+        try:
+            with tracing.around("generation", request.traceparent, {"model": chain[0].id}) as span:
+                generated = self._generate(request, chain, tracing.traceparent(span))
+                async with aclosing(generated) as events:
+                    async for event in events:
+                        if event.HasField("final") and self.quota is not None:
+                            tokens = event.final.usage.total_tokens
+                            await self.quota.record(request.user_id, tokens)
+                        yield event
+        finally:
+            self.metrics.active.dec()
 
     async def _generate(
-        self, request: llm_pb2.GenerateRequest, chain: list[ModelEntry]
+        self, request: llm_pb2.GenerateRequest, chain: list[ModelEntry], trace: str = ""
     ) -> AsyncGenerator[llm_pb2.GenerateEvent, None]:
         started = self._clock()
         # The model asked for sets the whole generation's deadline, fallbacks included.
@@ -179,9 +193,12 @@ class Generator:
                 attempt += 1
                 run = _Run(shown)
                 try:
-                    attempted = self._attempt(model, provider_request, run, index > 0, deadline_at)
-                    async for event in attempted:
-                        yield event
+                    attempted = self._attempt(
+                        model, provider_request, run, index > 0, deadline_at, trace
+                    )
+                    async with aclosing(attempted):  # closed with us: the provider's stream too
+                        async for event in attempted:
+                            yield event
                     return
                 except DeadlinePassed as error:
                     self._log_failure(request, model, attempt, error, run)
@@ -216,6 +233,7 @@ class Generator:
         if last_error.code in FALLBACK_CODES:
             cached = await self._cached(chain, request)
         if cached is not None:
+            self.metrics.cache_answered(cached.model)
             # As one delta, so that the deltas of every successful stream join to its final.
             done = llm_pb2.GenerationProgress(progress=1.0, tokens=cached.usage.completion_tokens)
             yield delta_event(cached.content, done)
@@ -266,7 +284,8 @@ class Generator:
         run: _Run,
         from_fallback: bool,
         deadline_at: float,
-    ) -> AsyncIterator[llm_pb2.GenerateEvent]:
+        trace: str = "",
+    ) -> AsyncGenerator[llm_pb2.GenerateEvent, None]:
         provider = self.providers[model.provider]
         estimate = provider.estimate_tokens(request)
         if estimate:
@@ -280,6 +299,11 @@ class Generator:
         async with AsyncExitStack() as guarded:
             for guard in self.guards:
                 await guarded.enter_async_context(guard.admit(attempt))
+            # Inside the guards: what they refused never reached the provider (they count
+            # their refusals themselves); the call's outcome is known before theirs.
+            attributes = {"provider": provider.name, "model": model.id}
+            guarded.enter_context(tracing.around("provider", trace, attributes))
+            call = guarded.enter_context(self.metrics.call(model))
             async with aclosing(provider.stream(request)) as stream:
                 async for event in paced(stream, provider.name, model.pacing, deadline_at):
                     match event:
@@ -294,7 +318,9 @@ class Generator:
                                 )
                             shown.tokens = base_tokens + tracker.tokens
                             if text:
-                                run.started = True
+                                if not run.started:  # this attempt's first text
+                                    run.started = True
+                                    call.first_token()
                                 shown.parts.append(text)
                                 yield delta_event(text, progress)
                             elif progress is not None:
@@ -325,6 +351,8 @@ class Generator:
         )
         if self.cache is not None and not request.continue_from:  # a whole answer of its own
             await self.cache.put(model, request, answer)
+        if from_fallback:
+            self.metrics.fell_back(model.id)
         yield progress_event(tracker.finish(), usage.completion_tokens)
         yield final_event(answer, from_fallback=from_fallback, from_cache=False)
 

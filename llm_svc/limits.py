@@ -99,6 +99,8 @@ class RateLimiter:
         max_wait_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_wait: Callable[[str], None] | None = None,
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.limits_for = limits_for
         self.key_ids = dict(key_ids or {})
@@ -106,6 +108,10 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._scopes: dict[str, _Scope] = {}
+        # Told the provider of each call that queues for the buckets, and of each refused
+        # (metrics.py counts them).
+        self.on_wait = on_wait
+        self.on_refusal = on_refusal
         # Told what this replica takes from each scope ([requests, tokens]): the others'.
         self.share: Callable[[str, Sequence[float]], None] | None = None
         # Other replicas' charges to scopes this one has not used yet: (when, amounts).
@@ -163,6 +169,8 @@ class RateLimiter:
             if scope.tokens is not None:
                 wait = max(wait, scope.tokens.wait_for(tokens, now))
         if wait > self.max_wait_s:
+            if self.on_refusal is not None:
+                self.on_refusal(model.provider)
             raise ServiceError(
                 Code.ERROR_CODE_RATE_LIMITED,
                 f"rate limit of {model.provider} reached (our own limit, before calling)",
@@ -193,6 +201,8 @@ class RateLimiter:
         reserved = estimate_request_tokens(attempt.request)
         wait = self.reserve(attempt.model, reserved)
         used = 0
+        if wait > 0 and self.on_wait is not None:
+            self.on_wait(attempt.model.provider)
         try:
             if wait > 0:
                 await self._sleep(wait)

@@ -1,6 +1,7 @@
 """llm_svc assembled: settings → HTTP clients and providers → catalogue → guards (circuit
 breakers, rate limits), quota, cache → generator → gRPC server; with NATS_URL, the limits
-and quotas are shared with the other replicas (fleet.py).
+and quotas are shared with the other replicas (fleet.py). Metrics (metrics.py) are counted
+on `.metrics.registry`; serving them on /metrics is `__main__`'s (LLM_METRICS_LISTEN).
 
 `LlmServer` is what `__main__` runs, and what other services' tests can start in-process
 (`LlmServer(Settings(llm_svc_listen="127.0.0.1:0", local_model_token_delay_ms=0))`).
@@ -19,6 +20,7 @@ from llm_svc.config import Settings
 from llm_svc.fleet import Fleet
 from llm_svc.generation import Generator
 from llm_svc.limits import RateLimiter
+from llm_svc.metrics import LlmMetrics
 from llm_svc.policy import RetryPolicy
 from llm_svc.providers.registry import HttpClients, build_providers, key_ids
 from llm_svc.quota import DailyQuota
@@ -35,8 +37,11 @@ class LlmServer:
     grace period, cancel the rest (which aborts their provider requests), close providers
     and the HTTP clients."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: LlmMetrics | None = None) -> None:
         self.settings = settings
+        # Its own registry unless given one (__main__ gives the process-wide one); the
+        # exporter is __main__'s too: tests start many servers in one process.
+        self.metrics = metrics if metrics is not None else LlmMetrics()
         self.http = HttpClients(settings)
         self.providers = build_providers(settings, self.http)
         self.catalogue = Catalogue.load(
@@ -50,10 +55,13 @@ class LlmServer:
         )
         # The breaker first: a provider known to be down costs no rate-limit budget.
         self.breakers = Breakers(settings.llm_breaker_failures, settings.llm_breaker_reset_s)
+        self.metrics.watch_breakers(self.breakers, sorted(self.providers))
         self.limiter = RateLimiter(
             self.catalogue.limits_for,
             key_ids(self.providers),
             max_wait_s=settings.llm_rate_limit_max_wait_ms / 1000,
+            on_wait=self.metrics.rate_limit_waited,
+            on_refusal=self.metrics.rate_limit_refused,
         )
         self.quota = DailyQuota(settings.llm_user_daily_requests, settings.llm_user_daily_tokens)
         self.fleet: Fleet | None = None
@@ -69,6 +77,7 @@ class LlmServer:
             guards=[self.breakers, self.limiter],
             cache=self.cache,
             quota=self.quota,
+            metrics=self.metrics,
         )
         self.servicer = LlmServicer(
             self.generator, self.catalogue, coalesce_s=settings.llm_coalesce_ms / 1000

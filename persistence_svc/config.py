@@ -32,3 +32,8 @@ class Settings(BaseSettings):
     persistence_preferences_cache_ttl_s: float = Field(default=30.0, ge=0)
     # Bounded grace for in-flight gRPC calls and the in-flight batch at shutdown.
     persistence_shutdown_grace_s: float = Field(default=5.0, ge=0)
+    # `host:port` of the Prometheus /metrics endpoint (svckit.metrics); empty = off, `host:0`
+    # = a free port (logged).
+    persistence_metrics_listen: str = "127.0.0.1:9103"
+    # OTLP/gRPC collector for traces (svckit/tracing.py); empty: no traces.
+    otel_exporter_otlp_endpoint: str = ""

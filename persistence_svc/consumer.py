@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,11 +29,15 @@ from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError
+from opentelemetry.trace import Span
 
 from persistence_svc.errors import InvalidEvent, StorageRejected, StorageUnavailable
 from persistence_svc.events import ParsedEvent, parse_event
+from persistence_svc.metrics import PersistenceMetrics
 from persistence_svc.repository import Repository
+from svckit import tracing
 from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX, is_snapshot
+from svckit.tracing import TRACEPARENT
 from switchboard.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class ConsumerStats:
     snapshots: int = 0  # acked without touching the database
     terminated: int = 0  # undecodable or invalid messages
     nacked: int = 0  # sent back because the database was unavailable
+    failed_writes: int = 0  # batch writes that raised (unavailable, refused or a bug)
 
 
 class EventConsumer:
@@ -90,6 +96,7 @@ class EventConsumer:
         retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
         linger_s: float = 0.0,
         on_database: Callable[[bool], Awaitable[None]] | None = None,
+        metrics: PersistenceMetrics | None = None,
     ) -> None:
         self.js = js
         self.repository = repository
@@ -101,8 +108,10 @@ class EventConsumer:
         # the next: events wait in JetStream, and fewer, larger transactions cost less.
         self.linger_s = linger_s
         self.stats = ConsumerStats()
+        self.metrics = metrics if metrics is not None else PersistenceMetrics()
         # Told False when the database refuses a batch as unavailable, True when a batch is
-        # written again (the server's health entry for HistoryService follows it).
+        # written again, and either from the server's own check while no write is due (see
+        # note_database; the server's health entry for HistoryService follows it).
         self.on_database = on_database
         self.database_up = True
         self._failures = 0
@@ -182,6 +191,7 @@ class EventConsumer:
                 await msg.ack()
                 self.stats.acked += 1
                 self.stats.snapshots += 1
+                self.metrics.snapshot()
                 continue
             parsed = await self._decode(msg, now)
             if parsed is not None:
@@ -189,9 +199,9 @@ class EventConsumer:
         if not batch:
             return
         try:
-            await self.repository.apply_parsed([parsed for _, parsed in batch])
+            committed = await self._write(batch)
         except StorageUnavailable as error:
-            await self._database(False)
+            await self.note_database(False)
             await self._back_off([msg for msg, _ in batch], error)
             return
         except StorageRejected as error:
@@ -204,7 +214,23 @@ class EventConsumer:
             log.exception("unexpected error applying a batch")
             await self._back_off([msg for msg, _ in batch], error)
             return
-        await self._ack([msg for msg, _ in batch])
+        await self._ack(batch, committed)
+
+    async def _write(self, batch: Sequence[tuple[Msg, ParsedEvent]]) -> float:
+        """Apply `batch` in one transaction; the wall-clock time it was committed at. Each
+        traced event (its `traceparent` header) gets a span for the write."""
+        spans = _write_spans(batch) if tracing.enabled() else []
+        try:
+            await self.repository.apply_parsed([parsed for _, parsed in batch])
+        except Exception as error:
+            self.stats.failed_writes += 1
+            self.metrics.write_errors.inc()
+            for span in spans:
+                tracing.end(span, error=type(error).__name__)
+            raise
+        for span in spans:
+            tracing.end(span)
+        return time.time()
 
     async def _fetch(self, linger_s: float = 0.0) -> list[Msg]:
         """The next batch, taken after `linger_s`; empty when nothing came within
@@ -241,9 +267,9 @@ class EventConsumer:
         # stays in the stream (limits retention) for a replay once the cause is fixed.
         for index, (msg, parsed) in enumerate(batch):
             try:
-                await self.repository.apply_parsed([parsed])
+                committed = await self._write([(msg, parsed)])
             except StorageUnavailable as error:
-                await self._database(False)
+                await self.note_database(False)
                 await self._back_off([m for m, _ in batch[index:]], error)
                 return
             except StorageRejected as error:
@@ -265,9 +291,12 @@ class EventConsumer:
                     await msg.nak(delay=self.retry_delays_s[0])
                     self.stats.nacked += 1
             else:
-                await self._ack([msg])
+                await self._ack([(msg, parsed)], committed)
 
-    async def _database(self, up: bool) -> None:
+    async def note_database(self, up: bool) -> None:
+        """The outcome of a write, or of the server's check while no write is due: tell
+        `on_database` when it differs from the last one."""
+        self.metrics.database_up.set(1 if up else 0)
         if up == self.database_up:
             return
         self.database_up = up
@@ -276,13 +305,14 @@ class EventConsumer:
         if self.on_database is not None:
             await self.on_database(up)
 
-    async def _ack(self, messages: Sequence[Msg]) -> None:
-        """Ack a written batch (the database took it: it is up)."""
-        await self._database(True)
-        for msg in messages:
+    async def _ack(self, batch: Sequence[tuple[Msg, ParsedEvent]], committed: float) -> None:
+        """Ack a batch committed at `committed` (the database took it: it is up)."""
+        await self.note_database(True)
+        self.metrics.written(batch, committed)
+        for msg, _ in batch:
             await msg.ack()
         self.stats.batches += 1
-        self.stats.acked += len(messages)
+        self.stats.acked += len(batch)
         self._failures = 0
 
     async def _back_off(self, messages: Sequence[Msg], error: Exception) -> None:
@@ -305,3 +335,13 @@ class EventConsumer:
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+
+
+def _write_spans(batch: Sequence[tuple[Msg, ParsedEvent]]) -> list[Span | None]:
+    """A `history write` span for each event that carries its trace."""
+    spans = []
+    for msg, _ in batch:
+        parent = (msg.headers or {}).get(TRACEPARENT, "")
+        if parent:
+            spans.append(tracing.start("history write", parent, {"subject": msg.subject}))
+    return spans

@@ -3,7 +3,12 @@
 Start order: database engine and Alembic migrations (retried before the first use if the
 database is down) → NATS → ensure the SB_TASK_EVENTS stream (so it does not matter whether
 task_svc started first) → durable consumer → gRPC HistoryService and UserService on one
-server. Shutdown is the reverse, idempotent, and bounded.
+server → the watch: every few seconds it refreshes the durable consumer's gauges and, while no
+write is due to tell, checks the database (HistoryService's health entry follows the database,
+whether a write or the check found it gone). Shutdown is the reverse, idempotent, and bounded.
+
+Metrics live on `self.metrics` (persistence_svc.metrics); the process entry (__main__) exports
+them, never this class: tests start several servers in one process.
 """
 
 from __future__ import annotations
@@ -13,15 +18,25 @@ import logging
 
 import grpc
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from nats.js.client import JetStreamContext
 
 from persistence_svc.config import Settings
-from persistence_svc.consumer import RETRY_DELAYS_S, EventConsumer
+from persistence_svc.consumer import DURABLE_NAME, RETRY_DELAYS_S, EventConsumer
+from persistence_svc.errors import StorageUnavailable
+from persistence_svc.metrics import PersistenceMetrics
 from persistence_svc.repository import Repository
 from persistence_svc.service import HistoryService
 from persistence_svc.users import PreferencesCache, UserService
 from svckit.grpc_server import GrpcServer
 from svckit.lifecycle import cancel_and_wait
-from svckit.nats import close_nats, connect_nats, ensure_stream, task_events_stream_config
+from svckit.nats import (
+    TASK_EVENTS_STREAM,
+    close_nats,
+    connect_nats,
+    ensure_stream,
+    task_events_stream_config,
+)
 from switchboard.v1 import history_pb2, history_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,15 +44,31 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = history_pb2.DESCRIPTOR.services_by_name["HistoryService"].full_name
 USER_SERVICE_NAME = history_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 
+# How often the watch runs: how stale the consumer gauges may be, and how long an outage of
+# an idle database may go unreported.
+WATCH_INTERVAL_S = 5.0
+# A database that does not answer SELECT 1 within this is as good as down for reads.
+CHECK_TIMEOUT_S = 5.0
+
 
 class PersistenceServer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: PersistenceMetrics | None = None,
+        *,
+        watch_interval_s: float = WATCH_INTERVAL_S,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else PersistenceMetrics()
+        self.watch_interval_s = watch_interval_s
         self.repository: Repository | None = None
         self.nc: Client | None = None
         self.consumer: EventConsumer | None = None
         self.grpc: GrpcServer | None = None
+        self._js: JetStreamContext | None = None
         self._consumer_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._shutdown_done = False
 
     @property
@@ -48,7 +79,7 @@ class PersistenceServer:
         settings = self.settings
         self.repository = await Repository.open(settings.database_url)
         self.nc = await connect_nats(settings.nats_url, "persistence_svc")
-        js = self.nc.jetstream()
+        js = self._js = self.nc.jetstream()
         await ensure_stream(js, task_events_stream_config(settings.nats_stream_replicas))
         self.consumer = EventConsumer(
             js,
@@ -58,6 +89,7 @@ class PersistenceServer:
             ack_wait_s=settings.persistence_ack_wait_s,
             retry_delays_s=[min(d, settings.persistence_retry_max_s) for d in RETRY_DELAYS_S],
             on_database=self._database,
+            metrics=self.metrics,
         )
         await self.consumer.start()
         self._consumer_task = asyncio.create_task(self.consumer.run(), name="persistence-consumer")
@@ -80,6 +112,56 @@ class PersistenceServer:
             [SERVICE_NAME, USER_SERVICE_NAME],
         )
         await self.grpc.start()
+        # Once now, whatever is pending: the database may have been down since
+        # Repository.open (which only logs it), and no write may come to say so.
+        await self._watch_once(check=True)
+        self._watch_task = asyncio.create_task(self._watch(), name="persistence-watch")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_interval_s)
+            try:
+                await self._watch_once(check=False)
+            except Exception:
+                # A bug here must not end the watch (and freeze health) unnoticed.
+                log.exception("persistence watch failed")
+
+    async def _watch_once(self, *, check: bool) -> None:
+        waiting = await self._refresh_consumer()
+        # A write is the truest test of the database, and one is due while messages wait:
+        # its outcome tells within a back-off. With none waiting (or NATS not answering),
+        # nothing would tell: check with a SELECT 1.
+        if check or not waiting:
+            await self._check_database()
+
+    async def _refresh_consumer(self) -> int | None:
+        """Refresh the durable consumer's gauges; how many messages wait for a write (None:
+        unknown). Here, not per scrape: the exporter thread never talks to NATS."""
+        assert self._js is not None
+        try:
+            info = await self._js.consumer_info(TASK_EVENTS_STREAM, DURABLE_NAME)
+        except (NatsError, TimeoutError) as error:
+            log.debug("consumer info unavailable", extra={"error": str(error)})
+            return None  # the gauges keep their last values
+        pending, ack_pending = info.num_pending or 0, info.num_ack_pending or 0
+        self.metrics.consumer(DURABLE_NAME, pending, ack_pending)
+        return pending + ack_pending
+
+    async def _check_database(self) -> None:
+        assert self.consumer is not None and self.repository is not None
+        consumer, stats = self.consumer, self.consumer.stats
+        writes_before = (stats.batches, stats.failed_writes)
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                await self.repository.ping()
+            up = True
+        except (StorageUnavailable, TimeoutError) as error:
+            up = False
+            if consumer.database_up:
+                log.warning("database unavailable", extra={"error": str(error) or "timeout"})
+        # A write that ended during the check saw the database later than it did: it wins.
+        if (stats.batches, stats.failed_writes) == writes_before:
+            await consumer.note_database(up)
 
     async def _database(self, up: bool) -> None:
         # History reads need the database; the process itself goes on (events wait in
@@ -88,13 +170,14 @@ class PersistenceServer:
             await self.grpc.set_ready(up, [SERVICE_NAME])
 
     async def shutdown(self) -> None:
-        """Health NOT_SERVING and drain gRPC → stop fetching and finish the batch in flight
-        (bounded) → close NATS → dispose the engine. Safe to call twice or after a failed
-        start."""
+        """Stop the watch → health NOT_SERVING and drain gRPC → stop fetching and finish the
+        batch in flight (bounded) → close NATS → dispose the engine. Safe to call twice or
+        after a failed start."""
         if self._shutdown_done:
             return
         self._shutdown_done = True
         grace = self.settings.persistence_shutdown_grace_s
+        await cancel_and_wait(self._watch_task)  # before what it reads is closed
         if self.grpc is not None:
             await self.grpc.stop(grace)
         if self.consumer is not None:

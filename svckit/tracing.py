@@ -97,6 +97,22 @@ def span(
         yield current
 
 
+@contextlib.contextmanager
+def around(
+    name: str, parent: str = "", attributes: Attributes | None = None
+) -> Iterator[Span | None]:
+    """A span around a block that is not made current: safe across the yields of an async
+    generator (a current span would be detached in another context). An exception ends it
+    with an error status."""
+    started = start(name, parent, attributes)
+    try:
+        yield started
+    except BaseException as error:
+        end(started, error=type(error).__name__)
+        raise
+    end(started)
+
+
 def traceparent(span: Span | None) -> str:
     """The W3C traceparent of `span` (to send along); empty when there is none."""
     if span is None:

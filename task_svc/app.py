@@ -15,7 +15,9 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2
 from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
 
+from svckit import tracing
 from svckit.catalog import ModelCatalog
 from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.nats import (
@@ -32,6 +34,7 @@ from task_svc.jetstream_store import JetStreamJobStore
 from task_svc.jobs import JobEngine
 from task_svc.llm_client import LlmClient
 from task_svc.membership import NodeMembership
+from task_svc.metrics import TaskMetrics
 from task_svc.queue_board import BoardPublisher
 from task_svc.service import TaskService
 
@@ -53,6 +56,7 @@ class TaskApp:
         catalog: ModelCatalog,
         board: BoardPublisher,
         membership: NodeMembership,
+        metrics: TaskMetrics,
     ) -> None:
         self.settings = settings
         self.nc = nc
@@ -64,6 +68,7 @@ class TaskApp:
         self.catalog = catalog
         self.board = board
         self.membership = membership
+        self.metrics = metrics
         self._closed = False
 
     @property
@@ -71,7 +76,10 @@ class TaskApp:
         return self.grpc_server.port
 
     @classmethod
-    async def start(cls, settings: Settings) -> TaskApp:
+    async def start(cls, settings: Settings, registry: CollectorRegistry | None = None) -> TaskApp:
+        """Start every part; the metrics go on `registry` (a fresh one by default, so that
+        apps started side by side in one process each have theirs). Nothing is exported
+        here: `python -m task_svc` starts the exporter (TASK_METRICS_LISTEN)."""
         grpc_server: GrpcServer | None = None
 
         async def jetstream_link(up: bool) -> None:
@@ -95,6 +103,9 @@ class TaskApp:
             max_ack_pending=settings.task_max_ack_pending,
         )
         engine = JobEngine(store, publisher, llm_client, engine_config(settings))
+        if tracing.enabled():  # each lifecycle event joins its job's trace
+            publisher.trace_of = engine.traceparent_of
+        metrics = TaskMetrics(engine, registry)
         catalog = ModelCatalog(llm, settings.task_models_cache_s)
         service = TaskService(engine, catalog, max_prompt_chars=settings.task_max_prompt_chars)
         board = BoardPublisher(nc, engine.queues, settings.task_queue_board_interval_s)
@@ -123,6 +134,7 @@ class TaskApp:
             catalog,
             board,
             membership,
+            metrics,
         )
         try:
             await engine.start(shards=())

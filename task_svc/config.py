@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     task_models_cache_s: float = 10.0
     # How often the queues' state goes out to the gateways (QueueBoard, queue_board.py).
     task_queue_board_interval_s: float = 0.25
+    # `host:port` of the Prometheus `/metrics` endpoint of `python -m task_svc` (metrics.py;
+    # svckit/metrics.py): empty is off, `host:0` picks a free port (logged). Nodes started
+    # side by side (make cluster) get a port each from the launcher (tools/cluster.py).
+    task_metrics_listen: str = "127.0.0.1:9101"
+    # OTLP/gRPC collector for traces (svckit/tracing.py); empty: no traces.
+    otel_exporter_otlp_endpoint: str = ""
 
 
 def node_id(settings: Settings) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -32,6 +33,7 @@ from svckit.nats import (
     is_snapshot,
     snapshot_subject,
 )
+from svckit.tracing import TRACEPARENT
 from switchboard.v1 import events_pb2, history_pb2
 from task_svc.task_state import TERMINAL
 
@@ -57,6 +59,7 @@ class _Item:
     data: bytes
     msg_id: str
     done: asyncio.Future[None]
+    traceparent: str = ""
 
 
 class LifecyclePublisher:
@@ -73,11 +76,15 @@ class LifecyclePublisher:
         self._chains: dict[str, collections.deque[_Item]] = {}  # by task id: not yet acked
         self._tasks: set[asyncio.Task[None]] = set()  # one per chain being published
         self._closed = False
+        # The trace an event joins (its job's span; svckit/tracing.py): set by the app when
+        # tracing is on, and sent in the message's `traceparent` header.
+        self.trace_of: Callable[[str], str] | None = None
 
     def publish(self, event: events_pb2.LifecycleEvent) -> asyncio.Future[None]:
         """Queue `event`; the future resolves once JetStream has acknowledged it."""
         data = event.SerializeToString()
-        return self._queue(event.task_id, event.seq, subject(event), data, msg_id(event))
+        trace = self.trace_of(event.task_id) if self.trace_of is not None else ""
+        return self._queue(event.task_id, event.seq, subject(event), data, msg_id(event), trace)
 
     def publish_snapshot(self, snapshot: history_pb2.TaskSnapshot) -> asyncio.Future[None]:
         state = snapshot.state
@@ -86,10 +93,10 @@ class LifecyclePublisher:
         return self._queue(state.task_id, state.seq, snapshot_subject(state.task_id), data, key)
 
     def _queue(
-        self, task_id: str, seq: int, subject: str, data: bytes, key: str
+        self, task_id: str, seq: int, subject: str, data: bytes, key: str, trace: str = ""
     ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        item = _Item(task_id, seq, subject, data, key, done)
+        item = _Item(task_id, seq, subject, data, key, done, trace)
         chain = self._chains.get(task_id)
         if chain is not None:  # its chain is running: it takes this one after the others
             chain.append(item)
@@ -123,6 +130,8 @@ class LifecyclePublisher:
 
     async def _publish_until_acked(self, item: _Item) -> None:
         headers = {"Nats-Msg-Id": item.msg_id}
+        if item.traceparent:
+            headers[TRACEPARENT] = item.traceparent
         backoff = 0.05
         while True:
             try:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import Span
+
+from svckit import tracing
+from switchboard.v1 import common_pb2
 from task_svc.job_state import WAITING, JobState, Step, advance
 from task_svc.queues import JobQueue
 from task_svc.task_server import TaskServer
@@ -32,9 +36,18 @@ class Job:
     released: bool = False  # its shard is being handed over: it ends here unfinished
     accepted: asyncio.Event = field(default_factory=asyncio.Event)  # no longer ACCEPTING
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # DONE
+    span: Span | None = None  # the `task` span, from creation to DONE (None: not traced)
 
     def __post_init__(self) -> None:
         self.queue.depth += 1  # ACCEPTING is one of the WAITING states
+        if tracing.enabled():
+            attributes = {"task_id": self.task_id, "queue": self.queue.name}
+            self.span = tracing.start("task", self.spec.traceparent, attributes)
+
+    @property
+    def traceparent(self) -> str:
+        """What the job's events and its generation carry (svckit/tracing.py)."""
+        return tracing.traceparent(self.span)
 
     @property
     def task_id(self) -> str:
@@ -49,3 +62,6 @@ class Job:
             self.accepted.set()
         if self.state is JobState.DONE:
             self.finished.set()
+            if self.span is not None:
+                failed = self.server.core.status == common_pb2.TASK_STATUS_FAILED
+                tracing.end(self.span, error="failed" if failed else "")

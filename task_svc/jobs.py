@@ -187,6 +187,11 @@ class JobEngine:
         server, duplicate = await self.intake.submit(spec)
         return self.positions.fresh_state(server), duplicate
 
+    def traceparent_of(self, task_id: str) -> str:
+        """The trace the task's job is part of ("" when none: svckit/tracing.py)."""
+        job = self.jobs.get(task_id)
+        return job.traceparent if job is not None else ""
+
     async def find(self, task_id: str) -> TaskServer | None:
         """The task's server; for a task finished before this process started (so not in
         memory), one rebuilt from its terminal lifecycle event."""

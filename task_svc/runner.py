@@ -85,7 +85,8 @@ class Runner:
                 continue
             job.move(Step.START)
             job.worker = asyncio.create_task(
-                run_task(job.server, self.llm, self.publisher.publish), name=f"work:{task_id}"
+                run_task(job.server, self.llm, self.publisher.publish, job.traceparent),
+                name=f"work:{task_id}",
             )
             job.runner = asyncio.create_task(self._run(job), name=f"run:{task_id}")
             self.notify("started", task_id)

@@ -102,6 +102,13 @@ class Scheduler:
                     ahead += 1
         return ahead + 1
 
+    def oldest_wait_s(self) -> float:
+        """How long the longest-waiting task has waited, 0 when none waits. Each priority's
+        tasks are oldest first, so only the ten heads are read: cheap enough for a scrape."""
+        heads = [next(iter(queue.values()), None) for queue in self._waiting if queue]
+        enqueued = [t for t in heads if t is not None]
+        return max(0.0, self.clock() - min(enqueued)) if enqueued else 0.0
+
     def waiting_by_priority(self) -> list[int]:
         return [len(q) for q in self._waiting]
 

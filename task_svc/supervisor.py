@@ -65,6 +65,9 @@ class Supervisor:
         self._children: dict[str, _Child] = {}
         self._history: dict[str, _History] = {}
         self._closed = False
+        # Restarts of any child since start: a plain int a metrics collector reads at scrape
+        # time (task_svc/metrics.py), so counting costs the crash path one addition.
+        self.restarted = 0
 
     def start_child(
         self,
@@ -129,6 +132,7 @@ class Supervisor:
                         child.on_give_up(error)
                     return
                 history.restarts += 1
+                self.restarted += 1
                 delay = exponential(recent, self.backoff_s, self.max_backoff_s)
                 log.warning(
                     "child crashed, restarting",

@@ -49,6 +49,7 @@ class TaskSpec:
     queue: str = "default"
     options: common_pb2.GenerationOptions = field(default_factory=common_pb2.GenerationOptions)
     submitted_ns: int = 0
+    traceparent: str = ""  # the submitter's span (svckit/tracing.py)
 
     def to_job(self) -> events_pb2.Job:
         return events_pb2.Job(
@@ -59,6 +60,7 @@ class TaskSpec:
             priority=self.priority,
             options=self.options,
             submitted_at=timestamp(self.submitted_ns),
+            traceparent=self.traceparent,
         )
 
     @classmethod
@@ -72,6 +74,7 @@ class TaskSpec:
             queue=queue,
             options=job.options,
             submitted_ns=job.submitted_at.ToNanoseconds(),
+            traceparent=job.traceparent,
         )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 from functools import partial
 
+from svckit import tracing
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, events_pb2, llm_pb2
 from task_svc.llm_client import LlmClient
@@ -27,7 +28,9 @@ Publish = Callable[[events_pb2.LifecycleEvent], "asyncio.Future[None]"]
 Outcome = ServiceError | events_pb2.LifecycleEvent | None
 
 
-async def run_task(server: TaskServer, llm: LlmClient, publish: Publish) -> Outcome:
+async def run_task(
+    server: TaskServer, llm: LlmClient, publish: Publish, trace: str = ""
+) -> Outcome:
     """Run the task once: its terminal lifecycle event when it completed, the typed error
     when the generation failed (the engine decides between a retry and failing the task),
     None if the task had already ended (e.g. cancelled through the mailbox first)."""
@@ -36,7 +39,8 @@ async def run_task(server: TaskServer, llm: LlmClient, publish: Publish) -> Outc
         return None
     publish(started)
     try:
-        final = await _generate(server, llm)
+        with tracing.around("generate", trace, {"model": server.core.spec.model}) as span:
+            final = await _generate(server, llm, tracing.traceparent(span))
     except ServiceError as error:
         log.info(
             "generation failed",
@@ -46,7 +50,7 @@ async def run_task(server: TaskServer, llm: LlmClient, publish: Publish) -> Outc
     return await server.apply(partial(TaskCore.completed, final=final))
 
 
-async def _generate(server: TaskServer, llm: LlmClient) -> llm_pb2.GenerationFinal:
+async def _generate(server: TaskServer, llm: LlmClient, trace: str) -> llm_pb2.GenerationFinal:
     spec = server.core.spec
     request = llm_pb2.GenerateRequest(
         request_id=spec.task_id,
@@ -56,6 +60,7 @@ async def _generate(server: TaskServer, llm: LlmClient) -> llm_pb2.GenerationFin
         options=spec.options,
         # Resumed after a cut (runner.py): the text the watchers have is continued.
         continue_from=server.core.content,
+        traceparent=trace,
     )
     # Closing the stream early (this task cancelled) cancels the generation in llm_svc.
     async with aclosing(llm.generate(request)) as events:

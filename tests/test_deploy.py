@@ -545,21 +545,25 @@ def test_only_the_gateway_is_reachable_from_outside(overlay: str) -> None:
     assert open_to_all == [
         ({"matchLabels": {"app": "gateway-svc"}}, [{"protocol": "TCP", "port": 4000}])
     ]
-    # From another namespace: only KEDA, only NATS's monitoring port, only where KEDA runs.
+    # From another namespace: Prometheus, only the services' metrics ports; and in prod KEDA,
+    # only NATS's monitoring port.
     from_elsewhere = [
         (p["spec"]["podSelector"], peer, r["ports"])
         for p, r in ingress_rules(overlay)
         for peer in r.get("from", [])
         if "podSelector" not in peer or "namespaceSelector" in peer or "ipBlock" in peer
     ]
-    expected = [
-        (
-            {"matchLabels": {"app": "nats"}},
-            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}},
-            [{"protocol": "TCP", "port": 8222}],
-        )
-    ]
-    assert from_elsewhere == (expected if overlay == "prod" else [])
+    prometheus: tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] = (
+        {},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+        [{"protocol": "TCP", "port": port} for port in (9100, 9101, 9102, 9103)],
+    )
+    keda = (
+        {"matchLabels": {"app": "nats"}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}},
+        [{"protocol": "TCP", "port": 8222}],
+    )
+    assert from_elsewhere == ([prometheus, keda] if overlay == "prod" else [prometheus])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
