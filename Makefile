@@ -8,12 +8,13 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/switchboard/v1/*.proto)
 JS     := tests/js/node_modules/.package-lock.json
 PROMTOOL := $(VENV)/bin/promtool
+CHROMIUM := /usr/bin/chromium
 USER   ?= dev
 
 # gRPC's C core logs transport chatter at INFO; our services log for themselves.
 export GRPC_VERBOSITY ?= ERROR
 
-.PHONY: help venv protos check-protos run cluster test test-fast lint bench token client clean
+.PHONY: help venv protos check-protos run cluster test test-fast lint bench token client clean chromium
 
 help:
 	@echo "make run      start the whole stack (NATS, the four services), print a URL and a token"
@@ -56,7 +57,17 @@ $(PROMTOOL): | $(STAMP)
 	cd $(VENV)/.prometheus && apt-get download prometheus >/dev/null 2>&1 && dpkg-deb -x prometheus_*.deb .
 	cp $(VENV)/.prometheus/usr/bin/promtool $(PROMTOOL) && rm -rf $(VENV)/.prometheus
 
-test: $(STAMP) $(JS) $(PROMTOOL) check-protos lint
+# Headless Chromium for tests/e2e/test_dashboard.py: Debian's package, driven by playwright
+# (which never downloads a browser of its own: no `playwright install`).
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	test -x $(CHROMIUM)
+
+chromium: $(CHROMIUM)
+
+test: $(STAMP) $(JS) $(PROMTOOL) $(CHROMIUM) check-protos lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -79,5 +79,8 @@ class Settings(BaseSettings):
     gateway_reuse_port: bool = False
     # `host:port` of the Prometheus /metrics endpoint (svckit.metrics); empty = off.
     gateway_metrics_listen: str = "127.0.0.1:9100"
+    # Users (comma-separated) whose tokens may join the operator dashboard (GET /admin, the
+    # `admin:dashboard` topic: admin.py).
+    gateway_admin_users: str = "admin"
     # OTLP/gRPC collector for traces (svckit/tracing.py); empty: no traces.
     otel_exporter_otlp_endpoint: str = ""

@@ -17,6 +17,7 @@ from websockets.protocol import State
 from gateway_svc import channels as ch
 from gateway_svc import metrics as m
 from gateway_svc import phoenix
+from gateway_svc.admin import ADMIN_TOPIC, AdminChannel
 from gateway_svc.config import Settings
 from gateway_svc.limits import SocketBucket
 from gateway_svc.outbox import Outbox, Overflow
@@ -46,8 +47,12 @@ class Auth:
     expires_at: float = math.inf  # the token's expiry (Unix time): the socket closes then
 
 
-def _handles(topic: str) -> bool:
+def _handles_tasks(topic: str) -> bool:
     return task_id_of(topic) is not None
+
+
+def _handles_tasks_and_admin(topic: str) -> bool:
+    return task_id_of(topic) is not None or topic == ADMIN_TOPIC
 
 
 class Connection:
@@ -91,8 +96,9 @@ class Connection:
         self.settings = settings
         self.deps = deps
         self.metrics = deps.metrics
-        self.state = ch.SocketState(_handles, settings.gateway_max_channels)
-        self.channels: dict[str, TaskChannel] = {}
+        handles = _handles_tasks if deps.dashboard is None else _handles_tasks_and_admin
+        self.state = ch.SocketState(handles, settings.gateway_max_channels)
+        self.channels: dict[str, TaskChannel | AdminChannel] = {}
         self._outbox: Outbox | None = None  # allocated while frames wait
         self._drained: asyncio.Event | None = None  # allocated while a channel waits
         self._writer: asyncio.Task[None] | None = None
@@ -347,16 +353,19 @@ class Connection:
             case ch.LimitHit(limit):
                 self.metrics.limit(limit)
 
-    def _pop_channel(self, topic: str) -> TaskChannel | None:
+    def _pop_channel(self, topic: str) -> TaskChannel | AdminChannel | None:
         channel = self.channels.pop(topic, None)
         if channel is not None:
             self.metrics.channels.dec()
         return channel
 
-    async def _start(self, start: ch.StartChannel) -> None:
+    def _channel(self, start: ch.StartChannel) -> TaskChannel | AdminChannel:
+        if start.topic == ADMIN_TOPIC and self.deps.dashboard is not None:
+            dashboard = self.deps.dashboard
+            return AdminChannel(dashboard, self.user, start.topic, start.join_ref, self.send)
         task_id = task_id_of(start.topic)
         assert task_id is not None  # the state machine only starts topics we handle
-        channel = TaskChannel(
+        return TaskChannel(
             self.deps,
             self.user,
             start.topic,
@@ -366,6 +375,9 @@ class Connection:
             self._crashed,
             self.writable,
         )
+
+    async def _start(self, start: ch.StartChannel) -> None:
+        channel = self._channel(start)
         try:
             ok, response = await channel.join(start.params)
         except BaseException:

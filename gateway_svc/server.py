@@ -27,6 +27,7 @@ from websockets.typing import Subprotocol
 
 from gateway_svc import metrics as m
 from gateway_svc import phoenix, tokens
+from gateway_svc.admin import Dashboard, page
 from gateway_svc.config import Settings
 from gateway_svc.connection import CLOSE_GOING_AWAY, Auth, Connection
 from gateway_svc.direct_submit import DirectSubmit
@@ -122,6 +123,14 @@ class Gateway:
             settings.task_svc_addr, TaskWatches(stub), Submits(control or stub), control or stub
         )
         self.routes = TaskRoutes(fallback, membership)
+        self.dashboard = Dashboard(
+            frozenset(u.strip() for u in settings.gateway_admin_users.split(",") if u.strip()),
+            self.routes,
+            self.metrics,
+            settings.llm_svc_addr,
+            membership,
+            direct.nc if direct is not None else None,
+        )
         self.deps = ChannelDeps(
             self.routes,
             self.metrics,
@@ -130,6 +139,7 @@ class Gateway:
             settings.gateway_join_timeout_s,
             clock,
             direct,
+            self.dashboard,
         )
         # With NATS (the acks' own path has a connection) and a per-user limit to keep, the
         # limits are one budget across every gateway replica (shared_limits.py).
@@ -176,6 +186,7 @@ class Gateway:
         self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle sweeper")
         if self.shared is not None:
             await self.shared.start()
+        await self.dashboard.start()
         log.info("gateway listening", extra={"host": self.settings.gateway_host, "port": self.port})
 
     async def stop(self) -> None:
@@ -190,6 +201,7 @@ class Gateway:
             await asyncio.wait_for(server.wait_closed(), self.settings.gateway_shutdown_grace_s)
         except TimeoutError:
             log.warning("sockets still open after the shutdown grace")
+        await self.dashboard.close()
         await self.routes.close()
 
     async def _sweep_idle(self) -> None:
@@ -226,7 +238,7 @@ class Gateway:
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urllib.parse.urlsplit(request.path)
         if url.path != SOCKET_PATH:
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "")
+            return _static(connection, url.path)
         query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
         vsn = phoenix.parse_vsn(query["vsn"][0] if "vsn" in query else None)
         if vsn is None:
@@ -280,3 +292,19 @@ class Gateway:
             self.metrics.closes.labels(str(ws.close_code or 1006)).inc()
             self._handlers -= 1
             self._check_idle()
+
+
+def _static(connection: ServerConnection, path: str) -> Response:
+    """The operator dashboard's page and scripts (admin.py), or 404. The page holds no
+    data: what it shows comes over the socket, to an admin's token only."""
+    found = page(path)
+    if found is None:
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "")
+    body, content_type = found
+    response = connection.respond(http.HTTPStatus.OK, "")
+    response.body = body
+    for name, value in (("Content-Length", str(len(body))), ("Content-Type", content_type)):
+        del response.headers[name]  # respond() set them for its empty text body
+        response.headers[name] = value
+    response.headers["Cache-Control"] = "no-cache"
+    return response

@@ -21,6 +21,7 @@ import grpc
 
 from gateway_svc import metrics as m
 from gateway_svc import task_payloads as tp
+from gateway_svc.admin import Dashboard
 from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.limits import RateLimiter
 from gateway_svc.phoenix import Message, reply
@@ -51,6 +52,7 @@ class ChannelDeps:
     join_timeout: float = 10.0
     clock: Callable[[], float] = field(default=time.monotonic)
     direct: DirectSubmit | None = None  # stores the jobs of new tasks itself (the acks' path)
+    dashboard: Dashboard | None = None  # the admin:dashboard topic's sources (admin.py)
 
 
 class TaskChannel:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -103,6 +105,27 @@ class ProviderCall:
         # An answer without text has no first token to time.
         if self._first is not None:
             self._series.first_token.observe(self._first - self._started)
+
+
+@dataclass
+class ProviderTotals:
+    """One provider's calls since this registry started, summed over its models: what
+    ListProviders reports (llm_svc/service.py)."""
+
+    requests: int = 0
+    errors: int = 0  # calls that failed (a caller leaving, `cancelled`, is no failure)
+    first_token_sum_s: float = 0.0
+    first_token_count: int = 0
+    total_sum_s: float = 0.0
+    total_count: int = 0
+
+    @property
+    def mean_first_token_s(self) -> float:
+        return self.first_token_sum_s / self.first_token_count if self.first_token_count else 0.0
+
+    @property
+    def mean_total_s(self) -> float:
+        return self.total_sum_s / self.total_count if self.total_count else 0.0
 
 
 class BreakerStates:
@@ -205,6 +228,33 @@ class LlmMetrics:
             child = self.requests.labels(series.provider, series.model, outcome)
             series.outcomes[outcome] = child
         child.inc()
+
+    def provider_totals(self) -> dict[str, ProviderTotals]:
+        """Each called provider's totals, read off the counters themselves (no second tally
+        to keep in step on the hot path: an admin call may pay for the `collect`)."""
+        totals: defaultdict[str, ProviderTotals] = defaultdict(ProviderTotals)
+        for metric in self.requests.collect():
+            for s in metric.samples:
+                if s.name.endswith("_total"):
+                    t = totals[s.labels["provider"]]
+                    t.requests += int(s.value)
+                    if s.labels["outcome"] not in (OK, CANCELLED):
+                        t.errors += int(s.value)
+        for metric in self.latency.collect():
+            for s in metric.samples:
+                t = totals[s.labels["provider"]]
+                first = s.labels["phase"] == PHASE_FIRST_TOKEN
+                if s.name.endswith("_sum"):
+                    if first:
+                        t.first_token_sum_s += s.value
+                    else:
+                        t.total_sum_s += s.value
+                elif s.name.endswith("_count"):
+                    if first:
+                        t.first_token_count += int(s.value)
+                    else:
+                        t.total_count += int(s.value)
+        return dict(totals)
 
     def rate_limit_waited(self, provider: str) -> None:
         self._child(self.rate_limit_waits, provider).inc()

@@ -80,7 +80,11 @@ class LlmServer:
             metrics=self.metrics,
         )
         self.servicer = LlmServicer(
-            self.generator, self.catalogue, coalesce_s=settings.llm_coalesce_ms / 1000
+            self.generator,
+            self.catalogue,
+            coalesce_s=settings.llm_coalesce_ms / 1000,
+            breakers=self.breakers,
+            providers=sorted(self.providers),
         )
         self.grpc = GrpcServer(settings.llm_svc_listen, self._register, [SERVICE_NAME])
         self._stopped = False

@@ -1,15 +1,18 @@
-"""The LlmService servicer (llm.proto): a thin shell over `Generator` and the catalogue."""
+"""The LlmService servicer (llm.proto): a thin shell over `Generator` and the catalogue, and
+the providers' health (breakers, metrics) for the operator dashboard."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping, Sequence
 from contextlib import aclosing
 
 import grpc
 
+from llm_svc.breaker import Breakers, State
 from llm_svc.catalogue import Catalogue
 from llm_svc.coalesce import coalesce
 from llm_svc.generation import Generator
+from llm_svc.metrics import ProviderTotals
 from llm_svc.multiplex import serve_many
 from switchboard.v1 import llm_pb2, llm_pb2_grpc
 
@@ -18,11 +21,21 @@ SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     def __init__(
-        self, generator: Generator, catalogue: Catalogue, *, coalesce_s: float = 0.0
+        self,
+        generator: Generator,
+        catalogue: Catalogue,
+        *,
+        coalesce_s: float = 0.0,
+        breakers: Breakers | None = None,
+        providers: Sequence[str] | None = None,
     ) -> None:
         self.generator = generator
         self.catalogue = catalogue
         self.coalesce_s = coalesce_s  # see coalesce.py; 0: every delta as it comes
+        # ListProviders: the generator's breakers (none given: every circuit reads closed),
+        # and the configured providers (none given: the generator's).
+        self.breakers = breakers if breakers is not None else Breakers()
+        self.providers = tuple(providers) if providers is not None else None
 
     # A coroutine writing with `context.write`, not an async generator: when the client
     # cancels, grpc.aio cancels this task wherever it waits (writing included), and
@@ -51,6 +64,17 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     ) -> llm_pb2.ListModelsResponse:
         return list_models(self.catalogue)
 
+    async def ListProviders(
+        self,
+        request: llm_pb2.ListProvidersRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> llm_pb2.ListProvidersResponse:
+        providers = self.providers
+        if providers is None:
+            providers = tuple(self.generator.providers)
+        totals = self.generator.metrics.provider_totals()
+        return list_providers(providers, self.breakers.states(), totals)
+
 
 def list_models(catalogue: Catalogue) -> llm_pb2.ListModelsResponse:
     return llm_pb2.ListModelsResponse(
@@ -65,3 +89,26 @@ def list_models(catalogue: Catalogue) -> llm_pb2.ListModelsResponse:
             for model in catalogue.models.values()
         ]
     )
+
+
+def list_providers(
+    providers: Sequence[str],
+    breakers: Mapping[str, State],
+    totals: Mapping[str, ProviderTotals],
+) -> llm_pb2.ListProvidersResponse:
+    """One status per configured provider, by name: a provider not called yet has no breaker
+    (closed) and no totals (zeros), and still gets its line on the dashboard."""
+    statuses = []
+    for name in sorted(set(providers)):
+        t = totals.get(name, ProviderTotals())
+        statuses.append(
+            llm_pb2.ProviderStatus(
+                provider=name,
+                breaker=breakers.get(name, State.CLOSED).value,
+                requests=t.requests,
+                errors=t.errors,
+                mean_first_token_s=t.mean_first_token_s,
+                mean_total_s=t.mean_total_s,
+            )
+        )
+    return llm_pb2.ListProvidersResponse(providers=statuses)

@@ -36,6 +36,9 @@ ADMIN_METHODS = frozenset(
     {
         "/switchboard.v1.TaskService/ListDeadLetters",
         "/switchboard.v1.TaskService/RequeueDeadLetter",
+        "/switchboard.v1.TaskService/DiscardDeadLetter",
+        "/switchboard.v1.TaskService/ListActiveTasks",
+        "/switchboard.v1.LlmService/ListProviders",
     }
 )
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

@@ -107,8 +107,12 @@ class TaskApp:
             publisher.trace_of = engine.traceparent_of
         metrics = TaskMetrics(engine, registry)
         catalog = ModelCatalog(llm, settings.task_models_cache_s)
-        service = TaskService(engine, catalog, max_prompt_chars=settings.task_max_prompt_chars)
-        board = BoardPublisher(nc, engine.queues, settings.task_queue_board_interval_s)
+        service = TaskService(
+            engine, catalog, max_prompt_chars=settings.task_max_prompt_chars, node=node_id(settings)
+        )
+        board = BoardPublisher(
+            nc, engine.queues, settings.task_queue_board_interval_s, node_id(settings)
+        )
         grpc_server = GrpcServer(
             settings.task_svc_listen,
             lambda server: tasks_pb2_grpc.add_TaskServiceServicer_to_server(service, server),

@@ -2,16 +2,19 @@
 
 One message per task, subject `switchboard.dead.<task_id>` (the stream keeps one message per
 subject, so dead-lettering a task again replaces its entry), holding a `DeadLetter`
-(tasks.proto). Limits retention: entries stay until requeued (the subject is purged) or the
-stream's age limit drops them, and survive restarts of task_svc and of NATS (file storage).
+(tasks.proto). Limits retention: entries stay until requeued or discarded (the subject is
+purged) or the stream's age limit drops them, and survive restarts of task_svc and of NATS
+(file storage).
 """
 
 from __future__ import annotations
 
 import time
 
+import nats.errors
+import orjson
+from nats.aio.client import Client
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from svckit.errors import ServiceError
@@ -69,8 +72,9 @@ def requeued_spec(letter: tasks_pb2.DeadLetter) -> TaskSpec:
 class DeadLetters:
     """The stream itself (jetstream_store.py uses it)."""
 
-    def __init__(self, js: JetStreamContext, timeout_s: float) -> None:
-        self.js = js
+    def __init__(self, nc: Client, timeout_s: float) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
         self.timeout_s = timeout_s
 
     async def open(self) -> None:
@@ -91,8 +95,19 @@ class DeadLetters:
             return None
         return tasks_pb2.DeadLetter.FromString(raw.data or b"")
 
-    async def remove(self, task_id: str) -> None:
-        await self.js.purge_stream(DEAD_STREAM, subject=f"{DEAD_PREFIX}.{task_id}")
+    async def remove(self, task_id: str) -> bool:
+        """Purge the task's entry; whether there was one. The server's own count says so
+        (nats-py's purge_stream drops it), so of two operators discarding one dead letter at
+        once only one is told it was theirs."""
+        request = orjson.dumps({"filter": f"{DEAD_PREFIX}.{task_id}"})
+        reply = await self.nc.request(
+            f"$JS.API.STREAM.PURGE.{DEAD_STREAM}", request, timeout=self.timeout_s
+        )
+        answer = orjson.loads(reply.data)
+        error = answer.get("error")
+        if error:
+            raise nats.errors.Error(f"dead letter {task_id} not purged: {error.get('description')}")
+        return int(answer.get("purged", 0)) > 0
 
     async def list(self, queue: str = "", limit: int = 0) -> list[tasks_pb2.DeadLetter]:
         """Oldest first; at most `limit` (0: MAX_LIST)."""

@@ -65,7 +65,7 @@ class JetStreamJobStore:
         self.consumers: dict[int, JobConsumer] = {}  # by shard held
         self._follows: dict[int, asyncio.Task[None]] = {}
         self._arrived: asyncio.Queue[Pending] = asyncio.Queue()
-        self.letters = DeadLetters(self.js, PUBLISH_TIMEOUT_S)
+        self.letters = DeadLetters(nc, PUBLISH_TIMEOUT_S)
 
     async def open(self) -> None:
         await self.letters.open()
@@ -179,8 +179,9 @@ class JetStreamJobStore:
     async def dead_letter(self, task_id: str) -> tasks_pb2.DeadLetter | None:
         return await self.letters.get(task_id)
 
-    async def remove_dead_letter(self, task_id: str) -> None:
-        await self.letters.remove(task_id)
+    async def remove_dead_letter(self, task_id: str) -> bool:
+        with unavailable():
+            return await self.letters.remove(task_id)
 
     async def dead_letters(self, queue: str, limit: int) -> list[tasks_pb2.DeadLetter]:
         return await self.letters.list(queue, limit)

@@ -18,6 +18,7 @@ answers the gRPC-facing calls (service.py).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -28,13 +29,14 @@ from switchboard.v1 import common_pb2, tasks_pb2
 from task_svc.config import EngineConfig
 from task_svc.intake import Intake
 from task_svc.job import Job
+from task_svc.job_state import JobState
 from task_svc.llm_client import LlmClient
 from task_svc.positions import PositionReporter
 from task_svc.queues import Queues
 from task_svc.registry import forbidden
 from task_svc.runner import Runner
 from task_svc.servers import Servers
-from task_svc.store import JobStore, Lifecycle
+from task_svc.store import JobStore, Lifecycle, StoreUnavailable
 from task_svc.supervisor import Supervisor
 from task_svc.task_server import TaskServer
 from task_svc.task_state import TaskSpec
@@ -46,6 +48,10 @@ Code = common_pb2.ErrorCode
 
 ALL_SHARDS = range(SHARD_COUNT)
 SHARD_READY_TIMEOUT_S = 10.0
+# What ListActiveTasks lists: a job that has not ended (FINISHING has: its outcome is decided;
+# ACCEPTING is not a task yet: its Submit has not been answered).
+ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RETRY_WAIT})
+MAX_ACTIVE_LIST = 100  # as many as the dead-letter list: prompts of 32k fit one reply
 
 
 def shutting_down() -> ServiceError:
@@ -240,6 +246,37 @@ class JobEngine:
         server = await self.intake.requeue(letter, seq_base=old.core.seq if old else 0)
         await self.store.remove_dead_letter(task_id)
         return server.core.snapshot()
+
+    async def discard_dead_letter(self, task_id: str) -> bool:
+        """Drop a dead letter for good (its task stays failed); whether there was one. Any
+        node may: the dead-letter stream is shared and nothing of the task runs, so its
+        shard's owner need not be asked."""
+        try:
+            return await self.store.remove_dead_letter(task_id)
+        except StoreUnavailable as error:
+            raise ServiceError(
+                Code.ERROR_CODE_UNAVAILABLE, "the dead-letter queue cannot be reached"
+            ) from error
+
+    def active(self, limit: int = 0) -> list[common_pb2.TaskState]:
+        """The tasks this node runs or holds queued (retry-waiting too), most recently
+        updated first, at most `limit` (0, and anything past it: MAX_ACTIVE_LIST), for the
+        operator dashboard. Without their text: an answer stays small whatever was
+        generated, and an operator's list is not where users' answers are read. A queued
+        task's position is the one it last reported (not computed afresh: that is O(queue)
+        per task, too much for a dashboard polling a node holding 100k jobs)."""
+        limit = min(limit or MAX_ACTIVE_LIST, MAX_ACTIVE_LIST)
+        jobs = (
+            job
+            for job in self.jobs.values()
+            if job.state in ACTIVE and not job.server.core.terminal
+        )
+        # nlargest: only `limit` of what may be 100k jobs are sorted and copied.
+        latest = heapq.nlargest(limit, jobs, key=lambda job: job.server.core.updated_ns)
+        states = [job.server.core.snapshot() for job in latest]
+        for state in states:
+            state.ClearField("content")
+        return states
 
     # -- internals ----------------------------------------------------------------------
 

@@ -117,8 +117,8 @@ class MemoryJobStore:
     async def dead_letter(self, task_id: str) -> tasks_pb2.DeadLetter | None:
         return self.letters.get(task_id)
 
-    async def remove_dead_letter(self, task_id: str) -> None:
-        self.letters.pop(task_id, None)
+    async def remove_dead_letter(self, task_id: str) -> bool:
+        return self.letters.pop(task_id, None) is not None
 
     async def dead_letters(self, queue: str, limit: int) -> list[tasks_pb2.DeadLetter]:
         limit = min(limit or MAX_LIST, MAX_LIST)

@@ -20,15 +20,16 @@ from task_svc.queues import Queues
 log = logging.getLogger(__name__)
 
 
-def board(queues: Queues) -> events_pb2.QueueBoard:
-    return events_pb2.QueueBoard(queues=[queue.stats() for queue in queues])
+def board(queues: Queues, node: str = "") -> events_pb2.QueueBoard:
+    return events_pb2.QueueBoard(queues=[queue.stats() for queue in queues], node=node)
 
 
 class BoardPublisher:
-    def __init__(self, nc: Client, queues: Queues, interval_s: float) -> None:
+    def __init__(self, nc: Client, queues: Queues, interval_s: float, node: str = "") -> None:
         self.nc = nc
         self.queues = queues
         self.interval_s = interval_s
+        self.node = node
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -41,7 +42,8 @@ class BoardPublisher:
     async def _run(self) -> None:
         while True:
             try:
-                await self.nc.publish(QUEUE_BOARD_SUBJECT, board(self.queues).SerializeToString())
+                data = board(self.queues, self.node).SerializeToString()
+                await self.nc.publish(QUEUE_BOARD_SUBJECT, data)
             except (nats.errors.Error, OSError):
                 pass  # NATS away: the gateways stop trusting the board after a few seconds
             except Exception:  # a bug: say so, and go on with the next board

@@ -34,11 +34,19 @@ _QUEUE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     def __init__(
-        self, engine: JobEngine, catalog: ModelCatalog, *, max_prompt_chars: int = MAX_PROMPT_CHARS
+        self,
+        engine: JobEngine,
+        catalog: ModelCatalog,
+        *,
+        max_prompt_chars: int = MAX_PROMPT_CHARS,
+        node: str = "",
     ) -> None:
         self.engine = engine
         self.catalog = catalog
         self.max_prompt_chars = max_prompt_chars
+        # This node's id (config.node_id, as the membership has it): ListActiveTasks says
+        # who answered, since the dashboard asks every node and merges their lists.
+        self.node = node
 
     @rpc
     async def Submit(
@@ -172,3 +180,26 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         check_task_id(request.task_id)
         state = await self.engine.requeue_dead_letter(request.task_id)
         return tasks_pb2.RequeueDeadLetterResponse(state=state)
+
+    @rpc
+    async def DiscardDeadLetter(
+        self,
+        request: tasks_pb2.DiscardDeadLetterRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tasks_pb2.DiscardDeadLetterResponse:
+        check_task_id(request.task_id)
+        discarded = await self.engine.discard_dead_letter(request.task_id)
+        return tasks_pb2.DiscardDeadLetterResponse(discarded=discarded)
+
+    # -- admin: what this node holds --------------------------------------------------
+
+    @rpc
+    async def ListActiveTasks(
+        self,
+        request: tasks_pb2.ListActiveTasksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tasks_pb2.ListActiveTasksResponse:
+        if request.limit < 0:
+            raise InvalidRequest("limit must not be negative")
+        tasks = self.engine.active(request.limit)
+        return tasks_pb2.ListActiveTasksResponse(tasks=tasks, node=self.node)

@@ -80,7 +80,8 @@ class JobStore(Protocol):
 
     async def dead_letter(self, task_id: str) -> tasks_pb2.DeadLetter | None: ...
 
-    async def remove_dead_letter(self, task_id: str) -> None: ...
+    async def remove_dead_letter(self, task_id: str) -> bool:
+        """Remove the task's dead letter (requeued, or discarded); whether there was one."""
 
     async def dead_letters(self, queue: str, limit: int) -> list[tasks_pb2.DeadLetter]:
         """Oldest first, of one queue (all when empty), at most `limit` (0: the store's)."""

@@ -25,37 +25,43 @@ _sym_db = _symbol_database.Default()
 from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18switchboard/v1/llm.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"\xb5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x32\n\x07options\x18\x05 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\x12\x15\n\rcontinue_from\x18\x06 \x01(\t\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\"N\n\x12GenerationProgress\x12\x10\n\x08progress\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12\x16\n\x0e\x66\x61llback_model\x18\x03 \x01(\t\"O\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x34\n\x08progress\x18\x02 \x01(\x0b\x32\".switchboard.v1.GenerationProgress\"\x99\x01\n\x0fGenerationFinal\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\x15\n\rfrom_fallback\x18\x05 \x01(\x08\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\"\xd5\x01\n\rGenerateEvent\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32\".switchboard.v1.GenerationProgressH\x00\x12*\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x19.switchboard.v1.TextDeltaH\x00\x12\x30\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x1f.switchboard.v1.GenerationFinalH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"`\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.ModelInfo\"]\n\x0fGenerateCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12.\n\x05start\x18\x02 \x01(\x0b\x32\x1f.switchboard.v1.GenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\"E\n\x10GenerateCommands\x12\x31\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1f.switchboard.v1.GenerateCommand\"G\n\x0bTaggedEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.GenerateEvent\"<\n\rGenerateBatch\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.TaggedEvent2\x84\x02\n\nLlmService\x12L\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a\x1d.switchboard.v1.GenerateEvent0\x01\x12S\n\x0cGenerateMany\x12 .switchboard.v1.GenerateCommands\x1a\x1d.switchboard.v1.GenerateBatch(\x01\x30\x01\x12S\n\nListModels\x12!.switchboard.v1.ListModelsRequest\x1a\".switchboard.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18switchboard/v1/llm.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"\x16\n\x14ListProvidersRequest\"\x87\x01\n\x0eProviderStatus\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0f\n\x07\x62reaker\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x1a\n\x12mean_first_token_s\x18\x05 \x01(\x01\x12\x14\n\x0cmean_total_s\x18\x06 \x01(\x01\"J\n\x15ListProvidersResponse\x12\x31\n\tproviders\x18\x01 \x03(\x0b\x32\x1e.switchboard.v1.ProviderStatus\"\xb5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x32\n\x07options\x18\x05 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\x12\x15\n\rcontinue_from\x18\x06 \x01(\t\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\"N\n\x12GenerationProgress\x12\x10\n\x08progress\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12\x16\n\x0e\x66\x61llback_model\x18\x03 \x01(\t\"O\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x34\n\x08progress\x18\x02 \x01(\x0b\x32\".switchboard.v1.GenerationProgress\"\x99\x01\n\x0fGenerationFinal\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\x15\n\rfrom_fallback\x18\x05 \x01(\x08\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\"\xd5\x01\n\rGenerateEvent\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32\".switchboard.v1.GenerationProgressH\x00\x12*\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x19.switchboard.v1.TextDeltaH\x00\x12\x30\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x1f.switchboard.v1.GenerationFinalH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.ErrorH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"`\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.ModelInfo\"]\n\x0fGenerateCommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12.\n\x05start\x18\x02 \x01(\x0b\x32\x1f.switchboard.v1.GenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\"E\n\x10GenerateCommands\x12\x31\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1f.switchboard.v1.GenerateCommand\"G\n\x0bTaggedEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1d.switchboard.v1.GenerateEvent\"<\n\rGenerateBatch\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.TaggedEvent2\xe2\x02\n\nLlmService\x12L\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a\x1d.switchboard.v1.GenerateEvent0\x01\x12S\n\x0cGenerateMany\x12 .switchboard.v1.GenerateCommands\x1a\x1d.switchboard.v1.GenerateBatch(\x01\x30\x01\x12S\n\nListModels\x12!.switchboard.v1.ListModelsRequest\x1a\".switchboard.v1.ListModelsResponse\x12\\\n\rListProviders\x12$.switchboard.v1.ListProvidersRequest\x1a%.switchboard.v1.ListProvidersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.v1.llm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=74
-  _globals['_GENERATEREQUEST']._serialized_end=255
-  _globals['_GENERATIONPROGRESS']._serialized_start=257
-  _globals['_GENERATIONPROGRESS']._serialized_end=335
-  _globals['_TEXTDELTA']._serialized_start=337
-  _globals['_TEXTDELTA']._serialized_end=416
-  _globals['_GENERATIONFINAL']._serialized_start=419
-  _globals['_GENERATIONFINAL']._serialized_end=572
-  _globals['_GENERATEEVENT']._serialized_start=575
-  _globals['_GENERATEEVENT']._serialized_end=788
-  _globals['_LISTMODELSREQUEST']._serialized_start=790
-  _globals['_LISTMODELSREQUEST']._serialized_end=809
-  _globals['_MODELINFO']._serialized_start=811
-  _globals['_MODELINFO']._serialized_end=907
-  _globals['_LISTMODELSRESPONSE']._serialized_start=909
-  _globals['_LISTMODELSRESPONSE']._serialized_end=972
-  _globals['_GENERATECOMMAND']._serialized_start=974
-  _globals['_GENERATECOMMAND']._serialized_end=1067
-  _globals['_GENERATECOMMANDS']._serialized_start=1069
-  _globals['_GENERATECOMMANDS']._serialized_end=1138
-  _globals['_TAGGEDEVENT']._serialized_start=1140
-  _globals['_TAGGEDEVENT']._serialized_end=1211
-  _globals['_GENERATEBATCH']._serialized_start=1213
-  _globals['_GENERATEBATCH']._serialized_end=1273
-  _globals['_LLMSERVICE']._serialized_start=1276
-  _globals['_LLMSERVICE']._serialized_end=1536
+  _globals['_LISTPROVIDERSREQUEST']._serialized_start=73
+  _globals['_LISTPROVIDERSREQUEST']._serialized_end=95
+  _globals['_PROVIDERSTATUS']._serialized_start=98
+  _globals['_PROVIDERSTATUS']._serialized_end=233
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=235
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=309
+  _globals['_GENERATEREQUEST']._serialized_start=312
+  _globals['_GENERATEREQUEST']._serialized_end=493
+  _globals['_GENERATIONPROGRESS']._serialized_start=495
+  _globals['_GENERATIONPROGRESS']._serialized_end=573
+  _globals['_TEXTDELTA']._serialized_start=575
+  _globals['_TEXTDELTA']._serialized_end=654
+  _globals['_GENERATIONFINAL']._serialized_start=657
+  _globals['_GENERATIONFINAL']._serialized_end=810
+  _globals['_GENERATEEVENT']._serialized_start=813
+  _globals['_GENERATEEVENT']._serialized_end=1026
+  _globals['_LISTMODELSREQUEST']._serialized_start=1028
+  _globals['_LISTMODELSREQUEST']._serialized_end=1047
+  _globals['_MODELINFO']._serialized_start=1049
+  _globals['_MODELINFO']._serialized_end=1145
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1147
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1210
+  _globals['_GENERATECOMMAND']._serialized_start=1212
+  _globals['_GENERATECOMMAND']._serialized_end=1305
+  _globals['_GENERATECOMMANDS']._serialized_start=1307
+  _globals['_GENERATECOMMANDS']._serialized_end=1376
+  _globals['_TAGGEDEVENT']._serialized_start=1378
+  _globals['_TAGGEDEVENT']._serialized_end=1449
+  _globals['_GENERATEBATCH']._serialized_start=1451
+  _globals['_GENERATEBATCH']._serialized_end=1511
+  _globals['_LLMSERVICE']._serialized_start=1514
+  _globals['_LLMSERVICE']._serialized_end=1868
 # @@protoc_insertion_point(module_scope)

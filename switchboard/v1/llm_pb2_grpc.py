@@ -50,6 +50,11 @@ class LlmServiceStub:
                 request_serializer=switchboard_dot_v1_dot_llm__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_llm__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListProviders = channel.unary_unary(
+                '/switchboard.v1.LlmService/ListProviders',
+                request_serializer=switchboard_dot_v1_dot_llm__pb2.ListProvidersRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_llm__pb2.ListProvidersResponse.FromString,
+                _registered_method=True)
 
 
 class LlmServiceServicer:
@@ -77,6 +82,13 @@ class LlmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListProviders(self, request, context):
+        """Each provider's health as this replica sees it (admin: the operator dashboard).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LlmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_LlmServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=switchboard_dot_v1_dot_llm__pb2.ListModelsRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_llm__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListProviders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProviders,
+                    request_deserializer=switchboard_dot_v1_dot_llm__pb2.ListProvidersRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_llm__pb2.ListProvidersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class LlmService:
             '/switchboard.v1.LlmService/ListModels',
             switchboard_dot_v1_dot_llm__pb2.ListModelsRequest.SerializeToString,
             switchboard_dot_v1_dot_llm__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProviders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.LlmService/ListProviders',
+            switchboard_dot_v1_dot_llm__pb2.ListProvidersRequest.SerializeToString,
+            switchboard_dot_v1_dot_llm__pb2.ListProvidersResponse.FromString,
             options,
             channel_credentials,
             insecure,

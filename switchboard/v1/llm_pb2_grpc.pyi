@@ -40,6 +40,8 @@ class LlmServiceStub:
     A stream that breaks ends every generation on it; closing it cancels them all.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_llm_pb2.ListModelsRequest, _llm_pb2.ListModelsResponse]
+    ListProviders: _grpc.UnaryUnaryMultiCallable[_llm_pb2.ListProvidersRequest, _llm_pb2.ListProvidersResponse]
+    """Each provider's health as this replica sees it (admin: the operator dashboard)."""
 
 @_typing.type_check_only
 class LlmServiceAsyncStub(LlmServiceStub):
@@ -53,6 +55,8 @@ class LlmServiceAsyncStub(LlmServiceStub):
     A stream that breaks ends every generation on it; closing it cancels them all.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_llm_pb2.ListModelsRequest, _llm_pb2.ListModelsResponse]  # type: ignore[assignment]
+    ListProviders: _aio.UnaryUnaryMultiCallable[_llm_pb2.ListProvidersRequest, _llm_pb2.ListProvidersResponse]  # type: ignore[assignment]
+    """Each provider's health as this replica sees it (admin: the operator dashboard)."""
 
 class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
     """llm_svc: turns a generation request into a stream of events."""
@@ -81,5 +85,13 @@ class LlmServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _llm_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_llm_pb2.ListModelsResponse, _abc.Awaitable[_llm_pb2.ListModelsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListProviders(
+        self,
+        request: _llm_pb2.ListProvidersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_llm_pb2.ListProvidersResponse, _abc.Awaitable[_llm_pb2.ListProvidersResponse]]:
+        """Each provider's health as this replica sees it (admin: the operator dashboard)."""
 
 def add_LlmServiceServicer_to_server(servicer: LlmServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

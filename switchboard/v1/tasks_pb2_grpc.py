@@ -75,6 +75,16 @@ class TaskServiceStub:
                 request_serializer=switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterResponse.FromString,
                 _registered_method=True)
+        self.DiscardDeadLetter = channel.unary_unary(
+                '/switchboard.v1.TaskService/DiscardDeadLetter',
+                request_serializer=switchboard_dot_v1_dot_tasks__pb2.DiscardDeadLetterRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_tasks__pb2.DiscardDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.ListActiveTasks = channel.unary_unary(
+                '/switchboard.v1.TaskService/ListActiveTasks',
+                request_serializer=switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -142,6 +152,21 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DiscardDeadLetter(self, request, context):
+        """Removes a dead letter for good (its task stays failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListActiveTasks(self, request, context):
+        """The tasks this node holds that have not ended (queued, running), most recent first:
+        the operator dashboard's list (gateway_svc/admin.py asks every node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +209,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.RequeueDeadLetter,
                     request_deserializer=switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterResponse.SerializeToString,
+            ),
+            'DiscardDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardDeadLetter,
+                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.DiscardDeadLetterRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_tasks__pb2.DiscardDeadLetterResponse.SerializeToString,
+            ),
+            'ListActiveTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListActiveTasks,
+                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +438,60 @@ class TaskService:
             '/switchboard.v1.TaskService/RequeueDeadLetter',
             switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterRequest.SerializeToString,
             switchboard_dot_v1_dot_tasks__pb2.RequeueDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.TaskService/DiscardDeadLetter',
+            switchboard_dot_v1_dot_tasks__pb2.DiscardDeadLetterRequest.SerializeToString,
+            switchboard_dot_v1_dot_tasks__pb2.DiscardDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListActiveTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.TaskService/ListActiveTasks',
+            switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksRequest.SerializeToString,
+            switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,12 @@ class TaskServiceStub:
     """Runs a dead-lettered task again under the same task id (its seq continues; attempts
     start over) and removes it from the dead-letter queue.
     """
+    DiscardDeadLetter: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.DiscardDeadLetterRequest, _tasks_pb2.DiscardDeadLetterResponse]
+    """Removes a dead letter for good (its task stays failed)."""
+    ListActiveTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListActiveTasksRequest, _tasks_pb2.ListActiveTasksResponse]
+    """The tasks this node holds that have not ended (queued, running), most recent first:
+    the operator dashboard's list (gateway_svc/admin.py asks every node).
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -88,6 +94,12 @@ class TaskServiceAsyncStub(TaskServiceStub):
     RequeueDeadLetter: _aio.UnaryUnaryMultiCallable[_tasks_pb2.RequeueDeadLetterRequest, _tasks_pb2.RequeueDeadLetterResponse]  # type: ignore[assignment]
     """Runs a dead-lettered task again under the same task id (its seq continues; attempts
     start over) and removes it from the dead-letter queue.
+    """
+    DiscardDeadLetter: _aio.UnaryUnaryMultiCallable[_tasks_pb2.DiscardDeadLetterRequest, _tasks_pb2.DiscardDeadLetterResponse]  # type: ignore[assignment]
+    """Removes a dead letter for good (its task stays failed)."""
+    ListActiveTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListActiveTasksRequest, _tasks_pb2.ListActiveTasksResponse]  # type: ignore[assignment]
+    """The tasks this node holds that have not ended (queued, running), most recent first:
+    the operator dashboard's list (gateway_svc/admin.py asks every node).
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -164,6 +176,24 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tasks_pb2.RequeueDeadLetterResponse, _abc.Awaitable[_tasks_pb2.RequeueDeadLetterResponse]]:
         """Runs a dead-lettered task again under the same task id (its seq continues; attempts
         start over) and removes it from the dead-letter queue.
+        """
+
+    @_abc_1.abstractmethod
+    def DiscardDeadLetter(
+        self,
+        request: _tasks_pb2.DiscardDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.DiscardDeadLetterResponse, _abc.Awaitable[_tasks_pb2.DiscardDeadLetterResponse]]:
+        """Removes a dead letter for good (its task stays failed)."""
+
+    @_abc_1.abstractmethod
+    def ListActiveTasks(
+        self,
+        request: _tasks_pb2.ListActiveTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ListActiveTasksResponse, _abc.Awaitable[_tasks_pb2.ListActiveTasksResponse]]:
+        """The tasks this node holds that have not ended (queued, running), most recent first:
+        the operator dashboard's list (gateway_svc/admin.py asks every node).
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

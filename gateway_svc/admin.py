@@ -1,0 +1,353 @@
+"""The operator dashboard (Oban Web and Phoenix LiveDashboard are the references): a static page
+served by the gateway (`GET /admin`, gateway_svc/static/) and the `admin:dashboard` channel it
+joins over the gateway's own Phoenix protocol, open only to the users in GATEWAY_ADMIN_USERS.
+
+Joined, the channel pushes a `snapshot` every `interval_s` (the join reply is the first one):
+queues (the task_svc nodes' QueueBoards, summed), the tasks that have not ended (every node's
+ListActiveTasks), dead letters, providers (llm_svc's ListProviders), this gateway's sockets
+and channels, and history's backlog (persistence_svc's consumer pending in JetStream). The
+operator's actions are events on the channel: `cancel_task`, `retry_dead_letter`,
+`discard_dead_letter` {task_id}, each replied ok or with the error's reason.
+
+The socket's token proved the operator; the gateway then calls task_svc and llm_svc as the
+`admin` caller (svckit/service_auth.py), which their admin RPCs require. A source that does
+not answer leaves its part of the snapshot empty and names it in `unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from gateway_svc import task_payloads as tp
+from gateway_svc.metrics import GatewayMetrics
+from gateway_svc.phoenix import Message, reply
+from gateway_svc.routes import Owner, TaskRoutes
+from svckit.errors import ServiceError
+from svckit.grpc_server import insecure_channel
+from svckit.lifecycle import cancel_and_wait
+from svckit.membership import MembershipView
+from svckit.metrics import sample
+from svckit.nats import QUEUE_BOARD_SUBJECT, TASK_EVENTS_STREAM
+from svckit.service_auth import ADMIN
+from switchboard.v1 import common_pb2, events_pb2, llm_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOPIC = "admin:dashboard"
+STATIC = Path(__file__).parent / "static"
+# GET path → (file, content type) of the page and its two scripts.
+PAGES = {
+    "/admin": ("admin.html", "text/html; charset=utf-8"),
+    "/admin/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/admin/phoenix.min.js": ("phoenix.min.js", "text/javascript; charset=utf-8"),
+}
+HISTORY_CONSUMER = "persistence"  # persistence_svc/consumer.py's durable
+CALL_TIMEOUT_S = 2.0
+BOARD_STALE_S = 3.0  # a node's QueueBoard not heard for this long no longer counts
+LIST_LIMIT = 100
+SendFn = Callable[[Message], Awaitable[None]]
+
+
+def page(path: str) -> tuple[bytes, str] | None:
+    """The static file served at `path` (body, content type), or None."""
+    found = PAGES.get(path)
+    if found is None:
+        return None
+    name, content_type = found
+    return (STATIC / name).read_bytes(), content_type
+
+
+@dataclass
+class _Board:
+    board: events_pb2.QueueBoard
+    heard_at: float
+
+
+@dataclass
+class Dashboard:
+    """What every admin channel of this gateway reads and acts through."""
+
+    admins: frozenset[str]
+    routes: TaskRoutes
+    metrics: GatewayMetrics
+    llm_addr: str
+    view: MembershipView | None = None
+    nc: Client | None = None
+    interval_s: float = 1.0
+    boards: dict[str, _Board] = field(default_factory=dict)  # by node
+    _stubs: dict[str, tasks_pb2_grpc.TaskServiceStub] = field(default_factory=dict)
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+    _llm: llm_pb2_grpc.LlmServiceStub | None = None
+    _sub: Subscription | None = None
+
+    async def start(self) -> None:
+        if self.nc is not None:
+            self._sub = await self.nc.subscribe(QUEUE_BOARD_SUBJECT, cb=self._heard)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+        for channel in self._channels:
+            await channel.close()
+
+    async def _heard(self, msg: Msg) -> None:
+        try:
+            board = events_pb2.QueueBoard.FromString(msg.data)
+        except Exception:  # a bad board must not stop the others
+            log.warning("unreadable queue board ignored")
+            return
+        self.boards[board.node] = _Board(board, time.monotonic())
+
+    # -- the admin callers -------------------------------------------------------------
+
+    def _stub(self, address: str) -> tasks_pb2_grpc.TaskServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = insecure_channel(address, caller=ADMIN)
+            self._channels.append(channel)
+            stub = self._stubs[address] = tasks_pb2_grpc.TaskServiceStub(channel)
+        return stub
+
+    def _llm_stub(self) -> llm_pb2_grpc.LlmServiceStub:
+        if self._llm is None:
+            channel = insecure_channel(self.llm_addr, caller=ADMIN)
+            self._channels.append(channel)
+            self._llm = llm_pb2_grpc.LlmServiceStub(channel)
+        return self._llm
+
+    def _nodes(self) -> dict[str, str]:
+        """Every live task_svc node's address by node id (the fallback without NATS)."""
+        if self.view is not None:
+            live = {node: m.address for node, m in self.view.live().items() if m.address}
+            if live:
+                return live
+        return {"": self.routes.fallback.address}
+
+    # -- the snapshot ------------------------------------------------------------------
+
+    async def snapshot(self) -> dict[str, Any]:
+        parts = {
+            "tasks": self._tasks(),
+            "dead_letters": self._dead_letters(),
+            "providers": self._providers(),
+            "history_pending": self._history_pending(),
+        }
+        results = await asyncio.gather(*parts.values(), return_exceptions=True)
+        out: dict[str, Any] = {"unavailable": []}
+        empty: dict[str, Any] = {"tasks": [], "dead_letters": [], "providers": []}
+        for name, result in zip(parts, results, strict=True):
+            if isinstance(result, BaseException):
+                log.info("dashboard source failed", extra={"source": name, "e": repr(result)})
+                out["unavailable"].append(name)
+                out[name] = empty.get(name)
+            else:
+                out[name] = result
+        out["queues"] = self._queues()
+        out["sockets"] = int(sample(self.metrics.registry, "switchboard_sockets"))
+        out["channels"] = int(sample(self.metrics.registry, "switchboard_channels"))
+        return out
+
+    def _queues(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        totals: dict[str, dict[str, Any]] = {}
+        for known in self.boards.values():
+            if now - known.heard_at > BOARD_STALE_S:
+                continue
+            for s in known.board.queues:
+                q = totals.setdefault(
+                    s.queue,
+                    {"queue": s.queue, "waiting": 0, "running": 0, "concurrency": 0,
+                     "mean_run_s": 0.0, "max_depth": 0},
+                )  # fmt: skip
+                q["waiting"] += sum(s.waiting_by_priority)
+                q["running"] += s.concurrency - s.free_slots
+                q["concurrency"] += s.concurrency
+                q["max_depth"] += s.max_depth
+                q["mean_run_s"] = max(q["mean_run_s"], s.mean_run_s)
+        return sorted(totals.values(), key=lambda q: q["queue"])
+
+    async def _tasks(self) -> list[dict[str, Any]]:
+        request = tasks_pb2.ListActiveTasksRequest(limit=LIST_LIMIT)
+        calls = [
+            self._stub(address).ListActiveTasks(request, timeout=CALL_TIMEOUT_S)
+            for address in self._nodes().values()
+        ]
+        tasks = []
+        for answer in await asyncio.gather(*calls):
+            for state in answer.tasks:
+                tasks.append(
+                    {
+                        "task_id": state.task_id,
+                        "user_id": state.user_id,
+                        "status": tp.status_name(state.status),
+                        "progress": round(state.progress, 3),
+                        "model": state.model,
+                        "node": answer.node,
+                    }
+                )
+        return tasks
+
+    async def _dead_letters(self) -> list[dict[str, Any]]:
+        request = tasks_pb2.ListDeadLettersRequest(limit=LIST_LIMIT)
+        stub = self._stub(self.routes.fallback.address)  # any node: the stream is shared
+        answer = await stub.ListDeadLetters(request, timeout=CALL_TIMEOUT_S)
+        return [
+            {
+                "task_id": letter.task_id,
+                "user_id": letter.user_id,
+                "queue": letter.queue,
+                "error": letter.error.message,
+                "attempts": letter.attempts,
+            }
+            for letter in answer.dead_letters
+        ]
+
+    async def _providers(self) -> list[dict[str, Any]]:
+        request = llm_pb2.ListProvidersRequest()
+        answer = await self._llm_stub().ListProviders(request, timeout=CALL_TIMEOUT_S)
+        return [
+            {
+                "provider": p.provider,
+                "breaker": p.breaker,
+                "requests": p.requests,
+                "errors": p.errors,
+                "mean_first_token_s": p.mean_first_token_s,
+                "mean_total_s": p.mean_total_s,
+            }
+            for p in answer.providers
+        ]
+
+    async def _history_pending(self) -> int | None:
+        if self.nc is None:
+            return None
+        info = await self.nc.jetstream().consumer_info(
+            TASK_EVENTS_STREAM, HISTORY_CONSUMER, timeout=CALL_TIMEOUT_S
+        )
+        return int((info.num_pending or 0) + (info.num_ack_pending or 0))
+
+    # -- the operator's actions --------------------------------------------------------
+
+    async def act(self, event: str, task_id: str) -> dict[str, Any]:
+        """Carry out `event` on `task_id`: its reply's response (raises ServiceError)."""
+        match event:
+            case "cancel_task":
+                return await self._cancel(task_id)
+            case "retry_dead_letter":
+                return await self._retry(task_id)
+            case "discard_dead_letter":
+                request = tasks_pb2.DiscardDeadLetterRequest(task_id=task_id)
+                stub = self._stub(self.routes.fallback.address)
+                answer = await _rpc(stub.DiscardDeadLetter(request, timeout=CALL_TIMEOUT_S))
+                return {"discarded": answer.discarded}
+        raise ServiceError(common_pb2.ERROR_CODE_INVALID_REQUEST, f"unknown event {event!r}")
+
+    async def _cancel(self, task_id: str) -> dict[str, Any]:
+        """Cancel another user's task: task_svc checks the owner, so ask it as the owner
+        (its user as listed by the node holding it)."""
+        user = await self._owner_of(task_id)
+
+        async def cancel_at(owner: Owner) -> tasks_pb2.CancelResponse:
+            request = tasks_pb2.CancelRequest(task_id=task_id, user_id=user)
+            response: tasks_pb2.CancelResponse = await _rpc(owner.stub.Cancel(request))
+            return response
+
+        response = await self.routes.call(task_id, cancel_at)
+        return tp.state_payload(response.state)
+
+    async def _owner_of(self, task_id: str) -> str:
+        for task in await self._tasks():
+            if task["task_id"] == task_id:
+                return str(task["user_id"])
+        raise ServiceError(common_pb2.ERROR_CODE_NOT_FOUND, f"no active task {task_id}")
+
+    async def _retry(self, task_id: str) -> dict[str, Any]:
+        async def requeue_at(owner: Owner) -> tasks_pb2.RequeueDeadLetterResponse:
+            request = tasks_pb2.RequeueDeadLetterRequest(task_id=task_id)
+            stub = self._stub(owner.address)
+            answer: tasks_pb2.RequeueDeadLetterResponse = await _rpc(
+                stub.RequeueDeadLetter(request, timeout=CALL_TIMEOUT_S)
+            )
+            return answer
+
+        answer = await self.routes.call(task_id, requeue_at)
+        return tp.state_payload(answer.state)
+
+
+async def _rpc(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise ServiceError.from_rpc_error(error) from None
+
+
+class AdminChannel:
+    """One joined `admin:dashboard` topic of one socket (the same life as a TaskChannel:
+    join, start, deliver, close)."""
+
+    def __init__(
+        self, dashboard: Dashboard, user: str, topic: str, join_ref: str | None, send: SendFn
+    ) -> None:
+        self.dashboard = dashboard
+        self.user = user
+        self.topic = topic
+        self.join_ref = join_ref
+        self._send = send
+        self._pusher: asyncio.Task[None] | None = None
+        self._actions: set[asyncio.Task[None]] = set()
+
+    async def join(self, params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        if self.user not in self.dashboard.admins:
+            log.warning("dashboard refused", extra={"user": self.user})
+            return False, {"reason": "unauthorized"}
+        log.info("dashboard joined", extra={"user": self.user})
+        return True, await self.dashboard.snapshot()
+
+    def start(self) -> None:
+        self._pusher = asyncio.create_task(self._push(), name="dashboard snapshots")
+
+    async def _push(self) -> None:
+        while True:
+            await asyncio.sleep(self.dashboard.interval_s)
+            snapshot = await self.dashboard.snapshot()
+            await self._send(Message(self.join_ref, None, self.topic, "snapshot", snapshot))
+
+    def deliver(self, message: Message) -> None:
+        task = asyncio.create_task(self._act(message), name=f"dashboard {message.event}")
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+
+    async def _act(self, message: Message) -> None:
+        task_id = message.payload.get("task_id") if isinstance(message.payload, dict) else None
+        if not isinstance(task_id, str) or tp.task_id_of(f"{tp.TOPIC_PREFIX}{task_id}") is None:
+            await self._reply(message, "error", {"reason": "invalid_request"})
+            return
+        try:
+            response = await self.dashboard.act(message.event, task_id)
+        except ServiceError as error:
+            log.info("dashboard action refused", extra={"event": message.event, "e": repr(error)})
+            await self._reply(message, "error", tp.error_reply(error))
+            return
+        log.info("dashboard action", extra={"event": message.event, "task_id": task_id})
+        await self._reply(message, "ok", response)
+
+    async def _reply(self, message: Message, status: str, response: dict[str, Any]) -> None:
+        await self._send(reply(self.join_ref, message.ref, self.topic, status, response))
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._pusher)
+        for task in list(self._actions):
+            await cancel_and_wait(task)
