@@ -2,6 +2,9 @@
 Swift app does it (V2, a heartbeat every 30 s, one `task:<uuid4>` channel, `llm_generate`),
 with a live progress bar and the text as it streams.
 
+`python -m gateway_svc.client history [list | show <task_id> | delete <task_id>]`: the user's
+history over the same socket (the `user:<id>` channel).
+
 Exit status: 0 on `llm_response`; 1 when the task failed or was cancelled; 2 when the
 connection failed or was lost; 3 when the join or the request was refused.
 """
@@ -169,6 +172,65 @@ async def _rejoin(client: PhoenixClient, topic: str, last_seq: int) -> Channel:
     raise Failed(2, f"could not rejoin {topic}: {reason}")
 
 
+async def history(args: argparse.Namespace, console: Console) -> None:
+    """list, show or delete the user's tasks through the `user:<id>` channel."""
+    token = args.token or tokens.mint(args.user, tokens.secret_from(Settings()), ttl=3600)
+    try:
+        client = await PhoenixClient.connect(args.url, token=token)
+    except (OSError, InvalidHandshake, TimeoutError) as error:
+        raise Failed(2, f"cannot connect to {args.url}: {error}") from None
+    async with client:
+        try:
+            channel = await client.join(f"user:{args.user}")
+        except JoinRefused as refused:
+            raise Failed(3, f"history refused: {_describe(refused.response)}") from None
+        if args.action == "list":
+            reply = await channel.push("list_tasks", {"limit": args.limit})
+        elif args.action == "show":
+            reply = await channel.push("get_task", {"task_id": args.task_id})
+        else:
+            reply = await channel.push("delete_task", {"task_id": args.task_id})
+        if not reply.ok:
+            raise Failed(3, f"{args.action} refused: {_describe(reply.response)}")
+    _print_history(args.action, reply.response, console)
+
+
+def _print_history(action: str, response: dict[str, Any], console: Console) -> None:
+    if action == "list":
+        for task in response["tasks"]:
+            preview = (task.get("preview") or "").replace("\n", " ")[:60]
+            console.print(
+                f"{task['task_id']}  [bold]{task['status']:<10}[/] {task['created_at']}  "
+                f"{task['prompt'][:40]!r} → {preview}"
+            )
+        if not response["tasks"]:
+            console.print("no tasks")
+    elif action == "show":
+        task = response["task"]
+        console.print(f"[bold]{task['status']}[/] {task['model']}  {task['prompt']!r}")
+        console.print(task["content"])
+        for step in response["trail"]:
+            console.print(f"  {step['seq']:>5} {step['kind']:<10} {step['at']}")
+    else:
+        console.print("deleted" if response["deleted"] else "no such task")
+
+
+def parse_history_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway_svc.client history", description="The user's history."
+    )
+    parser.add_argument("action", nargs="?", default="list", choices=["list", "show", "delete"])
+    parser.add_argument("task_id", nargs="?")
+    parser.add_argument("--url", default="ws://127.0.0.1:4000/socket")
+    parser.add_argument("--user", default="dev", help="the user (a development token is minted)")
+    parser.add_argument("--token", help="a socket token of --user instead")
+    parser.add_argument("--limit", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.action != "list" and not args.task_id:
+        parser.error(f"{args.action} needs a task id")
+    return args
+
+
 def _describe(response: dict[str, Any]) -> str:
     reason = response.get("reason") or response.get("code") or "error"
     message = response.get("message")
@@ -190,10 +252,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     console = Console()
+    if argv[:1] == ["history"]:
+        args, command = parse_history_args(argv[1:]), history
+    else:
+        args, command = parse_args(argv), run
     try:
-        asyncio.run(run(args, console))
+        asyncio.run(command(args, console))
     except Failed as failure:
         console.print(f"[red]{failure}[/]")
         sys.exit(failure.status)

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     gateway_direct_submit: bool = True
     nats_url: str = "nats://127.0.0.1:4222"
     llm_svc_addr: str = "127.0.0.1:50052"
+    history_svc_addr: str = "127.0.0.1:50053"  # the user channel's history and preferences
     gateway_models_cache_s: float = 10.0
 
     # A socket that sends nothing (not even a heartbeat, every 30 s) for this long is closed.

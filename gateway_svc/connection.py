@@ -23,6 +23,7 @@ from gateway_svc.limits import SocketBucket
 from gateway_svc.outbox import Outbox, Overflow
 from gateway_svc.task_channel import ChannelDeps, TaskChannel
 from gateway_svc.task_payloads import coalescable, task_id_of
+from gateway_svc.user_channel import UserChannel, user_of
 from svckit.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ def _handles_tasks(topic: str) -> bool:
     return task_id_of(topic) is not None
 
 
-def _handles_tasks_and_admin(topic: str) -> bool:
-    return task_id_of(topic) is not None or topic == ADMIN_TOPIC
+def _handles_every_topic(topic: str) -> bool:
+    return task_id_of(topic) is not None or topic == ADMIN_TOPIC or user_of(topic) is not None
 
 
 class Connection:
@@ -96,9 +97,9 @@ class Connection:
         self.settings = settings
         self.deps = deps
         self.metrics = deps.metrics
-        handles = _handles_tasks if deps.dashboard is None else _handles_tasks_and_admin
+        handles = _handles_tasks if deps.users is None else _handles_every_topic
         self.state = ch.SocketState(handles, settings.gateway_max_channels)
-        self.channels: dict[str, TaskChannel | AdminChannel] = {}
+        self.channels: dict[str, TaskChannel | AdminChannel | UserChannel] = {}
         self._outbox: Outbox | None = None  # allocated while frames wait
         self._drained: asyncio.Event | None = None  # allocated while a channel waits
         self._writer: asyncio.Task[None] | None = None
@@ -353,16 +354,18 @@ class Connection:
             case ch.LimitHit(limit):
                 self.metrics.limit(limit)
 
-    def _pop_channel(self, topic: str) -> TaskChannel | AdminChannel | None:
+    def _pop_channel(self, topic: str) -> TaskChannel | AdminChannel | UserChannel | None:
         channel = self.channels.pop(topic, None)
         if channel is not None:
             self.metrics.channels.dec()
         return channel
 
-    def _channel(self, start: ch.StartChannel) -> TaskChannel | AdminChannel:
+    def _channel(self, start: ch.StartChannel) -> TaskChannel | AdminChannel | UserChannel:
         if start.topic == ADMIN_TOPIC and self.deps.dashboard is not None:
             dashboard = self.deps.dashboard
             return AdminChannel(dashboard, self.user, start.topic, start.join_ref, self.send)
+        if user_of(start.topic) is not None and self.deps.users is not None:
+            return UserChannel(self.deps.users, self.user, start.topic, start.join_ref, self.send)
         task_id = task_id_of(start.topic)
         assert task_id is not None  # the state machine only starts topics we handle
         return TaskChannel(

@@ -36,10 +36,12 @@ from gateway_svc.routes import Owner, TaskRoutes
 from gateway_svc.shared_limits import SharedLimits
 from gateway_svc.submits import Submits
 from gateway_svc.task_channel import ChannelDeps
+from gateway_svc.user_channel import Preferences, UserDeps, UserFeed
 from gateway_svc.watches import TaskWatches
+from svckit.grpc_server import insecure_channel
 from svckit.lifecycle import cancel_and_wait
 from svckit.membership import MembershipView
-from switchboard.v1 import tasks_pb2_grpc
+from switchboard.v1 import history_pb2_grpc, tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ class Gateway:
             clock,
             direct,
             self.dashboard,
+            self._user_deps(settings, direct),
         )
         # With NATS (the acks' own path has a connection) and a per-user limit to keep, the
         # limits are one budget across every gateway replica (shared_limits.py).
@@ -202,7 +205,23 @@ class Gateway:
         except TimeoutError:
             log.warning("sockets still open after the shutdown grace")
         await self.dashboard.close()
+        assert self.deps.users is not None
+        await self.deps.users.feed.close()
+        await self._history_channel.close()
         await self.routes.close()
+
+    def _user_deps(self, settings: Settings, direct: DirectSubmit | None) -> UserDeps:
+        """The user channels' history (persistence_svc), preferences and live feed (NATS,
+        from the acks' own connection; without it no `task_updated` pushes)."""
+        channel = insecure_channel(settings.history_svc_addr)
+        self._history_channel = channel
+        return UserDeps(
+            history_pb2_grpc.HistoryServiceStub(channel),
+            Preferences(history_pb2_grpc.UserServiceStub(channel)),
+            UserFeed(direct.nc if direct is not None else None),
+            self.routes,
+            direct.catalog if direct is not None else None,
+        )
 
     async def _sweep_idle(self) -> None:
         # An idle socket is closed between `idle` and `idle * 1.25` after its last frame; a

@@ -26,6 +26,7 @@ from gateway_svc.direct_submit import DirectSubmit
 from gateway_svc.limits import RateLimiter
 from gateway_svc.phoenix import Message, reply
 from gateway_svc.routes import RETRY_FOR_S, REWATCH_FOR_S, Owner, TaskRoutes, moved
+from gateway_svc.user_channel import UserDeps
 from gateway_svc.watches import Watch
 from svckit import tracing
 from svckit.errors import ServiceError
@@ -53,6 +54,7 @@ class ChannelDeps:
     clock: Callable[[], float] = field(default=time.monotonic)
     direct: DirectSubmit | None = None  # stores the jobs of new tasks itself (the acks' path)
     dashboard: Dashboard | None = None  # the admin:dashboard topic's sources (admin.py)
+    users: UserDeps | None = None  # the user:<id> topics' history and preferences
 
 
 class TaskChannel:
@@ -261,6 +263,18 @@ class TaskChannel:
         self.metrics.generates.labels("ok" if response is None else "error").inc()
         tracing.end(span, error=response["reason"] if response is not None else "")
 
+    async def _default_model(self) -> str:
+        """The user's stored default model (set_preferences), if llm_svc still offers it."""
+        assert self.deps.users is not None
+        users = self.deps.users
+        model = await users.preferences.default_model(self.user)
+        if model and users.catalog is not None:
+            try:
+                await users.catalog.resolve(model)
+            except ServiceError:
+                return ""  # no longer offered: the service default
+        return model
+
     def _timed(self, event: str, ends: bool) -> None:
         """Time the accepted generation's first chunk and its end (this channel's pushes)."""
         timing = self._timing
@@ -283,6 +297,8 @@ class TaskChannel:
                 self.task_id, self.user, message.payload, self.deps.max_prompt_chars
             )
             request.traceparent = traceparent
+            if not request.model and self.deps.users is not None:
+                request.model = await self._default_model()
         except InvalidRequest as error:
             if isinstance(error, TooLong):
                 self.metrics.limit(m.LIMIT_PROMPT_SIZE)

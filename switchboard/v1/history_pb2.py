@@ -27,39 +27,55 @@ from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 from switchboard.v1 import events_pb2 as switchboard_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchboard/v1/history.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\x1a\x1bswitchboard/v1/events.proto\"\xd2\x03\n\x0bHistoryTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x10\n\x08response\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x03\x12$\n\x05usage\x18\x0c \x01(\x0b\x32\x15.switchboard.v1.Usage\x12.\n\ncreated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x15GetHistoryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"F\n\x10ListTasksRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\"T\n\x11ListTasksResponse\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.HistoryTask\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"8\n\x14GetTaskEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"G\n\x15GetTaskEventsResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.switchboard.v1.LifecycleEvent\"f\n\x0cTaskSnapshot\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\x12,\n\x08taken_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x01\n\x0bPreferences\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12\x35\n\x05\x65xtra\x18\x02 \x03(\x0b\x32&.switchboard.v1.Preferences.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x15GetPreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"Z\n\x15SetPreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x30\n\x0bpreferences\x18\x02 \x01(\x0b\x32\x1b.switchboard.v1.Preferences2\x8f\x02\n\x0eHistoryService\x12M\n\x07GetTask\x12%.switchboard.v1.GetHistoryTaskRequest\x1a\x1b.switchboard.v1.HistoryTask\x12P\n\tListTasks\x12 .switchboard.v1.ListTasksRequest\x1a!.switchboard.v1.ListTasksResponse\x12\\\n\rGetTaskEvents\x12$.switchboard.v1.GetTaskEventsRequest\x1a%.switchboard.v1.GetTaskEventsResponse2\xb9\x01\n\x0bUserService\x12T\n\x0eGetPreferences\x12%.switchboard.v1.GetPreferencesRequest\x1a\x1b.switchboard.v1.Preferences\x12T\n\x0eSetPreferences\x12%.switchboard.v1.SetPreferencesRequest\x1a\x1b.switchboard.v1.Preferencesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchboard/v1/history.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\x1a\x1bswitchboard/v1/events.proto\"\xd2\x03\n\x0bHistoryTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x10\n\x08response\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08progress\x18\x07 \x01(\x01\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x03\x12$\n\x05usage\x18\x0c \x01(\x0b\x32\x15.switchboard.v1.Usage\x12.\n\ncreated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x15GetHistoryTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\x89\x01\n\x10ListTasksRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12*\n\x06status\x18\x04 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x15\n\rpreview_chars\x18\x05 \x01(\x05\"$\n\x11\x43ountTasksRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x99\x01\n\x12\x43ountTasksResponse\x12\x43\n\tby_status\x18\x01 \x03(\x0b\x32\x30.switchboard.v1.CountTasksResponse.ByStatusEntry\x12\r\n\x05total\x18\x02 \x01(\x03\x1a/\n\rByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"5\n\x11\x44\x65leteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"%\n\x12\x44\x65leteTaskResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"(\n\x15\x44\x65leteAllTasksRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\")\n\x16\x44\x65leteAllTasksResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"T\n\x11ListTasksResponse\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.switchboard.v1.HistoryTask\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"8\n\x14GetTaskEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"G\n\x15GetTaskEventsResponse\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.switchboard.v1.LifecycleEvent\"f\n\x0cTaskSnapshot\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.switchboard.v1.TaskState\x12,\n\x08taken_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x01\n\x0bPreferences\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12\x35\n\x05\x65xtra\x18\x02 \x03(\x0b\x32&.switchboard.v1.Preferences.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x15GetPreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"Z\n\x15SetPreferencesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x30\n\x0bpreferences\x18\x02 \x01(\x0b\x32\x1b.switchboard.v1.Preferences2\x9a\x04\n\x0eHistoryService\x12M\n\x07GetTask\x12%.switchboard.v1.GetHistoryTaskRequest\x1a\x1b.switchboard.v1.HistoryTask\x12P\n\tListTasks\x12 .switchboard.v1.ListTasksRequest\x1a!.switchboard.v1.ListTasksResponse\x12\\\n\rGetTaskEvents\x12$.switchboard.v1.GetTaskEventsRequest\x1a%.switchboard.v1.GetTaskEventsResponse\x12S\n\nCountTasks\x12!.switchboard.v1.CountTasksRequest\x1a\".switchboard.v1.CountTasksResponse\x12S\n\nDeleteTask\x12!.switchboard.v1.DeleteTaskRequest\x1a\".switchboard.v1.DeleteTaskResponse\x12_\n\x0e\x44\x65leteAllTasks\x12%.switchboard.v1.DeleteAllTasksRequest\x1a&.switchboard.v1.DeleteAllTasksResponse2\xb9\x01\n\x0bUserService\x12T\n\x0eGetPreferences\x12%.switchboard.v1.GetPreferencesRequest\x1a\x1b.switchboard.v1.Preferences\x12T\n\x0eSetPreferences\x12%.switchboard.v1.SetPreferencesRequest\x1a\x1b.switchboard.v1.Preferencesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.v1.history_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_COUNTTASKSRESPONSE_BYSTATUSENTRY']._loaded_options = None
+  _globals['_COUNTTASKSRESPONSE_BYSTATUSENTRY']._serialized_options = b'8\001'
   _globals['_PREFERENCES_EXTRAENTRY']._loaded_options = None
   _globals['_PREFERENCES_EXTRAENTRY']._serialized_options = b'8\001'
   _globals['_HISTORYTASK']._serialized_start=140
   _globals['_HISTORYTASK']._serialized_end=606
   _globals['_GETHISTORYTASKREQUEST']._serialized_start=608
   _globals['_GETHISTORYTASKREQUEST']._serialized_end=665
-  _globals['_LISTTASKSREQUEST']._serialized_start=667
-  _globals['_LISTTASKSREQUEST']._serialized_end=737
-  _globals['_LISTTASKSRESPONSE']._serialized_start=739
-  _globals['_LISTTASKSRESPONSE']._serialized_end=823
-  _globals['_GETTASKEVENTSREQUEST']._serialized_start=825
-  _globals['_GETTASKEVENTSREQUEST']._serialized_end=881
-  _globals['_GETTASKEVENTSRESPONSE']._serialized_start=883
-  _globals['_GETTASKEVENTSRESPONSE']._serialized_end=954
-  _globals['_TASKSNAPSHOT']._serialized_start=956
-  _globals['_TASKSNAPSHOT']._serialized_end=1058
-  _globals['_PREFERENCES']._serialized_start=1061
-  _globals['_PREFERENCES']._serialized_end=1198
-  _globals['_PREFERENCES_EXTRAENTRY']._serialized_start=1154
-  _globals['_PREFERENCES_EXTRAENTRY']._serialized_end=1198
-  _globals['_GETPREFERENCESREQUEST']._serialized_start=1200
-  _globals['_GETPREFERENCESREQUEST']._serialized_end=1240
-  _globals['_SETPREFERENCESREQUEST']._serialized_start=1242
-  _globals['_SETPREFERENCESREQUEST']._serialized_end=1332
-  _globals['_HISTORYSERVICE']._serialized_start=1335
-  _globals['_HISTORYSERVICE']._serialized_end=1606
-  _globals['_USERSERVICE']._serialized_start=1609
-  _globals['_USERSERVICE']._serialized_end=1794
+  _globals['_LISTTASKSREQUEST']._serialized_start=668
+  _globals['_LISTTASKSREQUEST']._serialized_end=805
+  _globals['_COUNTTASKSREQUEST']._serialized_start=807
+  _globals['_COUNTTASKSREQUEST']._serialized_end=843
+  _globals['_COUNTTASKSRESPONSE']._serialized_start=846
+  _globals['_COUNTTASKSRESPONSE']._serialized_end=999
+  _globals['_COUNTTASKSRESPONSE_BYSTATUSENTRY']._serialized_start=952
+  _globals['_COUNTTASKSRESPONSE_BYSTATUSENTRY']._serialized_end=999
+  _globals['_DELETETASKREQUEST']._serialized_start=1001
+  _globals['_DELETETASKREQUEST']._serialized_end=1054
+  _globals['_DELETETASKRESPONSE']._serialized_start=1056
+  _globals['_DELETETASKRESPONSE']._serialized_end=1093
+  _globals['_DELETEALLTASKSREQUEST']._serialized_start=1095
+  _globals['_DELETEALLTASKSREQUEST']._serialized_end=1135
+  _globals['_DELETEALLTASKSRESPONSE']._serialized_start=1137
+  _globals['_DELETEALLTASKSRESPONSE']._serialized_end=1178
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1180
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1264
+  _globals['_GETTASKEVENTSREQUEST']._serialized_start=1266
+  _globals['_GETTASKEVENTSREQUEST']._serialized_end=1322
+  _globals['_GETTASKEVENTSRESPONSE']._serialized_start=1324
+  _globals['_GETTASKEVENTSRESPONSE']._serialized_end=1395
+  _globals['_TASKSNAPSHOT']._serialized_start=1397
+  _globals['_TASKSNAPSHOT']._serialized_end=1499
+  _globals['_PREFERENCES']._serialized_start=1502
+  _globals['_PREFERENCES']._serialized_end=1639
+  _globals['_PREFERENCES_EXTRAENTRY']._serialized_start=1595
+  _globals['_PREFERENCES_EXTRAENTRY']._serialized_end=1639
+  _globals['_GETPREFERENCESREQUEST']._serialized_start=1641
+  _globals['_GETPREFERENCESREQUEST']._serialized_end=1681
+  _globals['_SETPREFERENCESREQUEST']._serialized_start=1683
+  _globals['_SETPREFERENCESREQUEST']._serialized_end=1773
+  _globals['_HISTORYSERVICE']._serialized_start=1776
+  _globals['_HISTORYSERVICE']._serialized_end=2314
+  _globals['_USERSERVICE']._serialized_start=2317
+  _globals['_USERSERVICE']._serialized_end=2502
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,21 @@ class HistoryServiceStub:
                 request_serializer=switchboard_dot_v1_dot_history__pb2.GetTaskEventsRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_history__pb2.GetTaskEventsResponse.FromString,
                 _registered_method=True)
+        self.CountTasks = channel.unary_unary(
+                '/switchboard.v1.HistoryService/CountTasks',
+                request_serializer=switchboard_dot_v1_dot_history__pb2.CountTasksRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_history__pb2.CountTasksResponse.FromString,
+                _registered_method=True)
+        self.DeleteTask = channel.unary_unary(
+                '/switchboard.v1.HistoryService/DeleteTask',
+                request_serializer=switchboard_dot_v1_dot_history__pb2.DeleteTaskRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_history__pb2.DeleteTaskResponse.FromString,
+                _registered_method=True)
+        self.DeleteAllTasks = channel.unary_unary(
+                '/switchboard.v1.HistoryService/DeleteAllTasks',
+                request_serializer=switchboard_dot_v1_dot_history__pb2.DeleteAllTasksRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_history__pb2.DeleteAllTasksResponse.FromString,
+                _registered_method=True)
 
 
 class HistoryServiceServicer:
@@ -76,6 +91,28 @@ class HistoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTasks(self, request, context):
+        """The user's tasks counted by status (the app's history screen, the user channel's join).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTask(self, request, context):
+        """Removes a task from history for good: its row and its lifecycle trail; events of it
+        that arrive later (a task still running) are dropped, not written again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAllTasks(self, request, context):
+        """Every task of the user, as DeleteTask does (account removal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HistoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +130,21 @@ def add_HistoryServiceServicer_to_server(servicer, server):
                     servicer.GetTaskEvents,
                     request_deserializer=switchboard_dot_v1_dot_history__pb2.GetTaskEventsRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_history__pb2.GetTaskEventsResponse.SerializeToString,
+            ),
+            'CountTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTasks,
+                    request_deserializer=switchboard_dot_v1_dot_history__pb2.CountTasksRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_history__pb2.CountTasksResponse.SerializeToString,
+            ),
+            'DeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTask,
+                    request_deserializer=switchboard_dot_v1_dot_history__pb2.DeleteTaskRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_history__pb2.DeleteTaskResponse.SerializeToString,
+            ),
+            'DeleteAllTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAllTasks,
+                    request_deserializer=switchboard_dot_v1_dot_history__pb2.DeleteAllTasksRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_history__pb2.DeleteAllTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +230,87 @@ class HistoryService:
             '/switchboard.v1.HistoryService/GetTaskEvents',
             switchboard_dot_v1_dot_history__pb2.GetTaskEventsRequest.SerializeToString,
             switchboard_dot_v1_dot_history__pb2.GetTaskEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.HistoryService/CountTasks',
+            switchboard_dot_v1_dot_history__pb2.CountTasksRequest.SerializeToString,
+            switchboard_dot_v1_dot_history__pb2.CountTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.HistoryService/DeleteTask',
+            switchboard_dot_v1_dot_history__pb2.DeleteTaskRequest.SerializeToString,
+            switchboard_dot_v1_dot_history__pb2.DeleteTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAllTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.HistoryService/DeleteAllTasks',
+            switchboard_dot_v1_dot_history__pb2.DeleteAllTasksRequest.SerializeToString,
+            switchboard_dot_v1_dot_history__pb2.DeleteAllTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,14 @@ class HistoryServiceStub:
     GetTask: _grpc.UnaryUnaryMultiCallable[_history_pb2.GetHistoryTaskRequest, _history_pb2.HistoryTask]
     ListTasks: _grpc.UnaryUnaryMultiCallable[_history_pb2.ListTasksRequest, _history_pb2.ListTasksResponse]
     GetTaskEvents: _grpc.UnaryUnaryMultiCallable[_history_pb2.GetTaskEventsRequest, _history_pb2.GetTaskEventsResponse]
+    CountTasks: _grpc.UnaryUnaryMultiCallable[_history_pb2.CountTasksRequest, _history_pb2.CountTasksResponse]
+    """The user's tasks counted by status (the app's history screen, the user channel's join)."""
+    DeleteTask: _grpc.UnaryUnaryMultiCallable[_history_pb2.DeleteTaskRequest, _history_pb2.DeleteTaskResponse]
+    """Removes a task from history for good: its row and its lifecycle trail; events of it
+    that arrive later (a task still running) are dropped, not written again.
+    """
+    DeleteAllTasks: _grpc.UnaryUnaryMultiCallable[_history_pb2.DeleteAllTasksRequest, _history_pb2.DeleteAllTasksResponse]
+    """Every task of the user, as DeleteTask does (account removal)."""
 
 @_typing.type_check_only
 class HistoryServiceAsyncStub(HistoryServiceStub):
@@ -49,6 +57,14 @@ class HistoryServiceAsyncStub(HistoryServiceStub):
     GetTask: _aio.UnaryUnaryMultiCallable[_history_pb2.GetHistoryTaskRequest, _history_pb2.HistoryTask]  # type: ignore[assignment]
     ListTasks: _aio.UnaryUnaryMultiCallable[_history_pb2.ListTasksRequest, _history_pb2.ListTasksResponse]  # type: ignore[assignment]
     GetTaskEvents: _aio.UnaryUnaryMultiCallable[_history_pb2.GetTaskEventsRequest, _history_pb2.GetTaskEventsResponse]  # type: ignore[assignment]
+    CountTasks: _aio.UnaryUnaryMultiCallable[_history_pb2.CountTasksRequest, _history_pb2.CountTasksResponse]  # type: ignore[assignment]
+    """The user's tasks counted by status (the app's history screen, the user channel's join)."""
+    DeleteTask: _aio.UnaryUnaryMultiCallable[_history_pb2.DeleteTaskRequest, _history_pb2.DeleteTaskResponse]  # type: ignore[assignment]
+    """Removes a task from history for good: its row and its lifecycle trail; events of it
+    that arrive later (a task still running) are dropped, not written again.
+    """
+    DeleteAllTasks: _aio.UnaryUnaryMultiCallable[_history_pb2.DeleteAllTasksRequest, _history_pb2.DeleteAllTasksResponse]  # type: ignore[assignment]
+    """Every task of the user, as DeleteTask does (account removal)."""
 
 class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
     """persistence_svc: reads the history written from lifecycle events.
@@ -75,6 +91,32 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _history_pb2.GetTaskEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_history_pb2.GetTaskEventsResponse, _abc.Awaitable[_history_pb2.GetTaskEventsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CountTasks(
+        self,
+        request: _history_pb2.CountTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_history_pb2.CountTasksResponse, _abc.Awaitable[_history_pb2.CountTasksResponse]]:
+        """The user's tasks counted by status (the app's history screen, the user channel's join)."""
+
+    @_abc_1.abstractmethod
+    def DeleteTask(
+        self,
+        request: _history_pb2.DeleteTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_history_pb2.DeleteTaskResponse, _abc.Awaitable[_history_pb2.DeleteTaskResponse]]:
+        """Removes a task from history for good: its row and its lifecycle trail; events of it
+        that arrive later (a task still running) are dropped, not written again.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteAllTasks(
+        self,
+        request: _history_pb2.DeleteAllTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_history_pb2.DeleteAllTasksResponse, _abc.Awaitable[_history_pb2.DeleteAllTasksResponse]]:
+        """Every task of the user, as DeleteTask does (account removal)."""
 
 def add_HistoryServiceServicer_to_server(servicer: HistoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,449 @@
+"""The app's own history on its one socket: the `user:<id>` channel (docs/protocol.md).
+
+A socket may join only its own user's topic. The join reply holds the user's preferences and
+task counts by status; then the channel answers `list_tasks`, `get_task`, `delete_task`,
+`delete_all` and `set_preferences` from persistence_svc (HistoryService, UserService), and
+pushes `task_updated` {task_id, status, progress, preview?, seq} whenever any of the user's
+tasks is queued, starts, completes, fails or is cancelled, from whichever device or socket:
+the lifecycle events the stack already publishes, followed by one JetStream ordered consumer
+per gateway (`UserFeed`). `seq` is the event's stream sequence: a rejoin with `last_seq` gets
+the updates it missed (up to `CATCH_UP_MAX` events back; further away, the reply says
+`resync` and the app lists its tasks again).
+
+While the database is down the history calls answer `unavailable` with `retry_after_ms`
+(persistence_svc's own error), and generation goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from gateway_svc import task_payloads as tp
+from gateway_svc.phoenix import Message, reply
+from gateway_svc.routes import Owner, TaskRoutes
+from svckit.catalog import ModelCatalog
+from svckit.errors import ServiceError
+from svckit.lifecycle import cancel_and_wait
+from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX, is_snapshot
+from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc, tasks_pb2
+
+log = logging.getLogger(__name__)
+
+USER_PREFIX = "user:"
+PREVIEW_CHARS = 200
+PAGE_MAX = 100
+CATCH_UP_MAX = 10_000  # events a rejoin reads back at most to find what it missed
+PREFERENCES_TTL_S = 30.0
+CALL_TIMEOUT_S = 5.0
+CONFIRM_DELETE_ALL = "delete all my tasks"
+Status = common_pb2.TaskStatus
+SendFn = Callable[[Message], Awaitable[None]]
+Update = dict[str, Any]
+
+
+def user_of(topic: str) -> str | None:
+    return topic[len(USER_PREFIX) :] or None if topic.startswith(USER_PREFIX) else None
+
+
+def update_of(event: events_pb2.LifecycleEvent, seq: int) -> Update:
+    """The `task_updated` push for one lifecycle event."""
+    update: Update = {
+        "task_id": event.task_id,
+        "status": tp.status_name(event.status),
+        "progress": round(event.progress, 3),
+        "seq": seq,
+    }
+    if event.content:
+        update["preview"] = event.content[:PREVIEW_CHARS]
+    return update
+
+
+# -- the feed: every lifecycle event, to the user channels joined on this gateway -----------
+
+
+@dataclass
+class UserFeed:
+    """Lifecycle events from SB_TASK_EVENTS to the joined user channels, by user. Started
+    with the first join, so a gateway with no user channel reads nothing."""
+
+    nc: Client | None
+    listeners: defaultdict[str, set[Callable[[Update], None]]] = field(
+        default_factory=lambda: defaultdict(set)
+    )
+    _sub: Any = None
+    _starting: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def listen(self, user: str, listener: Callable[[Update], None]) -> None:
+        self.listeners[user].add(listener)
+        async with self._starting:
+            if self._sub is None and self.nc is not None:
+                config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+                self._sub = await self.nc.jetstream().subscribe(
+                    f"{TASK_EVENTS_SUBJECT_PREFIX}.>",
+                    stream=TASK_EVENTS_STREAM,
+                    ordered_consumer=True,
+                    config=config,
+                    cb=self._heard,
+                )
+
+    def forget(self, user: str, listener: Callable[[Update], None]) -> None:
+        listeners = self.listeners.get(user)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self.listeners[user]
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _heard(self, msg: Msg) -> None:
+        update = _update_of_msg(msg, self.listeners.keys())
+        if update is None:
+            return
+        user, change = update
+        for listener in list(self.listeners.get(user, ())):
+            listener(change)
+
+    async def missed(self, user: str, last_seq: int) -> list[Update] | None:
+        """The user's updates after stream sequence `last_seq`; None when that is further
+        back than CATCH_UP_MAX events (or gone from the stream)."""
+        if self.nc is None:
+            return []
+        js = self.nc.jetstream()
+        info = await js.stream_info(TASK_EVENTS_STREAM)
+        last, first = info.state.last_seq, info.state.first_seq
+        if last - last_seq > CATCH_UP_MAX or last_seq + 1 < first:
+            return None
+        if last_seq >= last:
+            return []
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last_seq + 1
+        )
+        sub = await js.subscribe(
+            f"{TASK_EVENTS_SUBJECT_PREFIX}.>",
+            stream=TASK_EVENTS_STREAM,
+            ordered_consumer=True,
+            config=config,
+        )
+        found: list[Update] = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=CALL_TIMEOUT_S)
+                update = _update_of_msg(msg, (user,))
+                if update is not None:
+                    found.append(update[1])
+                if msg.metadata.sequence.stream >= last:
+                    return found
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+
+def _update_of_msg(msg: Msg, users: Any) -> tuple[str, Update] | None:
+    if is_snapshot(msg.subject):
+        return None
+    try:
+        event = events_pb2.LifecycleEvent.FromString(msg.data)
+    except Exception:  # not ours to judge: persistence_svc logs undecodable events
+        return None
+    if event.user_id not in users:
+        return None
+    return event.user_id, update_of(event, msg.metadata.sequence.stream)
+
+
+# -- preferences: the default model an llm_generate without one gets ----------------------
+
+
+@dataclass
+class Preferences:
+    """Each user's stored default model, cached for PREFERENCES_TTL_S (a change made on this
+    gateway is seen at once; one made on another, within the TTL)."""
+
+    users: history_pb2_grpc.UserServiceStub
+    _cache: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+    async def default_model(self, user: str) -> str:
+        """The user's default model, or "" (none stored, or the database is away)."""
+        cached = self._cache.get(user)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < PREFERENCES_TTL_S:
+            return cached[1]
+        try:
+            prefs = await self.users.GetPreferences(
+                history_pb2.GetPreferencesRequest(user_id=user), timeout=CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            log.info("preferences not read", extra={"user": user, "code": error.code().name})
+            return ""
+        model = str(prefs.default_model)
+        self._cache[user] = (now, model)
+        return model
+
+    def stored(self, user: str, prefs: history_pb2.Preferences) -> None:
+        self._cache[user] = (time.monotonic(), prefs.default_model)
+
+
+@dataclass
+class UserDeps:
+    """What every user channel of a gateway shares."""
+
+    history: history_pb2_grpc.HistoryServiceStub
+    preferences: Preferences
+    feed: UserFeed
+    routes: TaskRoutes
+    catalog: ModelCatalog | None = None  # to refuse unknown models (None: llm_svc is asked later)
+
+
+async def _rpc(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise ServiceError.from_rpc_error(error) from None
+
+
+def _time(stamp: Any) -> str | None:
+    return stamp.ToDatetime().isoformat() + "Z" if stamp.seconds or stamp.nanos else None
+
+
+def _task_payload(task: history_pb2.HistoryTask, text_key: str) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "prompt": task.prompt,
+        "status": tp.status_name(task.status),
+        "model": task.model,
+        "progress": round(task.progress, 3),
+        "created_at": _time(task.created_at),
+        "completed_at": _time(task.completed_at),
+        text_key: task.response,
+    }
+
+
+class UserChannel:
+    """One joined `user:<id>` topic of one socket (the life of a TaskChannel: join, start,
+    deliver, close). Events are handled one at a time, in order."""
+
+    def __init__(
+        self, deps: UserDeps, user: str, topic: str, join_ref: str | None, send: SendFn
+    ) -> None:
+        self.deps = deps
+        self.user = user
+        self.topic = topic
+        self.join_ref = join_ref
+        self._send = send
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._updates: asyncio.Queue[Update] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listening = False
+
+    # -- join -------------------------------------------------------------------------
+
+    async def join(self, params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        if user_of(self.topic) != self.user:
+            log.warning("user channel of another user refused", extra={"user": self.user})
+            return False, {
+                "reason": "unauthorized",
+                "message": "a user may join only their own topic",
+            }
+        try:
+            response = await self._join_reply(params)
+        except ServiceError as error:
+            return False, tp.error_reply(error)
+        return True, response
+
+    async def _join_reply(self, params: dict[str, Any]) -> dict[str, Any]:
+        # Listening first: an update in flight while the reply is built is pushed after it.
+        await self.deps.feed.listen(self.user, self._updates.put_nowait)
+        self._listening = True
+        ask = history_pb2.GetPreferencesRequest(user_id=self.user)
+        count = history_pb2.CountTasksRequest(user_id=self.user)
+        prefs, counts = await asyncio.gather(
+            _rpc(self.deps.preferences.users.GetPreferences(ask, timeout=CALL_TIMEOUT_S)),
+            _rpc(self.deps.history.CountTasks(count, timeout=CALL_TIMEOUT_S)),
+        )
+        self.deps.preferences.stored(self.user, prefs)
+        response: dict[str, Any] = {
+            "preferences": {"default_model": prefs.default_model},
+            "counts": {**dict(counts.by_status), "total": counts.total},
+        }
+        last_seq = params.get("last_seq")
+        if isinstance(last_seq, int) and not isinstance(last_seq, bool) and last_seq >= 0:
+            missed = await self.deps.feed.missed(self.user, last_seq)
+            if missed is None:
+                response["resync"] = True
+            else:
+                response["missed"] = missed
+        return response
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._push_updates(), name=f"updates {self.topic}"),
+            asyncio.create_task(self._handle_events(), name=f"events {self.topic}"),
+        ]
+
+    async def close(self) -> None:
+        if self._listening:
+            self.deps.feed.forget(self.user, self._updates.put_nowait)
+        for task in self._tasks:
+            await cancel_and_wait(task)
+
+    # -- pushes -----------------------------------------------------------------------
+
+    async def _push_updates(self) -> None:
+        while True:
+            update = await self._updates.get()
+            await self._send(Message(self.join_ref, None, self.topic, "task_updated", update))
+
+    # -- client events ----------------------------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        self._inbox.put_nowait(message)
+
+    async def _handle_events(self) -> None:
+        while True:
+            message = await self._inbox.get()
+            payload = message.payload if isinstance(message.payload, dict) else {}
+            try:
+                response = await self._handle(message.event, payload)
+            except ServiceError as error:
+                log.info(
+                    "user channel call refused", extra={"event": message.event, "e": repr(error)}
+                )
+                await self._reply(message, "error", tp.error_reply(error))
+            except Exception:
+                log.exception("user channel call failed", extra={"event": message.event})
+                await self._reply(message, "error", {"reason": "internal"})
+            else:
+                await self._reply(message, "ok", response)
+
+    async def _reply(self, message: Message, status: str, response: dict[str, Any]) -> None:
+        await self._send(reply(self.join_ref, message.ref, self.topic, status, response))
+
+    async def _handle(self, event: str, payload: dict[str, Any]) -> dict[str, Any]:
+        match event:
+            case "list_tasks":
+                return await self._list(payload)
+            case "get_task":
+                return await self._get(_task_id(payload))
+            case "delete_task":
+                return await self._delete(_task_id(payload))
+            case "delete_all":
+                if payload.get("confirm") != CONFIRM_DELETE_ALL:
+                    raise _invalid(f'delete_all needs "confirm": "{CONFIRM_DELETE_ALL}"')
+                delete = history_pb2.DeleteAllTasksRequest(user_id=self.user)
+                done = await _rpc(self.deps.history.DeleteAllTasks(delete, timeout=CALL_TIMEOUT_S))
+                return {"deleted": done.deleted}
+            case "set_preferences":
+                return await self._set_preferences(payload)
+        raise _invalid(f"unknown event {event!r}")
+
+    async def _list(self, payload: dict[str, Any]) -> dict[str, Any]:
+        limit, cursor, status = (
+            payload.get("limit", 20),
+            payload.get("cursor", ""),
+            payload.get("status"),
+        )
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= PAGE_MAX:
+            raise _invalid(f"limit must be 1 to {PAGE_MAX}")
+        if not isinstance(cursor, str):
+            raise _invalid("cursor must be a string")
+        request = history_pb2.ListTasksRequest(
+            user_id=self.user, page_size=limit, cursor=cursor, preview_chars=PREVIEW_CHARS
+        )
+        if status is not None:
+            request.status = _status(status)
+        page = await _rpc(self.deps.history.ListTasks(request, timeout=CALL_TIMEOUT_S))
+        return {
+            "tasks": [_task_payload(task, "preview") for task in page.tasks],
+            "next_cursor": page.next_cursor or None,
+        }
+
+    async def _get(self, task_id: str) -> dict[str, Any]:
+        request = history_pb2.GetHistoryTaskRequest(task_id=task_id, user_id=self.user)
+        trail_request = history_pb2.GetTaskEventsRequest(task_id=task_id, user_id=self.user)
+        task, trail = await asyncio.gather(
+            _rpc(self.deps.history.GetTask(request, timeout=CALL_TIMEOUT_S)),
+            _rpc(self.deps.history.GetTaskEvents(trail_request, timeout=CALL_TIMEOUT_S)),
+        )
+        return {
+            "task": _task_payload(task, "content"),
+            "trail": [
+                {
+                    "kind": _kind_name(e.kind),
+                    "status": tp.status_name(e.status),
+                    "seq": e.seq,
+                    "at": _time(e.at),
+                }
+                for e in trail.events
+            ],
+        }
+
+    async def _delete(self, task_id: str) -> dict[str, Any]:
+        """Cancel it first if it still runs (its user is this one: task_svc checks), then
+        remove it from history for good."""
+        request = tasks_pb2.CancelRequest(task_id=task_id, user_id=self.user)
+
+        async def cancel_at(owner: Owner) -> tasks_pb2.CancelResponse:
+            response: tasks_pb2.CancelResponse = await _rpc(owner.stub.Cancel(request))
+            return response
+
+        with contextlib.suppress(ServiceError):  # not running (finished, or never known)
+            await self.deps.routes.call(task_id, cancel_at)
+        delete = history_pb2.DeleteTaskRequest(task_id=task_id, user_id=self.user)
+        done = await _rpc(self.deps.history.DeleteTask(delete, timeout=CALL_TIMEOUT_S))
+        return {"deleted": done.deleted}
+
+    async def _set_preferences(self, payload: dict[str, Any]) -> dict[str, Any]:
+        model = payload.get("default_model", "")
+        if not isinstance(model, str):
+            raise _invalid("default_model must be a string")
+        if model and self.deps.catalog is not None:
+            await self.deps.catalog.resolve(model)  # MODEL_NOT_FOUND for an unknown model
+        users = self.deps.preferences.users
+        ask = history_pb2.GetPreferencesRequest(user_id=self.user)
+        current = await _rpc(users.GetPreferences(ask, timeout=CALL_TIMEOUT_S))
+        current.default_model = model
+        store = history_pb2.SetPreferencesRequest(user_id=self.user, preferences=current)
+        stored = await _rpc(users.SetPreferences(store, timeout=CALL_TIMEOUT_S))
+        self.deps.preferences.stored(self.user, stored)
+        return {"default_model": stored.default_model}
+
+
+def _kind_name(kind: events_pb2.LifecycleKind.ValueType) -> str:
+    return events_pb2.LifecycleKind.Name(kind).removeprefix("LIFECYCLE_KIND_").lower()
+
+
+def _invalid(message: str) -> ServiceError:
+    return ServiceError(common_pb2.ERROR_CODE_INVALID_REQUEST, message)
+
+
+def _task_id(payload: dict[str, Any]) -> str:
+    task_id = payload.get("task_id")
+    canonical = tp.task_id_of(f"{tp.TOPIC_PREFIX}{task_id}") if isinstance(task_id, str) else None
+    if canonical is None:
+        raise _invalid("task_id must be a UUID")
+    return canonical
+
+
+def _status(name: object) -> common_pb2.TaskStatus.ValueType:
+    if isinstance(name, str) and name and name != "new":
+        try:
+            return Status.Value(f"TASK_STATUS_{name.upper()}")
+        except ValueError:
+            pass
+    raise _invalid(f"unknown status {name!r}")
