@@ -10,7 +10,9 @@ with a delay (`-NAK {"delay": ns}`) and we back off: the events wait in JetStrea
 nothing is lost.
 
 task_svc's snapshots travel on the same stream (svckit.nats.is_snapshot): they are acked at once,
-neither decoded nor written.
+neither decoded nor written. Events of a task deleted from history (HistoryService.DeleteTask)
+are dropped by the repository inside the batch's transaction and acked with the batch: a
+deleted task is never written again.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def consumer_config(ack_wait_s: float) -> ConsumerConfig:
 @dataclass
 class ConsumerStats:
     batches: int = 0  # committed batches
-    acked: int = 0  # lifecycle events committed, and snapshots
+    acked: int = 0  # lifecycle events committed (dropped ones included), and snapshots
+    dropped: int = 0  # events of deleted tasks, acked without being written
     snapshots: int = 0  # acked without touching the database
     terminated: int = 0  # undecodable or invalid messages
     nacked: int = 0  # sent back because the database was unavailable
@@ -221,7 +224,7 @@ class EventConsumer:
         traced event (its `traceparent` header) gets a span for the write."""
         spans = _write_spans(batch) if tracing.enabled() else []
         try:
-            await self.repository.apply_parsed([parsed for _, parsed in batch])
+            result = await self.repository.apply_parsed([parsed for _, parsed in batch])
         except Exception as error:
             self.stats.failed_writes += 1
             self.metrics.write_errors.inc()
@@ -230,6 +233,7 @@ class EventConsumer:
             raise
         for span in spans:
             tracing.end(span)
+        self.stats.dropped += result.events_dropped
         return time.time()
 
     async def _fetch(self, linger_s: float = 0.0) -> list[Msg]:

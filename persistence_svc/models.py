@@ -127,7 +127,23 @@ class TaskEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
+class DeletedTask(Base):
+    """A tombstone: a task removed from history for good (DeleteTask, DeleteAllTasks).
+
+    Its lifecycle events may still arrive afterwards (a running task's `cancelled`, a
+    redelivery): the write path drops the events of a task id found here instead of creating
+    the task again. No foreign key to tasks: the row it names is gone.
+    """
+
+    __tablename__ = "deleted_tasks"
+
+    task_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    deleted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 # The Core tables, for the repository's statements.
 users: Table = User.__table__  # type: ignore[assignment]
 tasks: Table = Task.__table__  # type: ignore[assignment]
 task_events: Table = TaskEvent.__table__  # type: ignore[assignment]
+deleted_tasks: Table = DeletedTask.__table__  # type: ignore[assignment]

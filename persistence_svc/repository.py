@@ -5,9 +5,15 @@ into messages in rows.py), and every driver error becomes a persistence_svc.erro
 Writes (`apply_parsed`, or `apply` from messages) are idempotent and ordered by each task's
 seq (docs/architecture.md, persistence_svc): an event is recorded once by (task_id, seq), and
 a task's fields move only forward; what a batch changes is decided by plan.py. A batch costs
-the same few statements whatever its size: lock its task rows, one upsert of the changed
-rows, one insert of the events (and, for owners this process has not seen yet, their lookup).
-Reads return protobuf messages ready for the gRPC services.
+the same few statements whatever its size: lock its task rows, look up the tombstones of the
+tasks it did not find (deleted_tasks: a deleted task's late events are dropped, never written
+again), one upsert of the changed rows, one insert of the events (and, for owners this
+process has not seen yet, their lookup). Reads return protobuf messages ready for the gRPC
+services.
+
+Deletes (`delete_task`, `delete_all_tasks`) remove a task's row and its trail and leave its
+tombstone, in one transaction on the writers' connection: in this process they take turns
+with the batches, and across processes both lock the task rows first, in id order.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ from typing import Any, Self
 
 from alembic.util import CommandError as AlembicError
 from google.protobuf.json_format import MessageToDict
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from persistence_svc import migrate, models
 from persistence_svc.cursor import Cursor
 from persistence_svc.database import INSERTS, boundary, create_engine, in_list
 from persistence_svc.errors import StorageRejected, StorageUnavailable, WriteConflict
-from persistence_svc.events import ParsedEvent, parse_event
+from persistence_svc.events import STATUS_NAMES, ParsedEvent, parse_event
 from persistence_svc.known_users import KnownUsers
 from persistence_svc.plan import plan_batch
 from persistence_svc.rows import (
@@ -46,6 +52,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# Task ids per statement when deleting: SQLite caps a statement's parameters (32 766), and a
+# user may have more tasks than that.
+DELETE_CHUNK = 1000
 # The columns an upsert of a task row writes: all but its identity and its owner.
 _TASK_FIELDS = tuple(c.name for c in models.tasks.c if c.name not in ("id", "user_id"))
 
@@ -54,6 +63,7 @@ _TASK_FIELDS = tuple(c.name for c in models.tasks.c if c.name not in ("id", "use
 class ApplyResult:
     events_recorded: int  # new task_events rows (duplicates are not counted)
     tasks_changed: int  # task rows created or updated
+    events_dropped: int = 0  # events of deleted (tombstoned) tasks: settled, not written
 
 
 @dataclass(frozen=True)
@@ -70,14 +80,15 @@ class _WriteStatements:
     def __init__(self, dialect: str) -> None:
         insert = INSERTS[dialect]
         tasks, events, users = models.tasks, models.task_events, models.users
+        deleted = models.deleted_tasks
         # preserve_rowcount: the summed rowcount of an executemany, read before SQLAlchemy
         # closes the cursor (without it psycopg's reads as -1); cheaper than RETURNING,
         # which would turn each executemany into one long statement built per batch.
         counted = {"preserve_rowcount": True}
-        # FOR UPDATE (PostgreSQL; SQLite locks the whole file anyway): two consumers applying
-        # events of one task serialise here, so the version check in the plan cannot race.
-        # In id order, so that two batches sharing tasks lock them in the same order and
-        # cannot deadlock.
+        # FOR UPDATE (PostgreSQL; on SQLite the writers hold the file's write lock from the
+        # start, see Repository._write_transaction): two consumers applying events of one
+        # task serialise here, so the version check in the plan cannot race. In id order,
+        # so that two batches sharing tasks lock them in the same order and cannot deadlock.
         self.lock_tasks = (
             select(tasks)
             .where(in_list(tasks.c.id, "ids", dialect))
@@ -99,6 +110,13 @@ class _WriteStatements:
             .on_conflict_do_nothing(index_elements=["task_id", "seq"])
             .execution_options(**counted)
         )
+        self.find_deleted = select(deleted.c.task_id).where(
+            in_list(deleted.c.task_id, "ids", dialect)
+        )
+        # The deletes, on task ids already locked (see Repository._delete_locked).
+        self.insert_tombstones = insert(deleted).on_conflict_do_nothing(index_elements=["task_id"])
+        self.delete_events = delete(events).where(in_list(events.c.task_id, "ids", dialect))
+        self.delete_tasks = delete(tasks).where(in_list(tasks.c.id, "ids", dialect))
         self.find_users = select(users.c.external_id, users.c.id).where(
             in_list(users.c.external_id, "external_ids", dialect)
         )
@@ -111,6 +129,7 @@ class Repository:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sql = _WriteStatements(engine.dialect.name)
+        self._sqlite = engine.dialect.name == "sqlite"
         self._users = KnownUsers()
         self._writer: AsyncConnection | None = None  # see _write_transaction
         self._writer_lock = asyncio.Lock()
@@ -205,12 +224,19 @@ class Repository:
         pool's bookkeeping, on every batch. Kept, the connection is never tested before use:
         instead, any failure throws it away, so a database restart costs one batch that is
         nak'ed and redelivered (nothing was acked), and the next batch connects afresh.
+
+        On SQLite the transaction takes the write lock first (BEGIN IMMEDIATE): pysqlite would
+        begin it only at the first INSERT, leaving the reads before it (the task rows, the
+        tombstones) outside it, so that another process's delete committed in between would
+        be undone by the upsert. PostgreSQL locks the rows themselves (FOR UPDATE).
         """
         async with self._writer_lock:
             if self._writer is None:
                 self._writer = await self.engine.connect()
             try:
                 async with self._writer.begin():
+                    if self._sqlite:
+                        await self._writer.exec_driver_sql("BEGIN IMMEDIATE")
                     yield self._writer
             except BaseException:
                 await self._drop_writer()
@@ -236,6 +262,22 @@ class Repository:
         task_ids = list({e.task_id for e in batch})
         rows = await conn.execute(sql.lock_tasks, {"ids": task_ids})
         existing = {row.id: dict(row._mapping) for row in rows}
+        dropped = 0
+        unseen = [task_id for task_id in task_ids if task_id not in existing]
+        if unseen:
+            # A task with a row has no tombstone (a delete removes both at once), so only
+            # the others are looked up. After the lock, in a statement of its own: a delete
+            # that held a row we waited for has committed by now, and its tombstone shows.
+            dead = set((await conn.execute(sql.find_deleted, {"ids": unseen})).scalars())
+            if dead:
+                kept = [e for e in batch if e.task_id not in dead]
+                dropped, batch = len(batch) - len(kept), kept
+                log.info(
+                    "dropping lifecycle events of deleted tasks",
+                    extra={"events": dropped, "tasks": len(dead)},
+                )
+                if not batch:
+                    return ApplyResult(0, 0, dropped), owners
         plan = plan_batch(existing, batch, owners, now)
         if plan.rows:
             # One executemany (pipelined by psycopg) for new and changed rows alike.
@@ -246,7 +288,67 @@ class Repository:
                     "since this batch read them"
                 )
         result = await conn.execute(sql.insert_events, [_event_row(e) for e in batch])
-        return ApplyResult(result.rowcount, len(plan.rows)), owners
+        return ApplyResult(result.rowcount, len(plan.rows), dropped), owners
+
+    # -- deletes --------------------------------------------------------------------------
+
+    async def delete_task(self, task_id: str, user_id: str) -> bool:
+        """Remove the task of `user_id` (external id) for good: its row, its trail, and a
+        tombstone left so that its late events are dropped. True also when it was deleted
+        before (a retried call); False, with nothing touched, when the user has no such
+        task (another user's included)."""
+        pk = uuid_or_none(task_id)
+        if pk is None:
+            return False
+        await self.ensure_schema()
+        tasks, deleted = models.tasks, models.deleted_tasks
+        async with boundary(), self._write_transaction() as conn:
+            owner = await self._owner(conn, user_id)
+            if owner is None:
+                return False
+            own = select(tasks.c.id).where(tasks.c.id == pk, tasks.c.user_id == owner)
+            if await self._delete_locked(conn, owner, own):
+                return True
+            repeat = select(deleted.c.task_id).where(
+                deleted.c.task_id == pk, deleted.c.user_id == owner
+            )
+            return (await conn.execute(repeat)).first() is not None
+
+    async def delete_all_tasks(self, user_id: str) -> int:
+        """Remove every task of `user_id` as `delete_task` does, in one transaction; how
+        many were removed (a task created while this runs is not among them)."""
+        await self.ensure_schema()
+        async with boundary(), self._write_transaction() as conn:
+            owner = await self._owner(conn, user_id)
+            if owner is None:
+                return 0
+            owned = select(models.tasks.c.id).where(models.tasks.c.user_id == owner)
+            return await self._delete_locked(conn, owner, owned)
+
+    async def _owner(self, conn: AsyncConnection, user_id: str) -> uuid.UUID | None:
+        """users.id of an external id, or None: a delete never creates a user."""
+        query = select(models.users.c.id).where(models.users.c.external_id == user_id)
+        pk: uuid.UUID | None = (await conn.execute(query)).scalar()
+        return pk
+
+    async def _delete_locked(self, conn: AsyncConnection, owner: uuid.UUID, which: Any) -> int:
+        """Lock the task rows `which` selects (ids, in id order like the write path's lock,
+        so a batch and a delete cannot deadlock), then tombstone them and delete their
+        events and rows. Locked first, a row cannot change under us, and a batch that
+        waited for it then finds it gone and its tombstone there."""
+        locked = which.order_by(models.tasks.c.id).with_for_update()
+        ids = list((await conn.execute(locked)).scalars())
+        now = datetime.now(UTC)
+        sql = self._sql
+        for start in range(0, len(ids), DELETE_CHUNK):
+            chunk = ids[start : start + DELETE_CHUNK]
+            await conn.execute(
+                sql.insert_tombstones,
+                [{"task_id": pk, "user_id": owner, "deleted_at": now} for pk in chunk],
+            )
+            await conn.execute(sql.delete_events, {"ids": chunk})  # before: they refer to it
+            await conn.execute(sql.delete_tasks, {"ids": chunk})
+        return len(ids)
 
     async def _ensure_users(
         self, external_ids: set[str], conn: AsyncConnection, now: datetime
@@ -300,11 +402,23 @@ class Repository:
         return None if row is None else to_history_task(row)
 
     async def list_tasks(
-        self, user_id: str, page_size: int = 0, after: Cursor | None = None
+        self,
+        user_id: str,
+        page_size: int = 0,
+        after: Cursor | None = None,
+        *,
+        status: str = "",
+        preview_chars: int = 0,
     ) -> TaskPage:
-        """A user's tasks, newest first (created_at, then id, descending), one page at a time."""
+        """A user's tasks, newest first (created_at, then id, descending), one page at a time.
+
+        `status` (a stored status name, "" for all) filters in the query itself, so that the
+        pages, and the cursor continuing after the last row, hold only that status.
+        `preview_chars` > 0 cuts each response in the query (rows.task_select)."""
         size = min(page_size, MAX_PAGE_SIZE) if page_size > 0 else DEFAULT_PAGE_SIZE
-        query = task_select().where(models.users.c.external_id == user_id)
+        query = task_select(preview_chars).where(models.users.c.external_id == user_id)
+        if status:
+            query = query.where(models.tasks.c.status == status)
         if after is not None:
             # Keyset pagination: stable while rows are added, no OFFSET scan.
             query = query.where(
@@ -326,6 +440,23 @@ class Repository:
             last = page[-1]
             next_cursor = Cursor(last.created_at, last.id)
         return TaskPage([to_history_task(row) for row in page], next_cursor)
+
+    async def count_tasks(self, user_id: str) -> dict[str, int]:
+        """A user's tasks by stored status name, in one GROUP BY; every status is present
+        (0 when the user has none), so a caller need not know which ones exist."""
+        tasks = models.tasks
+        query = (
+            select(tasks.c.status, func.count())
+            .join(models.users, models.users.c.id == tasks.c.user_id)
+            .where(models.users.c.external_id == user_id)
+            .group_by(tasks.c.status)
+        )
+        await self.ensure_schema()
+        async with boundary(), self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        counts = dict.fromkeys(STATUS_NAMES.values(), 0)
+        counts.update({status: int(n) for status, n in rows})
+        return counts
 
     async def get_task_events(
         self, task_id: str, user_id: str

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from google.protobuf.json_format import ParseDict, ParseError
-from sqlalchemy import Row, select
+from sqlalchemy import Row, Text, func, select
 
 from persistence_svc import models
 from persistence_svc.errors import StorageRejected
@@ -22,8 +22,17 @@ def uuid_or_none(text: str) -> uuid.UUID | None:
         return None
 
 
-def task_select() -> Any:
-    return select(models.tasks, models.users.c.external_id).join(
+def task_select(preview_chars: int = 0) -> Any:
+    """A task row with its owner's external id. `preview_chars` > 0: `response` is cut to at
+    most that many characters by the database (substr counts characters on both SQLite and
+    PostgreSQL), so a page of previews never carries the whole texts."""
+    columns: list[Any] = [
+        func.substr(column, 1, preview_chars, type_=Text).label("response")
+        if column.name == "response" and preview_chars > 0
+        else column
+        for column in models.tasks.c
+    ]
+    return select(*columns, models.users.c.external_id).join(
         models.users, models.users.c.id == models.tasks.c.user_id
     )
 

@@ -114,3 +114,24 @@ def snapshot(
     message.state.started_at.FromDatetime(at + timedelta(seconds=1))
     message.taken_at.FromDatetime(at + timedelta(seconds=2))
     return message
+
+
+def lifecycle_ending(
+    status: str, task_id: str, *, user: str = "alice", at: datetime = T0, content: str = "Rayleigh."
+) -> list[events_pb2.LifecycleEvent]:
+    """The events of a task that is now `status` (a stored status name), created at `at`."""
+    queued = event(task_id, 1, Kind.LIFECYCLE_KIND_QUEUED, user=user, at=at)
+    later = at + timedelta(seconds=1)
+    if status == "queued":
+        return [queued]
+    if status == "processing":
+        return [queued, event(task_id, 2, Kind.LIFECYCLE_KIND_STARTED, user=user, at=later)]
+    if status == "completed":
+        return completed_lifecycle(task_id, user=user, at=at, content=content)
+    if status == "failed":
+        error = common_pb2.Error(code=common_pb2.ERROR_CODE_TIMEOUT, message="timed out")
+        failed = event(task_id, 4, Kind.LIFECYCLE_KIND_FAILED, user=user, at=later, error=error)
+        return [queued, failed]
+    if status == "cancelled":
+        return [queued, event(task_id, 2, Kind.LIFECYCLE_KIND_CANCELLED, user=user, at=later)]
+    raise ValueError(status)

@@ -9,14 +9,20 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from sqlalchemy import event as sa_event
 
 from persistence_svc.consumer import EventConsumer
 from persistence_svc.repository import Repository
+from persistence_svc.server import SERVICE_NAME, USER_SERVICE_NAME
+from persistence_svc.service import HistoryService
+from persistence_svc.users import PreferencesCache, UserService
+from svckit.errors import ServiceError
+from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.lifecycle import cancel_and_wait
-from switchboard.v1 import events_pb2, history_pb2
+from switchboard.v1 import events_pb2, history_pb2, history_pb2_grpc
 from tests.conftest import eventually, timeout
 
 T = TypeVar("T")
@@ -84,3 +90,40 @@ def statements(repo: Repository) -> Iterator[list[str]]:
         yield sent
     finally:
         sa_event.remove(repo.engine.sync_engine, "before_cursor_execute", record)
+
+
+@dataclass
+class Stubs:
+    history: history_pb2_grpc.HistoryServiceStub
+    users: history_pb2_grpc.UserServiceStub
+
+
+@asynccontextmanager
+async def served(repository: Repository) -> AsyncIterator[Stubs]:
+    """HistoryService and UserService on `repository`, over a real gRPC server on port 0
+    (no preferences cache: every call reaches the database)."""
+    history, users = HistoryService(repository), UserService(repository, PreferencesCache(0))
+
+    def register(server: grpc.aio.Server) -> None:
+        history_pb2_grpc.add_HistoryServiceServicer_to_server(history, server)
+        history_pb2_grpc.add_UserServiceServicer_to_server(users, server)
+
+    server = GrpcServer("127.0.0.1:0", register, [SERVICE_NAME, USER_SERVICE_NAME])
+    await server.start()
+    try:
+        async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield Stubs(
+                history_pb2_grpc.HistoryServiceStub(channel),
+                history_pb2_grpc.UserServiceStub(channel),
+            )
+    finally:
+        await server.stop(0)
+
+
+async def rpc_error(call: Any) -> ServiceError:
+    """The typed error a gRPC call answers (it must fail)."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return ServiceError.from_rpc_error(error)
+    raise AssertionError("the call succeeded")

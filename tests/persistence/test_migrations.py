@@ -8,7 +8,18 @@ from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import JSON, BigInteger, Column, ForeignKey, MetaData, Table, Uuid, inspect
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    ForeignKey,
+    MetaData,
+    Table,
+    Uuid,
+    false,
+    inspect,
+    select,
+)
 from sqlalchemy.engine import Connection
 
 from persistence_svc import migrate, models
@@ -54,12 +65,20 @@ def _snapshots_table(connection: Connection) -> dict[str, Any] | None:
     }
 
 
+def as_before_tombstones(repo: Repository) -> None:
+    """Let `repo` write history on a schema older than revision 0003, as the service of then
+    did: schema left as it is, no deleted_tasks to look up (none of its tasks has a tombstone)."""
+    repo._schema_ready = True
+    repo._sql.find_deleted = select(models.tasks.c.id).where(false())
+
+
 def _create_all_as_before_migrations(connection: Connection) -> None:
     """What the service's create_all made before migrations existed: the models of then,
     which had task_snapshots too (revision 0001's schema)."""
     metadata = MetaData(naming_convention=models.NAMING_CONVENTION)
     for table in models.Base.metadata.sorted_tables:
-        table.to_metadata(metadata)
+        if table.name != "deleted_tasks":  # added by revision 0003
+            table.to_metadata(metadata)
     Table(
         "task_snapshots",
         metadata,
@@ -80,6 +99,7 @@ async def test_upgrade_head_equals_the_metadata(empty_database_url: str) -> None
         "users",
         "tasks",
         "task_events",
+        "deleted_tasks",
     }
 
 
@@ -113,7 +133,7 @@ async def test_database_made_by_create_all_is_adopted(empty_database_url: str) -
     repo = await Repository.open(empty_database_url, create_schema=False)
     task_id = new_task_id()
     try:
-        repo._schema_ready = True  # write with the create_all schema, as the old service did
+        as_before_tombstones(repo)  # write with the create_all schema, as the old service did
         await repo.apply(completed_lifecycle(task_id))
     finally:
         await repo.close()
@@ -145,7 +165,7 @@ async def test_0002_drops_task_snapshots_and_its_downgrade_restores_0001s(
     repo = await Repository.open(empty_database_url, create_schema=False)
     task_id = new_task_id()
     try:
-        repo._schema_ready = True  # write at revision 0001
+        as_before_tombstones(repo)  # write at revision 0001
         await repo.apply(completed_lifecycle(task_id))
     finally:
         await repo.close()
@@ -160,5 +180,42 @@ async def test_0002_drops_task_snapshots_and_its_downgrade_restores_0001s(
     try:
         task = await repo.get_task(task_id, "alice")  # the history went through untouched
         assert task is not None and task.version == 7
+    finally:
+        await repo.close()
+
+
+async def test_0003_adds_deleted_tasks_and_its_downgrade_drops_it(
+    empty_database_url: str,
+) -> None:
+    await migrate.upgrade(empty_database_url, "0002")
+    assert "deleted_tasks" not in await _inspect(empty_database_url, _tables)
+    repo = await Repository.open(empty_database_url, create_schema=False)
+    kept, deleted = new_task_id(), new_task_id()
+    try:
+        as_before_tombstones(repo)  # write at revision 0002
+        await repo.apply(completed_lifecycle(kept) + completed_lifecycle(deleted))
+    finally:
+        await repo.close()
+
+    await migrate.upgrade(empty_database_url, "0003")
+    assert "deleted_tasks" in await _inspect(empty_database_url, _tables)
+    assert await _inspect(empty_database_url, _diff) == []
+    repo = await Repository.open(empty_database_url)
+    try:
+        assert await repo.delete_task(deleted, "alice")
+        assert (await repo.apply(completed_lifecycle(deleted))).events_dropped == 3
+    finally:
+        await repo.close()
+
+    await migrate.downgrade(empty_database_url, "0002")
+    assert await _inspect(empty_database_url, _revision) == "0002"
+    assert "deleted_tasks" not in await _inspect(empty_database_url, _tables)
+    await migrate.upgrade(empty_database_url)
+    assert await _inspect(empty_database_url, _diff) == []
+    repo = await Repository.open(empty_database_url)
+    try:
+        task = await repo.get_task(kept, "alice")  # the history went through untouched
+        assert task is not None and task.version == 7
+        assert await repo.get_task(deleted, "alice") is None
     finally:
         await repo.close()

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import psycopg
@@ -23,13 +24,14 @@ from persistence_svc.database import create_engine
 from persistence_svc.errors import StorageUnavailable
 from persistence_svc.repository import Repository
 from persistence_svc.server import PersistenceServer
+from persistence_svc.service import RETRY_AFTER_MS
 from svckit.errors import Code, ServiceError
 from svckit.grpc_server import insecure_channel
 from svckit.nats import TASK_EVENTS_STREAM
 from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
 from tests.conftest import eventually, timeout
 from tests.persistence.factory import T0, Kind, completed_lifecycle, event, new_task_id
-from tests.persistence.helpers import Bus, publish, until
+from tests.persistence.helpers import Bus, publish, rpc_error, served, until
 from tests.postgres import Cluster, own_cluster, sqlalchemy_url
 
 
@@ -112,7 +114,8 @@ async def test_events_published_while_postgres_is_down_are_all_written_once(
                     timeout=timeout(10),
                 )
             error = ServiceError.from_rpc_error(caught.value)
-            assert (error.code, error.retryable) == (Code.ERROR_CODE_OVERLOADED, True)
+            assert (error.code, error.retryable) == (Code.ERROR_CODE_UNAVAILABLE, True)
+            assert error.kind.status == grpc.StatusCode.UNAVAILABLE and error.retry_after_ms > 0
             # Health says so on HistoryService's own entry; the process is alive ("").
             health = health_pb2_grpc.HealthStub(channel)
             assert await health_of(health, HISTORY) == Serving.NOT_SERVING
@@ -196,3 +199,84 @@ async def _at_version(
     except StorageUnavailable:
         return None
     return task if task is not None and task.version == version else None
+
+
+async def test_history_calls_answer_unavailable_with_a_retry_after_while_postgres_is_down(
+    cluster: Cluster, outage_settings: Settings
+) -> None:
+    """Every HistoryService and UserService call, the new ones included, answers UNAVAILABLE
+    (typed, retryable, with a retry-after) while the database is stopped, deletes nothing,
+    and works again once it is back."""
+    repo = await Repository.open(outage_settings.database_url)
+    doomed, kept = new_task_id(), new_task_id()
+    try:
+        await repo.apply(lifecycle(doomed, "alice", 1) + lifecycle(kept, "alice", 2))
+        async with served(repo) as stubs:
+            history, users = stubs.history, stubs.users
+            calls: dict[str, Callable[[], Awaitable[Any]]] = {
+                "DeleteTask": lambda: history.DeleteTask(
+                    history_pb2.DeleteTaskRequest(task_id=doomed, user_id="alice"),
+                    timeout=timeout(10),
+                ),
+                "DeleteAllTasks": lambda: history.DeleteAllTasks(
+                    history_pb2.DeleteAllTasksRequest(user_id="alice"), timeout=timeout(10)
+                ),
+                "CountTasks": lambda: history.CountTasks(
+                    history_pb2.CountTasksRequest(user_id="alice"), timeout=timeout(10)
+                ),
+                "ListTasks": lambda: history.ListTasks(
+                    history_pb2.ListTasksRequest(
+                        user_id="alice",
+                        status=common_pb2.TASK_STATUS_COMPLETED,
+                        preview_chars=3,
+                    ),
+                    timeout=timeout(10),
+                ),
+                "GetTask": lambda: history.GetTask(
+                    history_pb2.GetHistoryTaskRequest(task_id=kept, user_id="alice"),
+                    timeout=timeout(10),
+                ),
+                "GetTaskEvents": lambda: history.GetTaskEvents(
+                    history_pb2.GetTaskEventsRequest(task_id=kept, user_id="alice"),
+                    timeout=timeout(10),
+                ),
+                "GetPreferences": lambda: users.GetPreferences(
+                    history_pb2.GetPreferencesRequest(user_id="alice"), timeout=timeout(10)
+                ),
+                "SetPreferences": lambda: users.SetPreferences(
+                    history_pb2.SetPreferencesRequest(
+                        user_id="alice", preferences=history_pb2.Preferences(default_model="m")
+                    ),
+                    timeout=timeout(10),
+                ),
+            }
+            await calls["CountTasks"]()  # the pool and the writer's connection are open now
+            cluster.stop()
+            try:
+                for name, call in calls.items():
+                    error = await rpc_error(call())
+                    assert error.kind.status == grpc.StatusCode.UNAVAILABLE, name
+                    assert (error.code, error.retryable) == (Code.ERROR_CODE_UNAVAILABLE, True)
+                    assert error.retry_after_ms == RETRY_AFTER_MS, name
+            finally:
+                cluster.start()
+
+            async def counted() -> history_pb2.CountTasksResponse | None:
+                try:
+                    reply: history_pb2.CountTasksResponse = await history.CountTasks(
+                        history_pb2.CountTasksRequest(user_id="alice"), timeout=timeout(10)
+                    )
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE:
+                        return None
+                    raise
+                return reply
+
+            counts = await eventually(counted, seconds=30)
+            assert counts.total == 2  # the refused deletes removed nothing
+            reply = await calls["DeleteTask"]()
+            assert reply.deleted
+            counts = await calls["CountTasks"]()
+            assert (counts.total, counts.by_status["completed"]) == (1, 1)
+    finally:
+        await repo.close()

@@ -136,7 +136,8 @@ async def test_preferences_over_grpc_write_through(
             history_pb2.GetPreferencesRequest(user_id="bob"), timeout=timeout(5)
         )
     error = ServiceError.from_rpc_error(caught.value)
-    assert (error.code, error.retryable) == (Code.ERROR_CODE_OVERLOADED, True)
+    assert (error.code, error.retryable) == (Code.ERROR_CODE_UNAVAILABLE, True)
+    assert error.kind.status == grpc.StatusCode.UNAVAILABLE and error.retry_after_ms > 0
 
 
 @pytest.mark.parametrize(

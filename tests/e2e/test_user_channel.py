@@ -1,0 +1,152 @@
+"""The app's own history on its socket (`user:<id>`, gateway_svc/user_channel.py), through
+real processes: two sockets of one user (the npm `phoenix` client) see each other's task
+appear and complete and delete it from history; another user's topic is refused; stored
+preferences change the default model; a rejoin with last_seq gets what it missed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway_svc.phoenix_client import JoinRefused, PhoenixClient
+from tests.conftest import eventually, timeout
+from tests.e2e.conftest import running_stack
+from tests.llm.openai_server import MODEL, FakeOpenAI, Reply, completion
+from tools.stack import Stack, dev_token
+
+pytestmark = pytest.mark.e2e
+
+JS_DIR = Path(__file__).resolve().parent.parent / "js"
+
+
+async def run_history_js(stack: Stack, user: str) -> list[dict[str, Any]]:
+    node = shutil.which("node")
+    assert node, "node (20+) is needed for the phoenix client tests"
+    process = await asyncio.create_subprocess_exec(
+        node,
+        "history.mjs",
+        f"ws://127.0.0.1:{stack.config.gateway_port}/socket",
+        dev_token(user),
+        user,
+        cwd=JS_DIR,
+        env={"PATH": "/usr/bin:/bin", "PROMPT": "Remember me on both phones"},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout(60))
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    assert lines and lines[-1]["type"] == "done", lines[-3:]
+    return lines
+
+
+async def test_two_sockets_of_a_user_see_a_task_appear_complete_and_go(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    user = f"u{uuid.uuid4().hex[:8]}"
+    async with running_stack(request, tmp_path / "var") as stack:
+        lines = await run_history_js(stack, user)
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_type.setdefault(line["type"], []).append(line)
+    joined = by_type["joined"][0]["replies"]
+    assert all(reply["counts"]["total"] == 0 for reply in joined), joined
+    seen = {phone["phone"]: phone["statuses"] for phone in by_type["seen"][0]["phones"]}
+    for phone in ("phone-1", "phone-2"):  # the second phone saw the first one's task
+        assert {"queued", "processing", "completed"} <= set(seen[phone]), seen
+    updates = [u for u in by_type["update"] if u["phone"] == "phone-2"]
+    assert [u["seq"] for u in updates] == sorted(u["seq"] for u in updates)
+    assert updates[-1]["status"] == "completed" and updates[-1]["preview"]
+    listed = by_type["listed"][0]
+    assert listed["status"] == "ok", listed
+    (task,) = listed["reply"]["tasks"]
+    assert task["status"] == "completed" and task["prompt"] == "Remember me on both phones"
+    assert task["preview"] and len(task["preview"]) <= 200
+    got = by_type["got"][0]["reply"]
+    assert got["task"]["content"].startswith(task["preview"])
+    assert [step["kind"] for step in got["trail"]][:2] == ["queued", "started"]
+    assert got["trail"][-1]["kind"] == "completed"
+    assert by_type["deleted"][0]["reply"] == {"deleted": True}
+    assert by_type["listed_after"][0]["reply"]["tasks"] == []
+
+
+async def test_another_users_topic_is_refused_with_the_reason(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    async with (
+        running_stack(request, tmp_path / "var") as stack,
+        await PhoenixClient.connect(stack.config.socket_url, token=dev_token("alice")) as client,
+    ):
+        with pytest.raises(JoinRefused) as refused:
+            await client.join("user:bob")
+    assert refused.value.response["reason"] == "unauthorized"
+
+
+async def test_preferences_choose_the_model_when_a_push_names_none(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    provider = FakeOpenAI(Reply(payloads=completion(["Hi", " from", " the", " fake"])))
+    async with provider:
+        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": f"{provider.origin}/v1"}
+        async with (
+            running_stack(request, tmp_path / "var", env=env) as stack,
+            await PhoenixClient.connect(
+                stack.config.socket_url, token=dev_token("carol")
+            ) as client,
+        ):
+            history = await client.join("user:carol")
+            refused = await history.push("set_preferences", {"default_model": "nope-9"})
+            assert not refused.ok and refused.response["reason"] == "model_not_found"
+            stored = await history.push("set_preferences", {"default_model": MODEL})
+            assert stored.ok and stored.response == {"default_model": MODEL}
+
+            task = await client.join(f"task:{uuid.uuid4()}")
+            ack = await task.push("llm_generate", {"prompt": "Which model am I?"})
+            assert ack.ok, ack.response
+            async for message in task.messages():
+                if message.event in ("llm_response", "error"):
+                    break
+            assert message.event == "llm_response", message.payload
+            assert message.payload["model"] == MODEL
+            assert provider.requests, "the provider of the stored model was asked"
+
+
+async def test_a_rejoin_with_last_seq_gets_the_updates_it_missed(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    async with running_stack(request, tmp_path / "var") as stack:
+        url, token = stack.config.socket_url, dev_token("dave")
+        async with await PhoenixClient.connect(url, token=token) as phone:
+            history = await phone.join("user:dave")
+            first = await phone.join(f"task:{uuid.uuid4()}")
+            assert (await first.push("llm_generate", {"prompt": "one"})).ok
+            async for message in history.messages():
+                if message.event == "task_updated" and message.payload["status"] == "completed":
+                    break
+            last_seq = message.payload["seq"]
+        # Away: another task runs meanwhile, from another socket.
+        async with await PhoenixClient.connect(url, token=token) as other:
+            second_id = str(uuid.uuid4())
+            second = await other.join(f"task:{second_id}")
+            assert (await second.push("llm_generate", {"prompt": "two"})).ok
+            async for message in second.messages():
+                if message.event == "llm_response":
+                    break
+
+            async def back() -> dict[str, Any] | None:
+                async with await PhoenixClient.connect(url, token=token) as again:
+                    channel = await again.join("user:dave", {"last_seq": last_seq})
+                    missed = channel.join_response.get("missed", [])
+                    done = [m for m in missed if m["task_id"] == second_id]
+                    if done and done[-1]["status"] == "completed":
+                        return channel.join_response
+                return None
+
+            response = await eventually(back)
+    statuses = [m["status"] for m in response["missed"] if m["task_id"] == second_id]
+    assert statuses[0] == "queued" and statuses[-1] == "completed", statuses
+    assert all(m["seq"] > last_seq for m in response["missed"])
