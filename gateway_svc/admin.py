@@ -35,7 +35,7 @@ from gateway_svc import task_payloads as tp
 from gateway_svc.metrics import GatewayMetrics
 from gateway_svc.phoenix import Message, reply
 from gateway_svc.routes import Owner, TaskRoutes
-from svckit.errors import ServiceError
+from svckit.errors import ServiceError, typed
 from svckit.grpc_server import insecure_channel
 from svckit.lifecycle import cancel_and_wait
 from svckit.membership import MembershipView
@@ -251,21 +251,14 @@ class Dashboard:
             case "discard_dead_letter":
                 request = tasks_pb2.DiscardDeadLetterRequest(task_id=task_id)
                 stub = self._stub(self.routes.fallback.address)
-                answer = await _rpc(stub.DiscardDeadLetter(request, timeout=CALL_TIMEOUT_S))
+                answer = await typed(stub.DiscardDeadLetter(request, timeout=CALL_TIMEOUT_S))
                 return {"discarded": answer.discarded}
         raise ServiceError(common_pb2.ERROR_CODE_INVALID_REQUEST, f"unknown event {event!r}")
 
     async def _cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel another user's task: task_svc checks the owner, so ask it as the owner
         (its user as listed by the node holding it)."""
-        user = await self._owner_of(task_id)
-
-        async def cancel_at(owner: Owner) -> tasks_pb2.CancelResponse:
-            request = tasks_pb2.CancelRequest(task_id=task_id, user_id=user)
-            response: tasks_pb2.CancelResponse = await _rpc(owner.stub.Cancel(request))
-            return response
-
-        response = await self.routes.call(task_id, cancel_at)
+        response = await self.routes.cancel(task_id, await self._owner_of(task_id))
         return tp.state_payload(response.state)
 
     async def _owner_of(self, task_id: str) -> str:
@@ -278,20 +271,13 @@ class Dashboard:
         async def requeue_at(owner: Owner) -> tasks_pb2.RequeueDeadLetterResponse:
             request = tasks_pb2.RequeueDeadLetterRequest(task_id=task_id)
             stub = self._stub(owner.address)
-            answer: tasks_pb2.RequeueDeadLetterResponse = await _rpc(
+            answer: tasks_pb2.RequeueDeadLetterResponse = await typed(
                 stub.RequeueDeadLetter(request, timeout=CALL_TIMEOUT_S)
             )
             return answer
 
         answer = await self.routes.call(task_id, requeue_at)
         return tp.state_payload(answer.state)
-
-
-async def _rpc(call: Awaitable[Any]) -> Any:
-    try:
-        return await call
-    except grpc.aio.AioRpcError as error:
-        raise ServiceError.from_rpc_error(error) from None
 
 
 class AdminChannel:

@@ -20,10 +20,10 @@ import grpc
 
 from gateway_svc.submits import Submits
 from gateway_svc.watches import TaskWatches
-from svckit.errors import ServiceError
+from svckit.errors import ServiceError, typed
 from svckit.grpc_server import insecure_channel
 from svckit.membership import MembershipView
-from switchboard.v1 import common_pb2, tasks_pb2_grpc
+from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,16 @@ class TaskRoutes:
                 log.debug("task_svc asked again", extra={"task_id": task_id, "e": error.message})
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
+
+    async def cancel(self, task_id: str, user_id: str) -> tasks_pb2.CancelResponse:
+        """Cancel `task_id` as its user `user_id`, at whichever node holds it."""
+        request = tasks_pb2.CancelRequest(task_id=task_id, user_id=user_id)
+
+        async def at(owner: Owner) -> tasks_pb2.CancelResponse:
+            response: tasks_pb2.CancelResponse = await typed(owner.stub.Cancel(request))
+            return response
+
+        return await self.call(task_id, at)
 
     async def close(self) -> None:
         owners, self._owners = list(self._owners.values()), {}

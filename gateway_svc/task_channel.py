@@ -17,8 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from gateway_svc import metrics as m
 from gateway_svc import task_payloads as tp
 from gateway_svc.admin import Dashboard
@@ -257,11 +255,12 @@ class TaskChannel:
 
     async def _generate(self, message: Message) -> None:
         started = time.monotonic()
-        span = tracing.start("llm_generate", attributes={"task_id": self.task_id})
-        response = await self._submit(message, started, tracing.traceparent(span))
+        # Current: the Submit's log lines (a refusal) carry the trace id.
+        with tracing.span("llm_generate", attributes={"task_id": self.task_id}) as span:
+            response = await self._submit(message, started, tracing.traceparent(span))
+            tracing.failed(span, response["reason"] if response is not None else "")
         self.metrics.ack.observe(time.monotonic() - started)
         self.metrics.generates.labels("ok" if response is None else "error").inc()
-        tracing.end(span, error=response["reason"] if response is not None else "")
 
     async def _default_model(self) -> str:
         """The user's stored default model (set_preferences), if llm_svc still offers it."""
@@ -350,18 +349,9 @@ class TaskChannel:
         return await direct.submit(request)
 
     async def _cancel(self, message: Message) -> None:
-        request = tasks_pb2.CancelRequest(task_id=self.task_id, user_id=self.user)
-
-        async def cancel_at(owner: Owner) -> tasks_pb2.CancelResponse:
-            try:
-                response: tasks_pb2.CancelResponse = await owner.stub.Cancel(request)
-                return response
-            except grpc.aio.AioRpcError as rpc_error:
-                raise ServiceError.from_rpc_error(rpc_error) from None
-
         async with self._out:
             try:
-                response = await self.deps.routes.call(self.task_id, cancel_at)
+                response = await self.deps.routes.cancel(self.task_id, self.user)
             except ServiceError as refusal:
                 await self._reply(message.ref, "error", tp.error_reply(refusal))
                 return

@@ -33,12 +33,12 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from gateway_svc import task_payloads as tp
 from gateway_svc.phoenix import Message, reply
-from gateway_svc.routes import Owner, TaskRoutes
+from gateway_svc.routes import TaskRoutes
 from svckit.catalog import ModelCatalog
-from svckit.errors import ServiceError
+from svckit.errors import ServiceError, typed
 from svckit.lifecycle import cancel_and_wait
 from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX, is_snapshot
-from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc, tasks_pb2
+from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +210,6 @@ class UserDeps:
     catalog: ModelCatalog | None = None  # to refuse unknown models (None: llm_svc is asked later)
 
 
-async def _rpc(call: Awaitable[Any]) -> Any:
-    try:
-        return await call
-    except grpc.aio.AioRpcError as error:
-        raise ServiceError.from_rpc_error(error) from None
-
-
 def _time(stamp: Any) -> str | None:
     return stamp.ToDatetime().isoformat() + "Z" if stamp.seconds or stamp.nanos else None
 
@@ -273,8 +266,8 @@ class UserChannel:
         ask = history_pb2.GetPreferencesRequest(user_id=self.user)
         count = history_pb2.CountTasksRequest(user_id=self.user)
         prefs, counts = await asyncio.gather(
-            _rpc(self.deps.preferences.users.GetPreferences(ask, timeout=CALL_TIMEOUT_S)),
-            _rpc(self.deps.history.CountTasks(count, timeout=CALL_TIMEOUT_S)),
+            typed(self.deps.preferences.users.GetPreferences(ask, timeout=CALL_TIMEOUT_S)),
+            typed(self.deps.history.CountTasks(count, timeout=CALL_TIMEOUT_S)),
         )
         self.deps.preferences.stored(self.user, prefs)
         response: dict[str, Any] = {
@@ -346,7 +339,7 @@ class UserChannel:
                 if payload.get("confirm") != CONFIRM_DELETE_ALL:
                     raise _invalid(f'delete_all needs "confirm": "{CONFIRM_DELETE_ALL}"')
                 delete = history_pb2.DeleteAllTasksRequest(user_id=self.user)
-                done = await _rpc(self.deps.history.DeleteAllTasks(delete, timeout=CALL_TIMEOUT_S))
+                done = await typed(self.deps.history.DeleteAllTasks(delete, timeout=CALL_TIMEOUT_S))
                 return {"deleted": done.deleted}
             case "set_preferences":
                 return await self._set_preferences(payload)
@@ -367,7 +360,7 @@ class UserChannel:
         )
         if status is not None:
             request.status = _status(status)
-        page = await _rpc(self.deps.history.ListTasks(request, timeout=CALL_TIMEOUT_S))
+        page = await typed(self.deps.history.ListTasks(request, timeout=CALL_TIMEOUT_S))
         return {
             "tasks": [_task_payload(task, "preview") for task in page.tasks],
             "next_cursor": page.next_cursor or None,
@@ -377,8 +370,8 @@ class UserChannel:
         request = history_pb2.GetHistoryTaskRequest(task_id=task_id, user_id=self.user)
         trail_request = history_pb2.GetTaskEventsRequest(task_id=task_id, user_id=self.user)
         task, trail = await asyncio.gather(
-            _rpc(self.deps.history.GetTask(request, timeout=CALL_TIMEOUT_S)),
-            _rpc(self.deps.history.GetTaskEvents(trail_request, timeout=CALL_TIMEOUT_S)),
+            typed(self.deps.history.GetTask(request, timeout=CALL_TIMEOUT_S)),
+            typed(self.deps.history.GetTaskEvents(trail_request, timeout=CALL_TIMEOUT_S)),
         )
         return {
             "task": _task_payload(task, "content"),
@@ -396,16 +389,10 @@ class UserChannel:
     async def _delete(self, task_id: str) -> dict[str, Any]:
         """Cancel it first if it still runs (its user is this one: task_svc checks), then
         remove it from history for good."""
-        request = tasks_pb2.CancelRequest(task_id=task_id, user_id=self.user)
-
-        async def cancel_at(owner: Owner) -> tasks_pb2.CancelResponse:
-            response: tasks_pb2.CancelResponse = await _rpc(owner.stub.Cancel(request))
-            return response
-
         with contextlib.suppress(ServiceError):  # not running (finished, or never known)
-            await self.deps.routes.call(task_id, cancel_at)
+            await self.deps.routes.cancel(task_id, self.user)
         delete = history_pb2.DeleteTaskRequest(task_id=task_id, user_id=self.user)
-        done = await _rpc(self.deps.history.DeleteTask(delete, timeout=CALL_TIMEOUT_S))
+        done = await typed(self.deps.history.DeleteTask(delete, timeout=CALL_TIMEOUT_S))
         return {"deleted": done.deleted}
 
     async def _set_preferences(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -416,10 +403,10 @@ class UserChannel:
             await self.deps.catalog.resolve(model)  # MODEL_NOT_FOUND for an unknown model
         users = self.deps.preferences.users
         ask = history_pb2.GetPreferencesRequest(user_id=self.user)
-        current = await _rpc(users.GetPreferences(ask, timeout=CALL_TIMEOUT_S))
+        current = await typed(users.GetPreferences(ask, timeout=CALL_TIMEOUT_S))
         current.default_model = model
         store = history_pb2.SetPreferencesRequest(user_id=self.user, preferences=current)
-        stored = await _rpc(users.SetPreferences(store, timeout=CALL_TIMEOUT_S))
+        stored = await typed(users.SetPreferences(store, timeout=CALL_TIMEOUT_S))
         self.deps.preferences.stored(self.user, stored)
         return {"default_model": stored.default_model}
 

@@ -129,6 +129,18 @@ class ServiceError(Exception):
         return f"ServiceError({name}, {self.message!r}, retryable={self.retryable})"
 
 
+T = TypeVar("T")
+
+
+async def typed(call: Awaitable[T]) -> T:
+    """A gRPC call's answer, its failure raised as the typed ServiceError (what callers that
+    retry or reply in the protocol's form need)."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise ServiceError.from_rpc_error(error) from None
+
+
 Servicer = TypeVar("Servicer")
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")

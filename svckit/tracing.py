@@ -43,7 +43,6 @@ Attributes = Mapping[str, str | int | float | bool]
 
 def setup(service: str, endpoint: str) -> None:
     """Export this process's spans to the OTLP collector at `endpoint` (empty: off)."""
-    global _tracer, _provider
     if not endpoint:
         return
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -51,8 +50,14 @@ def setup(service: str, endpoint: str) -> None:
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     insecure = endpoint.startswith("http://")
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint, insecure=insecure)))
-    _provider, _tracer = provider, provider.get_tracer(service)
+    use(provider, service)
     log.info("tracing on", extra={"endpoint": endpoint})
+
+
+def use(provider: TracerProvider, service: str) -> None:
+    """Trace with `provider` (setup's, or a test's with an in-memory exporter)."""
+    global _tracer, _provider
+    _provider, _tracer = provider, provider.get_tracer(service)
 
 
 def shutdown() -> None:
@@ -79,16 +84,22 @@ def start(name: str, parent: str = "", attributes: Attributes | None = None) -> 
 def end(span: Span | None, error: str = "") -> None:
     if span is None:
         return
-    if error:
-        span.set_status(trace.Status(trace.StatusCode.ERROR, error))
+    failed(span, error)
     span.end()
+
+
+def failed(span: Span | None, error: str) -> None:
+    """Mark `span` as failed with `error` (nothing when either is empty)."""
+    if span is not None and error:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error))
 
 
 @contextlib.contextmanager
 def span(
     name: str, parent: str = "", attributes: Attributes | None = None
 ) -> Iterator[Span | None]:
-    """A span around a block, current inside it (so logs carry its trace id)."""
+    """A span around a block of a coroutine, current inside it (so the block's log lines
+    carry its trace id). Not across an async generator's yields: use `around` there."""
     if _tracer is None:
         yield None
         return

@@ -37,17 +37,14 @@ class Job:
     accepted: asyncio.Event = field(default_factory=asyncio.Event)  # no longer ACCEPTING
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # DONE
     span: Span | None = None  # the `task` span, from creation to DONE (None: not traced)
+    traceparent: str = ""  # the span's, which its events and its generation carry
 
     def __post_init__(self) -> None:
         self.queue.depth += 1  # ACCEPTING is one of the WAITING states
         if tracing.enabled():
             attributes = {"task_id": self.task_id, "queue": self.queue.name}
             self.span = tracing.start("task", self.spec.traceparent, attributes)
-
-    @property
-    def traceparent(self) -> str:
-        """What the job's events and its generation carry (svckit/tracing.py)."""
-        return tracing.traceparent(self.span)
+            self.traceparent = tracing.traceparent(self.span)
 
     @property
     def task_id(self) -> str:

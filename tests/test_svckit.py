@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import grpc
 import nats.errors
+import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.js.errors import APIError
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from svckit import tracing
 from svckit.backoff import full_jitter
 from svckit.errors import ERRORS, ServiceError
 from svckit.grpc_server import GrpcServer, insecure_channel
+from svckit.logs import JsonFormatter
 from svckit.nats import (
     NO_PEERS_FOR_PLACEMENT,
     connect_nats,
@@ -102,3 +109,30 @@ async def test_a_jetstream_request_is_asked_again_while_the_cluster_forms() -> N
 
     with pytest.raises(APIError):  # any other refusal is final
         await while_forming("SB_TEST", refused)
+
+
+def test_a_log_line_inside_a_span_carries_its_trace_id_and_outside_none() -> None:
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracing.use(provider, "test")
+    formatter = JsonFormatter("test")
+
+    def line() -> dict[str, object]:
+        record = logging.LogRecord("test", logging.INFO, __file__, 1, "hello", None, None)
+        return orjson.loads(formatter.format(record))  # type: ignore[no-any-return]
+
+    try:
+        with tracing.span("outer") as span:
+            inside = line()
+            child = tracing.start("child", tracing.traceparent(span))
+            tracing.end(child, error="boom")
+        outside = line()
+    finally:
+        tracing.shutdown()
+    (child_span, outer) = exported.get_finished_spans()
+    assert inside["trace_id"] == format(outer.context.trace_id, "032x")
+    assert child_span.context.trace_id == outer.context.trace_id  # joined by traceparent
+    assert child_span.status.description == "boom"
+    assert "trace_id" not in outside
+    assert not tracing.enabled() and tracing.start("off") is None

@@ -4,16 +4,20 @@ watching the SQL a repository sends."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import psycopg
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
+from psycopg import sql
 from sqlalchemy import event as sa_event
 
+from persistence_svc.config import Settings
 from persistence_svc.consumer import EventConsumer
 from persistence_svc.repository import Repository
 from persistence_svc.server import SERVICE_NAME, USER_SERVICE_NAME
@@ -24,6 +28,7 @@ from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import events_pb2, history_pb2, history_pb2_grpc
 from tests.conftest import eventually, timeout
+from tests.postgres import Cluster, sqlalchemy_url
 
 T = TypeVar("T")
 
@@ -127,3 +132,17 @@ async def rpc_error(call: Any) -> ServiceError:
     except grpc.aio.AioRpcError as error:
         return ServiceError.from_rpc_error(error)
     raise AssertionError("the call succeeded")
+
+
+async def fresh_database_settings(cluster: Cluster, nats_url: str, prefix: str) -> Settings:
+    """persistence_svc's settings on a fresh database of `cluster` (which a test may stop and
+    start: the outage tests), retrying soon after the database is back."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(cluster.admin_url, autocommit=True) as c:
+        await c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return Settings(
+        nats_url=nats_url,
+        database_url=sqlalchemy_url(cluster.admin_url, name),
+        history_svc_listen="127.0.0.1:0",
+        persistence_retry_max_s=0.3,
+    )

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
-import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-from psycopg import sql
 
 from persistence_svc.config import Settings
 from persistence_svc.consumer import DURABLE_NAME
@@ -23,8 +20,8 @@ from svckit.grpc_server import insecure_channel
 from svckit.metrics import sample
 from tests.conftest import eventually, timeout
 from tests.persistence.factory import completed_lifecycle, new_task_id
-from tests.persistence.helpers import Bus, publish, until
-from tests.postgres import Cluster, own_cluster, sqlalchemy_url
+from tests.persistence.helpers import Bus, fresh_database_settings, publish, until
+from tests.postgres import Cluster, own_cluster
 
 WATCH_S = 0.1  # the server's watch interval here: outages are seen within a few polls
 Serving = health_pb2.HealthCheckResponse
@@ -46,15 +43,7 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture
 async def settings(cluster: Cluster, nats_url: str) -> AsyncIterator[Settings]:
-    name = f"sb_health_{uuid.uuid4().hex[:12]}"
-    async with await psycopg.AsyncConnection.connect(cluster.admin_url, autocommit=True) as c:
-        await c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield Settings(
-        nats_url=nats_url,
-        database_url=sqlalchemy_url(cluster.admin_url, name),
-        history_svc_listen="127.0.0.1:0",
-        persistence_retry_max_s=0.3,  # retry soon after the database is back
-    )
+    yield await fresh_database_settings(cluster, nats_url, "sb_health")
     with contextlib.suppress(RuntimeError):  # already running: the test started it again
         cluster.start()
 

@@ -5,16 +5,13 @@ every task in its final state."""
 from __future__ import annotations
 
 import functools
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from psycopg import sql
 from sqlalchemy import func, select
 
 from persistence_svc import models
@@ -31,8 +28,15 @@ from svckit.nats import TASK_EVENTS_STREAM
 from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
 from tests.conftest import eventually, timeout
 from tests.persistence.factory import T0, Kind, completed_lifecycle, event, new_task_id
-from tests.persistence.helpers import Bus, publish, rpc_error, served, until
-from tests.postgres import Cluster, own_cluster, sqlalchemy_url
+from tests.persistence.helpers import (
+    Bus,
+    fresh_database_settings,
+    publish,
+    rpc_error,
+    served,
+    until,
+)
+from tests.postgres import Cluster, own_cluster
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +48,8 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture
-async def outage_settings(cluster: Cluster, nats_url: str) -> AsyncIterator[Settings]:
-    name = f"sb_outage_{uuid.uuid4().hex[:12]}"
-    async with await psycopg.AsyncConnection.connect(cluster.admin_url, autocommit=True) as c:
-        await c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield Settings(
-        nats_url=nats_url,
-        database_url=sqlalchemy_url(cluster.admin_url, name),
-        history_svc_listen="127.0.0.1:0",
-        persistence_retry_max_s=0.3,  # retry soon after the database is back
-    )
+async def outage_settings(cluster: Cluster, nats_url: str) -> Settings:
+    return await fresh_database_settings(cluster, nats_url, "sb_outage")
 
 
 HISTORY = history_pb2.DESCRIPTOR.services_by_name["HistoryService"].full_name

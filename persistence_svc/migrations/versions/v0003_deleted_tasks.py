@@ -27,9 +27,6 @@ UTC_DATETIME = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
-    # A database made by create_all and adopted (migrate.py stamps it 0001) has it already.
-    if "deleted_tasks" in sa.inspect(op.get_bind()).get_table_names():
-        return
     op.create_table(
         "deleted_tasks",
         sa.Column("task_id", sa.Uuid(), nullable=False),
