@@ -32,6 +32,7 @@ import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final, TypeVar
 
 from svckit.errors import ServiceError
@@ -92,6 +93,10 @@ class Watcher:
 
 Checkpoint = Callable[[history_pb2.TaskSnapshot], "asyncio.Future[None]"]
 _Mail = tuple[Callable[[TaskCore], Any], "asyncio.Future[Any] | None"]  # None: a cast
+
+
+def _reraise(error: Exception, core: TaskCore) -> None:
+    raise error
 
 
 def _no_give_up(server: TaskServer, error: BaseException) -> None:
@@ -179,8 +184,27 @@ class TaskServer:
 
     def cast(self, change: Callable[[TaskCore], Transition | None]) -> None:
         """Apply a change without waiting for it (gen_server's cast): for the stream of a
-        running task, whose results nobody reads; the mailbox keeps casts and calls in order."""
-        self._post(self._step(change), None)
+        running task, whose results nobody reads; the mailbox keeps casts and calls in order.
+
+        While the loop is awake with nothing to do (a running task between two deltas, the
+        common case), the change is applied here: nothing is ahead of it in the mailbox and
+        the loop is parked, so the state still has one writer at a time, and a delta costs
+        no wake-up and no turn of the event loop. A change that raises is handed to the loop,
+        which crashes with it: the supervisor restarts the actor as for any other crash."""
+        step = self._step(change)
+        if self._wake is None or self._mailbox or self.down or self._ended:
+            self._post(step, None)
+            return
+        if self._checkpoint_blocks():
+            self._post(step, None)  # the loop waits for the checkpoint first
+            return
+        try:
+            step(self.core)
+        except Exception as error:
+            self._post(partial(_reraise, error), None)
+            return
+        if self.core.status != common_pb2.TASK_STATUS_PROCESSING and not self._wake.done():
+            self._wake.set_result(None)  # the loop's idle rule: it hibernates
 
     def _post(self, fn: Callable[[TaskCore], Any], future: asyncio.Future[Any] | None) -> None:
         if self.down or self._ended:
@@ -291,16 +315,21 @@ class TaskServer:
             self._mailbox = None
 
     async def _checkpoint(self) -> None:
+        if self._checkpoint_blocks():
+            assert self._cp is not None
+            await asyncio.shield(self._cp)
+
+    def _checkpoint_blocks(self) -> bool:
+        """Start a checkpoint once half the seq reserve is used; True when the reserve is
+        used up and the next event must wait until the checkpoint is stored."""
         every = self.host.checkpoint_every
         publish = self.host.checkpoint
         core = self.core
         if every <= 0 or publish is None or core.terminal or core.seq == 0:
-            return
+            return False
         if self._cp is None and core.seq >= self.durable_seq + every // 2:
             self._cp = self._store(publish, core.snapshot_message(), core.seq)
-        if core.seq + 1 > self.durable_seq + every and self._cp is not None:
-            # Out of margin: the next event waits until the snapshot is stored.
-            await asyncio.shield(self._cp)
+        return core.seq + 1 > self.durable_seq + every and self._cp is not None
 
     def _store(
         self, publish: Checkpoint, snapshot: history_pb2.TaskSnapshot, seq: int

@@ -80,6 +80,37 @@ async def test_casts_apply_in_order_with_calls_and_nobody_waits_for_them() -> No
     await sup.stop()
 
 
+async def test_a_cast_to_a_parked_running_server_is_applied_at_once() -> None:
+    # The loop is awake (running task) with an empty mailbox: the cast needs no turn of the
+    # event loop, and the watcher has the event before cast returns.
+    sup = Supervisor("test")
+    server = TaskServer(core(), Host(sup))
+    await server.apply(lambda c: c.started())
+    watcher, _, _ = await server.subscribe(1)
+    assert watcher is not None
+    await settle()  # the loop parks, waiting for mail
+    server.cast(lambda c: c.chunk("a"))
+    assert server.core.content == "a" and watcher.queue.qsize() == 1
+    await sup.stop()
+
+
+async def test_a_cast_that_raises_crashes_the_actor_and_it_is_restarted() -> None:
+    sup = Supervisor("test", max_restarts=3, period_s=60)
+    server = TaskServer(core(), Host(sup))
+    await server.apply(lambda c: c.started())
+    await settle()
+
+    def broken(c: TaskCore) -> None:
+        raise RuntimeError("bug")
+
+    server.cast(broken)  # type: ignore[arg-type]
+    server.cast(lambda c: c.chunk("b"))  # behind the crash, applied by the restarted loop
+    state = await server.call(lambda c: c.snapshot())
+    assert sup.restarts(server.task_id) == 1 and not server.down
+    assert state.content == "b" and state.status == Status.TASK_STATUS_PROCESSING
+    await sup.stop()
+
+
 def test_progress_never_goes_backwards_and_equal_reports_add_nothing() -> None:
     c = core()
     c.started()
