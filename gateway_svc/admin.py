@@ -3,9 +3,10 @@ served by the gateway (`GET /admin`, gateway_svc/static/) and the `admin:dashboa
 joins over the gateway's own Phoenix protocol, open only to the users in GATEWAY_ADMIN_USERS.
 
 Joined, the channel pushes a `snapshot` every `interval_s` (the join reply is the first one):
-queues (the task_svc nodes' QueueBoards, summed), the tasks that have not ended (every node's
-ListActiveTasks), dead letters, providers (llm_svc's ListProviders), this gateway's sockets
-and channels, and history's backlog (persistence_svc's consumer pending in JetStream). The
+queues (the task_svc nodes' QueueBoards, summed; a queue's oldest wait is the longest of any
+node's), the tasks that have not ended (every node's ListActiveTasks), dead letters, providers
+(llm_svc's ListProviders), this gateway's sockets and channels, and history's backlog and lag
+(`_history`: from persistence_svc's durable consumer in JetStream). The
 operator's actions are events on the channel: `cancel_task`, `retry_dead_letter`,
 `discard_dead_letter` {task_id}, each replied ok or with the error's reason.
 
@@ -30,6 +31,9 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerInfo
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from gateway_svc import task_payloads as tp
 from gateway_svc.metrics import GatewayMetrics
@@ -40,7 +44,7 @@ from svckit.grpc_server import insecure_channel
 from svckit.lifecycle import cancel_and_wait
 from svckit.membership import MembershipView
 from svckit.metrics import sample
-from svckit.nats import QUEUE_BOARD_SUBJECT, TASK_EVENTS_STREAM
+from svckit.nats import QUEUE_BOARD_SUBJECT, TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX
 from svckit.service_auth import ADMIN
 from switchboard.v1 import common_pb2, events_pb2, llm_pb2, llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
@@ -54,7 +58,8 @@ PAGES = {
     "/admin/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "/admin/phoenix.min.js": ("phoenix.min.js", "text/javascript; charset=utf-8"),
 }
-HISTORY_CONSUMER = "persistence"  # persistence_svc/consumer.py's durable
+HISTORY_CONSUMER = "persistence"  # persistence_svc/consumer.py's durable ...
+HISTORY_SUBJECT = f"{TASK_EVENTS_SUBJECT_PREFIX}.>"  # ... and what it filters
 CALL_TIMEOUT_S = 2.0
 BOARD_STALE_S = 3.0  # a node's QueueBoard not heard for this long no longer counts
 LIST_LIMIT = 100
@@ -87,6 +92,7 @@ class Dashboard:
     view: MembershipView | None = None
     nc: Client | None = None
     interval_s: float = 1.0
+    wall: Callable[[], float] = time.time  # against JetStream's timestamps (history lag)
     boards: dict[str, _Board] = field(default_factory=dict)  # by node
     _stubs: dict[str, tasks_pb2_grpc.TaskServiceStub] = field(default_factory=dict)
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -144,11 +150,16 @@ class Dashboard:
             "tasks": self._tasks(),
             "dead_letters": self._dead_letters(),
             "providers": self._providers(),
-            "history_pending": self._history_pending(),
+            "history": self._history(),
         }
         results = await asyncio.gather(*parts.values(), return_exceptions=True)
         out: dict[str, Any] = {"unavailable": []}
-        empty: dict[str, Any] = {"tasks": [], "dead_letters": [], "providers": []}
+        empty: dict[str, Any] = {
+            "tasks": [],
+            "dead_letters": [],
+            "providers": [],
+            "history": {"pending": None, "lag_s": None},
+        }
         for name, result in zip(parts, results, strict=True):
             if isinstance(result, BaseException):
                 log.info("dashboard source failed", extra={"source": name, "e": repr(result)})
@@ -156,6 +167,8 @@ class Dashboard:
                 out[name] = empty.get(name)
             else:
                 out[name] = result
+        history = out.pop("history")
+        out["history_pending"], out["history_lag_s"] = history["pending"], history["lag_s"]
         out["queues"] = self._queues()
         out["sockets"] = int(sample(self.metrics.registry, "switchboard_sockets"))
         out["channels"] = int(sample(self.metrics.registry, "switchboard_channels"))
@@ -171,9 +184,10 @@ class Dashboard:
                 q = totals.setdefault(
                     s.queue,
                     {"queue": s.queue, "waiting": 0, "running": 0, "concurrency": 0,
-                     "mean_run_s": 0.0, "max_depth": 0},
+                     "mean_run_s": 0.0, "max_depth": 0, "oldest_s": 0.0},
                 )  # fmt: skip
                 q["waiting"] += sum(s.waiting_by_priority)
+                q["oldest_s"] = max(q["oldest_s"], s.oldest_s)  # the longest wait of any node
                 q["running"] += s.concurrency - s.free_slots
                 q["concurrency"] += s.concurrency
                 q["max_depth"] += s.max_depth
@@ -231,13 +245,36 @@ class Dashboard:
             for p in answer.providers
         ]
 
-    async def _history_pending(self) -> int | None:
+    async def _history(self) -> dict[str, Any]:
+        """History's backlog (lifecycle events persistence_svc has not written yet: its
+        durable consumer's pending and unacked) and lag (how long the oldest of them has
+        waited, 0 with none); both None without NATS. One consumer info, and one message
+        read while there is a backlog."""
         if self.nc is None:
-            return None
-        info = await self.nc.jetstream().consumer_info(
-            TASK_EVENTS_STREAM, HISTORY_CONSUMER, timeout=CALL_TIMEOUT_S
-        )
-        return int((info.num_pending or 0) + (info.num_ack_pending or 0))
+            return {"pending": None, "lag_s": None}
+        js = self.nc.jetstream(timeout=CALL_TIMEOUT_S)
+        info = await js.consumer_info(TASK_EVENTS_STREAM, HISTORY_CONSUMER, timeout=CALL_TIMEOUT_S)
+        pending = int((info.num_pending or 0) + (info.num_ack_pending or 0))
+        lag_s = await self._history_lag_s(js, info) if pending else 0.0
+        return {"pending": pending, "lag_s": lag_s}
+
+    async def _history_lag_s(self, js: JetStreamContext, info: ConsumerInfo) -> float:
+        """The age of the oldest unwritten event. persistence_svc acks an event once its
+        batch is committed, and everything up to the consumer's ack floor is acked, so the
+        first message of its subjects past the floor is the oldest not written; its
+        JetStream timestamp (the NATS server's clock, against ours: 0 at worst) dates it.
+        Unlike switchboard_history_lag_seconds (measured at each commit), this grows while
+        nothing is written, during a database outage."""
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        try:
+            oldest = await js.get_msg(
+                TASK_EVENTS_STREAM, seq=floor + 1, subject=HISTORY_SUBJECT, next=True
+            )
+        except NotFoundError:
+            return 0.0  # written since the consumer info
+        if oldest.time is None:
+            return 0.0
+        return max(0.0, self.wall() - oldest.time.timestamp())
 
     # -- the operator's actions --------------------------------------------------------
 

@@ -168,7 +168,9 @@ class Generator:
         try:
             with tracing.around("generation", request.traceparent, {"model": chain[0].id}) as span:
                 generated = self._generate(request, chain, tracing.traceparent(span))
-                async with aclosing(generated) as events:
+                # Its steps run with the span current (log lines carry its trace id); the
+                # caller, between them, never sees it (svckit/tracing.py: current_in).
+                async with aclosing(tracing.current_in(span, generated)) as events:
                     async for event in events:
                         if event.HasField("final") and self.quota is not None:
                             tokens = event.final.usage.total_tokens
@@ -302,9 +304,10 @@ class Generator:
             # Inside the guards: what they refused never reached the provider (they count
             # their refusals themselves); the call's outcome is known before theirs.
             attributes = {"provider": provider.name, "model": model.id}
-            guarded.enter_context(tracing.around("provider", trace, attributes))
+            span = guarded.enter_context(tracing.around("provider", trace, attributes))
             call = guarded.enter_context(self.metrics.call(model))
-            async with aclosing(provider.stream(request)) as stream:
+            # The provider's own log lines are written in its span.
+            async with aclosing(tracing.current_in(span, provider.stream(request))) as stream:
                 async for event in paced(stream, provider.name, model.pacing, deadline_at):
                     match event:
                         case TextDelta(text=text, tokens=tokens):

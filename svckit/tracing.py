@@ -15,14 +15,23 @@ A trace's context crosses process boundaries as a W3C `traceparent` string:
 The spans: gateway `llm_generate` (push to ack) → task_svc `task` (the job, accepted to
 finished) → `generate` (the stream from llm_svc) → llm_svc `generation` → `provider` (each
 attempt) ; and persistence_svc `history write` per lifecycle event.
+
+A log line carries the trace id of the span current where it is written (svckit/logs.py), so
+the work done for a span runs with it current: a block of a coroutine (`span`, `current`),
+a whole asyncio task (`context_with`), or each step of an async generator (`current_in`: a
+context set inside a generator would otherwise leak to whoever iterates it, and what that
+one sets would leak in). Off, none of them attaches anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from typing import TypeVar
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -39,6 +48,8 @@ _tracer: Tracer | None = None  # None: tracing is off
 _provider: TracerProvider | None = None
 
 Attributes = Mapping[str, str | int | float | bool]
+T = TypeVar("T")
+_NOTHING = contextlib.nullcontext()  # reusable: `current(None)` allocates nothing
 
 
 def setup(service: str, endpoint: str) -> None:
@@ -99,7 +110,8 @@ def span(
     name: str, parent: str = "", attributes: Attributes | None = None
 ) -> Iterator[Span | None]:
     """A span around a block of a coroutine, current inside it (so the block's log lines
-    carry its trace id). Not across an async generator's yields: use `around` there."""
+    carry its trace id). Not across an async generator's yields: use `around` there (and
+    `current_in` for what runs between them)."""
     if _tracer is None:
         yield None
         return
@@ -122,6 +134,69 @@ def around(
         end(started, error=type(error).__name__)
         raise
     end(started)
+
+
+def current(span: Span | None) -> contextlib.AbstractContextManager[object]:
+    """`span` current for a block of one coroutine, without ending it (its `with` may span
+    awaits, not an async generator's yields: `current_in` is for those); nothing when None."""
+    if span is None:
+        return _NOTHING
+    return _attached(trace.set_span_in_context(span))
+
+
+def untraced() -> contextlib.AbstractContextManager[object]:
+    """No span current for a block: for what it starts that outlives the span (a shared
+    stream's tasks), whose log lines must not join one trace for good."""
+    if _tracer is None:
+        return _NOTHING
+    return _attached(trace.set_span_in_context(trace.INVALID_SPAN))
+
+
+@contextlib.contextmanager
+def _attached(context: Context) -> Iterator[None]:
+    token = otel_context.attach(context)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def context_with(span: Span | None) -> contextvars.Context | None:
+    """A copy of the current context with `span` current, for one asyncio task that works
+    for it (`asyncio.create_task(..., context=...)`; one copy per task: a context is not
+    to be shared). No span while tracing is on: a copy with none current, so that the task
+    does not inherit its creator's (another job's). None while tracing is off: the task
+    takes the ordinary copy."""
+    if _tracer is None:
+        return None
+    copied = contextvars.copy_context()
+    # Never detached: the copy belongs to the task, and goes with it.
+    copied.run(otel_context.attach, trace.set_span_in_context(span or trace.INVALID_SPAN))
+    return copied
+
+
+def current_in(span: Span | None, events: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    """`events`, each of its steps (and its close) run with `span` current, and nothing of
+    that seen by the consumer between steps; `events` itself when None."""
+    if span is None:
+        return events
+    return _stepwise(trace.set_span_in_context(span), events)
+
+
+async def _stepwise(context: Context, events: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    try:
+        while True:
+            # Attached and detached within one step: in the same context, whichever task
+            # iterates (a consumer may hand the iteration to a task of its own).
+            with _attached(context):
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    return
+            yield event
+    finally:
+        with _attached(context):
+            await events.aclose()
 
 
 def traceparent(span: Span | None) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterable
 
+from svckit import tracing
 from svckit.errors import ServiceError
 from svckit.multiplex import MuxClient
 from switchboard.v1 import llm_pb2, llm_pb2_grpc
@@ -50,7 +51,10 @@ class LlmClient:
     async def generate(self, request: llm_pb2.GenerateRequest) -> AsyncGenerator[Event, None]:
         """The events of one generation, up to and including its `final` or `error`; a broken
         stream raises its ServiceError."""
-        call = min(self.muxes, key=lambda mux: mux.calls).call()
+        # A stream opened here (the first, or after a break) serves every generation after
+        # this one: its tasks must not take this generation's trace (svckit/tracing.py).
+        with tracing.untraced():
+            call = min(self.muxes, key=lambda mux: mux.calls).call()
         call.send(llm_pb2.GenerateCommand(id=call.id, start=request))
         ended = False
         try:

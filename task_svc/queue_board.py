@@ -1,7 +1,8 @@
 """The QueueBoard (events.proto): task_svc's queues as a gateway needs them to answer an
 `llm_generate` whose job it stores itself (gateway_svc/direct_submit.py): how many wait at
-each priority, free slots, the mean run time and the depth limit. Published on core NATS every
-`interval_s`: not stored, a gateway keeps the last one it heard.
+each priority, free slots, the mean run time and the depth limit; and, for the operator
+dashboard (gateway_svc/admin.py), how long each queue's oldest job has waited. Published on
+core NATS every `interval_s`: not stored, a gateway keeps the last one it heard.
 """
 
 from __future__ import annotations

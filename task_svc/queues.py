@@ -83,6 +83,7 @@ class JobQueue:
             concurrency=scheduler.concurrency,
             mean_run_s=self.meter.mean_s,
             max_depth=self.config.max_depth,
+            oldest_s=scheduler.oldest_wait_s(),  # ten heads read: cheap at 4 boards a second
         )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
+from svckit import tracing
 from svckit.errors import ServiceError
 from svckit.nats import PUBLISH_TIMEOUT_S
 from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
@@ -84,11 +85,16 @@ class Runner:
                 self._let_go(job)
                 continue
             job.move(Step.START)
+            # Both tasks run with the job's `task` span current: what they log carries its
+            # trace id (no context made when tracing is off).
             job.worker = asyncio.create_task(
                 run_task(job.server, self.llm, self.publisher.publish, job.traceparent),
                 name=f"work:{task_id}",
+                context=tracing.context_with(job.span),
             )
-            job.runner = asyncio.create_task(self._run(job), name=f"run:{task_id}")
+            job.runner = asyncio.create_task(
+                self._run(job), name=f"run:{task_id}", context=tracing.context_with(job.span)
+            )
             self.notify("started", task_id)
 
     async def _run(self, job: Job) -> None:
@@ -192,6 +198,11 @@ class Runner:
         """End the job: apply `change` (the terminal one, if not made yet), then store the
         dead letter if due, the terminal lifecycle event, and remove the job from the store."""
         job.move(Step.FINISH)  # before any await: nobody else starts or ends it now
+        # Its span current here too: a cancel or a give-up ends the job outside its runner.
+        with tracing.current(job.span):
+            await self._finish(job, change, dead)
+
+    async def _finish(self, job: Job, change: Change | None, dead: ServiceError | None) -> None:
         if change is not None:
             await apply(job, change)
         core = job.server.core

@@ -39,7 +39,10 @@ async def run_task(
         return None
     publish(started)
     try:
-        with tracing.around("generate", trace, {"model": server.core.spec.model}) as span:
+        # Current (a coroutine's block, not a generator's), so the log lines written while
+        # the stream runs, here and in llm_client.py, carry the task's trace id.
+        generating = tracing.around("generate", trace, {"model": server.core.spec.model})
+        with generating as span, tracing.current(span):
             final = await _generate(server, llm, tracing.traceparent(span))
     except ServiceError as error:
         log.info(

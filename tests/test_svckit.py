@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import grpc
 import nats.errors
@@ -28,6 +31,7 @@ from svckit.nats import (
     while_forming,
 )
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from tests.traces import in_memory_traces, json_lines, trace_id
 
 Code = common_pb2.ErrorCode
 
@@ -136,3 +140,68 @@ def test_a_log_line_inside_a_span_carries_its_trace_id_and_outside_none() -> Non
     assert child_span.status.description == "boom"
     assert "trace_id" not in outside
     assert not tracing.enabled() and tracing.start("off") is None
+
+
+async def test_a_span_made_current_for_a_block_a_task_and_a_generators_steps_tags_their_lines() -> (
+    None
+):
+    log = logging.getLogger("test.current")
+
+    async def steps() -> AsyncGenerator[int, None]:
+        try:
+            for step in range(2):
+                log.info("step")
+                await asyncio.sleep(0)  # the step goes on across an await, still in its span
+                yield step
+        finally:
+            log.info("closed")
+
+    with in_memory_traces() as exported, json_lines("test.current") as logs:
+        job = tracing.start("job")
+        with tracing.current(job):
+            log.info("block")
+            with tracing.untraced():  # for what outlives the span
+                log.info("untraced")
+        log.info("outside")
+        await asyncio.create_task(_logs("task"), context=tracing.context_with(job))
+        with tracing.current(job):  # a task made for no span does not take its creator's
+            await asyncio.create_task(_logs("other task"), context=tracing.context_with(None))
+        seen = []
+        async with aclosing(tracing.current_in(job, steps())) as events:
+            async for _ in events:
+                seen.append(tracing.current_trace_id())  # the consumer, between steps
+                break  # closed early: its close runs in the span too
+        log.info("after")
+        tracing.end(job)
+    (span,) = exported.get_finished_spans()
+    traced = {line["msg"]: line.get("trace_id") for line in logs.lines}
+    assert traced == {
+        "block": trace_id(span),
+        "untraced": None,
+        "outside": None,
+        "task": trace_id(span),
+        "other task": None,
+        "step": trace_id(span),
+        "closed": trace_id(span),
+        "after": None,
+    }
+    assert seen == [""]
+
+
+def test_with_tracing_off_making_a_span_current_costs_nothing() -> None:
+    assert not tracing.enabled()
+    events = _no_events()
+    assert tracing.current_in(None, events) is events  # not wrapped
+    assert tracing.context_with(None) is None  # asyncio's own copy, nothing attached
+    assert tracing.current(None) is tracing.untraced()  # one shared no-op
+    with tracing.current(None), tracing.untraced():
+        assert tracing.current_trace_id() == ""
+
+
+async def _logs(msg: str) -> None:
+    logging.getLogger("test.current").info(msg)
+
+
+async def _no_events() -> AsyncGenerator[int, None]:
+    return
+    yield  # pragma: no cover - makes this an async generator

@@ -49,13 +49,21 @@ function fill(id, rows, render) {
   }
 }
 
+// A figure the gateway could not get (no NATS, or its source did not answer) is null.
+function figure(value, digits) {
+  if (value === null || value === undefined) return "\u2013";
+  return digits === undefined ? String(value) : value.toFixed(digits);
+}
+
 function render(s) {
   document.getElementById("sockets").textContent = s.sockets;
   document.getElementById("channels").textContent = s.channels;
-  document.getElementById("history").textContent = s.history_pending;
+  document.getElementById("history").textContent = figure(s.history_pending);
+  document.getElementById("history_lag").textContent = figure(s.history_lag_s, 1);
   fill("queues", s.queues, (q) => [
-    cell(q.queue), cell(q.waiting, "num"), cell(q.running, "num"),
-    cell(q.concurrency, "num"), cell(q.mean_run_s.toFixed(2), "num"), cell(q.max_depth, "num"),
+    cell(q.queue), cell(q.waiting, "num"), cell(q.oldest_s.toFixed(1), "num"),
+    cell(q.running, "num"), cell(q.concurrency, "num"), cell(q.mean_run_s.toFixed(2), "num"),
+    cell(q.max_depth, "num"),
   ]);
   fill("tasks", s.tasks, (t) => {
     const p = document.createElement("td");

@@ -168,7 +168,8 @@ Global___Job: _TypeAlias = Job  # noqa: Y015
 class QueueStats(_message.Message):
     """task_svc's view of its queues, published on core NATS (subject `switchboard.queues`) a few
     times a second: what a gateway needs to answer an `llm_generate` whose job it stores itself
-    (the ack's queue position and eta, and load shedding). Not durable: only the last counts.
+    (the ack's queue position and eta, and load shedding), and what the operator dashboard
+    shows of queues. Not durable: only the last counts.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -179,6 +180,7 @@ class QueueStats(_message.Message):
     CONCURRENCY_FIELD_NUMBER: _builtins.int
     MEAN_RUN_S_FIELD_NUMBER: _builtins.int
     MAX_DEPTH_FIELD_NUMBER: _builtins.int
+    OLDEST_S_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     free_slots: _builtins.int
     concurrency: _builtins.int
@@ -186,6 +188,8 @@ class QueueStats(_message.Message):
     """how long a task of this queue runs (moving mean)"""
     max_depth: _builtins.int
     """waiting tasks beyond which new ones are refused"""
+    oldest_s: _builtins.float
+    """how long its longest-waiting job has waited (0: none waits)"""
     @_builtins.property
     def waiting_by_priority(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """index = priority, 0 (first) to 9"""
@@ -199,10 +203,11 @@ class QueueStats(_message.Message):
         concurrency: _builtins.int = ...,
         mean_run_s: _builtins.float = ...,
         max_depth: _builtins.int = ...,
+        oldest_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "free_slots", b"free_slots", "max_depth", b"max_depth", "mean_run_s", b"mean_run_s", "queue", b"queue", "waiting_by_priority", b"waiting_by_priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "free_slots", b"free_slots", "max_depth", b"max_depth", "mean_run_s", b"mean_run_s", "oldest_s", b"oldest_s", "queue", b"queue", "waiting_by_priority", b"waiting_by_priority"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

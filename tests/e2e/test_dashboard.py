@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,6 +39,7 @@ CHROMIUM = "/usr/bin/chromium"
 ANSWER = ["Hello", " from", " the", " fake", " provider"]
 NO_SNAPSHOT = "\u2013"  # what admin.html shows in #sockets until a snapshot comes
 OVERLOADED = api_error("The server is overloaded or not ready yet.", "server_error")
+SECONDS = re.compile(r"^\d+\.\d$")  # how the page shows a wait or a lag
 
 
 def ms(seconds: float) -> float:
@@ -166,6 +168,11 @@ async def test_a_task_shows_up_progresses_and_leaves_the_list_when_done(
                 assert row["cells"][:3] == [task_id, "alice", "processing"], row
                 assert row["cells"][4] == "local", row
                 assert row["cancel"], row  # an active task can be cancelled from the page
+                # Its queue's row says how long its oldest job waits, and history its lag.
+                queue = dashboard.page.locator('#queues tbody tr[data-id="local"] td')
+                await expect(queue.nth(0)).to_have_text("local")
+                await expect(queue.nth(2)).to_have_text(SECONDS)
+                await expect(dashboard.page.locator("#history_lag")).to_have_text(SECONDS)
                 await dashboard.screenshot("task-processing")
 
                 pushes = await asyncio.wait_for(follower, timeout(30))

@@ -5,11 +5,26 @@ stack.)"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.gateway.live import Stack, recv, send
+from gateway_svc.direct_submit import DirectSubmit
+from persistence_svc.consumer import DURABLE_NAME, consumer_config
+from svckit.catalog import ModelCatalog
+from svckit.nats import (
+    QUEUE_BOARD_SUBJECT,
+    TASK_EVENTS_STREAM,
+    TASK_EVENTS_SUBJECT_PREFIX,
+    connect_nats,
+    ensure_stream,
+    task_events_stream_config,
+)
+from switchboard.v1 import events_pb2
+from tests.conftest import eventually
+from tests.gateway.live import Stack, recv, running_stack, send
 from tools.natsserver import free_port
 
 NOWHERE = {"task_svc_addr": f"127.0.0.1:{free_port()}", "llm_svc_addr": f"127.0.0.1:{free_port()}"}
@@ -62,3 +77,89 @@ async def test_a_user_who_is_no_admin_is_refused(stack: Stack) -> None:
             "phx_reply",
             {"status": "error", "response": {"reason": "unauthorized"}},
         ]
+
+
+class NoModels:
+    """llm_svc's ListModels for a catalogue nothing here resolves through."""
+
+    async def ListModels(self, request: Any, timeout: float | None = None) -> Any:
+        raise AssertionError("not asked")
+
+
+def board(node: str, oldest_s: float, waiting: list[int]) -> bytes:
+    stats = events_pb2.QueueStats(
+        queue="default",
+        waiting_by_priority=waiting,
+        free_slots=1,
+        concurrency=2,
+        mean_run_s=oldest_s / 10,
+        max_depth=10,
+        oldest_s=oldest_s,
+    )
+    return events_pb2.QueueBoard(queues=[stats], node=node).SerializeToString()
+
+
+async def test_the_snapshot_shows_history_backlog_and_lag_and_each_queues_oldest_wait(
+    nats_url: str,
+) -> None:
+    nc = await connect_nats(nats_url, "test")
+    js = nc.jetstream()
+    await ensure_stream(js, task_events_stream_config())
+    await js.add_consumer(TASK_EVENTS_STREAM, config=consumer_config(60.0))  # persistence_svc's
+    stored = [await js.publish(f"{TASK_EVENTS_SUBJECT_PREFIX}.t-{n}.queued", b"") for n in (1, 2)]
+    stored_at = []
+    for ack in stored:
+        message = await js.get_msg(TASK_EVENTS_STREAM, ack.seq)
+        assert message.time is not None
+        stored_at.append(message.time.timestamp())
+    catalog = ModelCatalog(NoModels())  # type: ignore[arg-type]
+    direct = DirectSubmit(await connect_nats(nats_url, "gateway"), catalog)
+    try:
+        async with running_stack(
+            direct=direct,
+            task_svc_addr=NOWHERE["task_svc_addr"],
+            llm_svc_addr=NOWHERE["llm_svc_addr"],
+        ) as stack:
+            dashboard = stack.gateway.dashboard
+            dashboard.wall = lambda: stored_at[0] + 30.0
+            await direct.nc.flush()  # the dashboard's subscription is on the server
+            await nc.publish(QUEUE_BOARD_SUBJECT, board("a", 2.5, [1, 1]))
+            await nc.publish(QUEUE_BOARD_SUBJECT, board("b", 7.25, [2]))
+
+            async def both_boards_heard() -> bool:
+                return len(dashboard.boards) == 2
+
+            await eventually(both_boards_heard)
+            async with connect(stack.url("admin")) as ws:
+                await send(ws, ["1", "1", "admin:dashboard", "phx_join", {}])
+                joined = await recv(ws)
+            snapshot = joined[4]["response"]
+            assert "history" not in snapshot["unavailable"]
+            assert snapshot["history_pending"] == 2
+            assert snapshot["history_lag_s"] == pytest.approx(30.0)  # the oldest event's age
+            assert snapshot["queues"] == [
+                {
+                    "queue": "default",
+                    "waiting": 4,
+                    "running": 2,
+                    "concurrency": 4,
+                    "mean_run_s": 0.725,
+                    "max_depth": 20,
+                    "oldest_s": 7.25,  # the longest wait of any node
+                }
+            ]
+
+            # The oldest one written (acked): the lag is now the next one's.
+            history = await js.pull_subscribe_bind(durable=DURABLE_NAME, stream=TASK_EVENTS_STREAM)
+            (first,) = await history.fetch(1)
+            await first.ack_sync()
+            later = await dashboard.snapshot()
+            assert later["history_pending"] == 1
+            assert later["history_lag_s"] == pytest.approx(stored_at[0] + 30.0 - stored_at[1])
+            (second,) = await history.fetch(1)
+            await second.ack_sync()
+            caught_up = await dashboard.snapshot()
+            assert caught_up["history_pending"] == 0 and caught_up["history_lag_s"] == 0.0
+    finally:
+        await direct.close()
+        await nc.close()

@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import pytest
 
 from llm_svc.catalogue import Catalogue, ModelEntry
+from llm_svc.coalesce import coalesce
 from llm_svc.generation import Generator
 from llm_svc.policy import Attempt, CachedAnswer, RetryPolicy
-from llm_svc.providers.base import Finish, Provider, ProviderRequest, TextDelta, TokenUsage
+from llm_svc.providers.base import (
+    Finish,
+    Provider,
+    ProviderEvent,
+    ProviderRequest,
+    TextDelta,
+    TokenUsage,
+)
 from llm_svc.providers.local import LocalProvider, complete, compose_answer
+from svckit import tracing
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, llm_pb2
 from tests.conftest import timeout
 from tests.llm.fakes import HangingProvider, Script, ScriptedProvider, failure
 from tests.llm.streams import check_stream, kinds, progress_reports, progress_values
+from tests.traces import in_memory_traces, json_lines, trace_id
 
 Code = common_pb2.ErrorCode
 
@@ -352,3 +363,53 @@ async def test_closing_the_generation_stops_the_provider_stream() -> None:
     await asyncio.wait_for(provider.stopped.wait(), timeout(5))
     assert provider.how == "cancelled"
     await events.aclose()
+
+
+PROVIDER_LOG = "tests.llm.provider"
+
+
+class LoggingProvider(ScriptedProvider):
+    """Logs as its call starts and as its stream closes, as an HTTP provider might."""
+
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
+        logging.getLogger(PROVIDER_LOG).info("provider called")
+        try:
+            async with aclosing(super().stream(request)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            logging.getLogger(PROVIDER_LOG).info("provider closed")
+
+
+async def test_what_llm_svc_logs_during_a_traced_generation_carries_its_trace_id() -> None:
+    provider = LoggingProvider(
+        "alpha",
+        Script(deltas=[], error=failure(Code.ERROR_CODE_RATE_LIMITED)),
+        Script(deltas=["o", "k"]),
+    )
+    generator, _ = make({"local": local(), "alpha": provider})
+    with (
+        in_memory_traces() as exported,
+        json_lines("llm_svc.generation", PROVIDER_LOG) as logs,
+    ):
+        caller = tracing.start("generate")  # task_svc's span, which its request carries
+        traced = request(model="primary")
+        traced.traceparent = tracing.traceparent(caller)
+        between = set()
+        # As LlmServicer.events serves it: coalesced, so read by a task of coalesce's own.
+        async with aclosing(coalesce(generator.generate(traced), 0.01)) as events:
+            async for _ in events:
+                between.add(tracing.current_trace_id())
+        tracing.end(caller)
+    spans = exported.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["generate", "generation", "provider", "provider"]
+    (expected,) = {trace_id(s) for s in spans}
+    assert [(line["msg"], line.get("trace_id")) for line in logs.lines] == [
+        ("provider called", expected),
+        ("provider closed", expected),
+        ("generation attempt failed", expected),
+        ("provider called", expected),
+        ("provider closed", expected),
+        ("generation finished", expected),
+    ]
+    assert between == {""}  # the span is current in the generation's steps only

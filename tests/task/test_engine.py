@@ -23,6 +23,7 @@ from task_svc.store import Pending
 from task_svc.task_state import TaskCore, TaskSpec
 from tests.conftest import eventually, timeout
 from tests.task.fakes import Recorder, ScriptedLlm
+from tests.traces import in_memory_traces, json_lines, trace_id
 
 Code = common_pb2.ErrorCode
 Status = common_pb2.TaskStatus
@@ -497,3 +498,56 @@ async def test_a_run_cut_by_a_hand_over_continues_its_text_at_the_next_holder(
     assert restart.progress.HasField("reset") and restart.seq > seen
     assert replay.chunk.delta == "hold"  # the text so far, back at once after the reset
     assert "".join(e.chunk.delta for e in events) == "hold on to this"
+
+
+async def test_what_the_runner_and_the_worker_log_for_a_traced_job_carries_its_trace_id(
+    make_engine: MakeEngine,
+) -> None:
+    # One slot: the second job is started from the first one's runner, and must not take
+    # the first one's trace with it.
+    with in_memory_traces() as exported, json_lines("task_svc.runner", "task_svc.worker") as logs:
+        e = await make_engine(task_concurrency=1, task_max_attempts=1)
+        flaky = await e.submit("flaky answer")  # rate limited, no attempt left: dead-lettered
+        failing = await e.submit("fail now")  # refused: failed
+        await e.reached("finished", flaky.task_id)
+        await e.reached("finished", failing.task_id)
+    spans = exported.get_finished_spans()
+    trace_of = {
+        str((s.attributes or {})["task_id"]): trace_id(s) for s in spans if s.name == "task"
+    }
+    assert set(trace_of) == {flaky.task_id, failing.task_id}
+    assert len(set(trace_of.values())) == 2
+    assert sorted(trace_id(s) for s in spans if s.name == "generate") == sorted(trace_of.values())
+    lines = {
+        (line["msg"], line["task_id"]): line.get("trace_id")
+        for line in logs.lines
+        if line.get("task_id") in trace_of
+    }
+    assert lines == {
+        ("generation failed", flaky.task_id): trace_of[flaky.task_id],  # the worker's
+        ("generation failed", failing.task_id): trace_of[failing.task_id],
+        ("task dead-lettered", flaky.task_id): trace_of[flaky.task_id],  # the runner's
+        ("task finished", flaky.task_id): trace_of[flaky.task_id],
+        ("task finished", failing.task_id): trace_of[failing.task_id],
+    }
+
+
+async def test_a_job_ended_outside_its_runner_logs_in_its_trace_too(
+    make_engine: MakeEngine, llm: ScriptedLlm
+) -> None:
+    with in_memory_traces() as exported, json_lines("task_svc.runner") as logs:
+        e = await make_engine(task_concurrency=1)
+        running = await e.submit("hold the slot")
+        async with asyncio.timeout(timeout(5)):
+            await llm.started[running.task_id].wait()
+        queued = await e.submit("one two")
+        await e.engine.cancel(queued.task_id, "alice")  # ended here, in no span of its own
+        llm.release(running.task_id)
+        await e.reached("finished", running.task_id)
+    trace_of = {
+        str((s.attributes or {})["task_id"]): trace_id(s)
+        for s in exported.get_finished_spans()
+        if s.name == "task"
+    }
+    finished = {line["task_id"]: line.get("trace_id") for line in logs.written("task finished")}
+    assert finished == trace_of and len(trace_of) == 2

@@ -428,6 +428,22 @@ def test_a_full_queue_refuses_with_a_retry_after() -> None:
     assert error.retryable and error.retry_after_ms == 4000
 
 
+def test_a_queues_stats_say_how_long_its_oldest_waiting_job_has_waited() -> None:
+    config = QueueConfig(concurrency=1, max_attempts=3, max_depth=10, aging_s=0.0)
+    queue = JobQueue("q", config, RetryPolicy(max_attempts=3, base_delay_s=1.0, max_delay_s=60))
+    clock = FakeClock()
+    queue.scheduler.clock = clock
+    assert queue.stats().oldest_s == 0.0  # none waits
+    queue.scheduler.push("low", 9)
+    clock.now = 2.0
+    queue.scheduler.push("high", 0)
+    clock.now = 3.5
+    assert queue.stats().oldest_s == 3.5  # the longest wait, whatever its priority
+    assert queue.scheduler.next_ready() == "high"
+    queue.scheduler.remove("low")
+    assert queue.stats().oldest_s == 0.0  # running is not waiting
+
+
 def test_retry_policy_backs_off_with_jitter_honours_retry_after_and_stops() -> None:
     policy = RetryPolicy(max_attempts=3, base_delay_s=1.0, max_delay_s=60)
     limited = ServiceError(common_pb2.ERROR_CODE_RATE_LIMITED, "slow down", retry_after_ms=7000)
