@@ -387,13 +387,24 @@ class UserChannel:
         }
 
     async def _delete(self, task_id: str) -> dict[str, Any]:
-        """Cancel it first if it still runs (its user is this one: task_svc checks), then
-        remove it from history for good."""
-        with contextlib.suppress(ServiceError):  # not running (finished, or never known)
-            await self.deps.routes.cancel(task_id, self.user)
+        """Cancel it first if it still runs, then remove it from history for good.
+
+        task_svc says whose the task is: another user's is left alone (answered like a
+        missing one). One it holds as this user's counts as deleted even when history has
+        no row of it yet (its first events still on their way): history tombstones the id
+        for this user all the same, and drops those events when they come."""
+        theirs = False
+        try:
+            state = (await self.deps.routes.cancel(task_id, self.user)).state
+            theirs = state.status != Status.TASK_STATUS_UNSPECIFIED
+        except ServiceError as error:
+            if error.code == common_pb2.ERROR_CODE_FORBIDDEN:
+                return {"deleted": False}
+            # Not known to task_svc (ended long ago, or never submitted), or task_svc out
+            # of reach: history alone knows what this user had.
         delete = history_pb2.DeleteTaskRequest(task_id=task_id, user_id=self.user)
         done = await typed(self.deps.history.DeleteTask(delete, timeout=CALL_TIMEOUT_S))
-        return {"deleted": done.deleted}
+        return {"deleted": done.deleted or theirs}
 
     async def _set_preferences(self, payload: dict[str, Any]) -> dict[str, Any]:
         model = payload.get("default_model", "")

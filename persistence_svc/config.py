@@ -30,6 +30,15 @@ class Settings(BaseSettings):
     # trusted (the staleness bound when several replicas serve writes).
     persistence_preferences_cache_size: int = Field(default=10_000, ge=0)
     persistence_preferences_cache_ttl_s: float = Field(default=30.0, ge=0)
+    # How old a tombstone of a deleted task (deleted_tasks) gets before it is pruned: by then
+    # no event of its task can arrive any more. SB_TASK_EVENTS keeps an event 7 days
+    # (max_age, svckit/nats.py), so one published before the delete is gone from it 7 days
+    # later; a deleted task publishes more only while it still runs (minutes), or when an
+    # operator re-runs it from the dead letters, which are kept 30 days (SB_DEAD_LETTERS,
+    # task_svc/deadletters.py): 30 + 7 days, and a day of margin.
+    persistence_tombstone_retention_s: float = Field(default=38 * 24 * 3600.0, gt=0)
+    # How often tombstones past that age are pruned (at start, then every this long).
+    persistence_tombstone_prune_interval_s: float = Field(default=3600.0, gt=0)
     # Bounded grace for in-flight gRPC calls and the in-flight batch at shutdown.
     persistence_shutdown_grace_s: float = Field(default=5.0, ge=0)
     # `host:port` of the Prometheus /metrics endpoint (svckit.metrics); empty = off, `host:0`

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -128,18 +130,30 @@ class TaskEvent(Base):
 
 
 class DeletedTask(Base):
-    """A tombstone: a task removed from history for good (DeleteTask, DeleteAllTasks).
+    """A tombstone: a task removed from history for good (DeleteTask, DeleteAllTasks), for
+    one user.
 
     Its lifecycle events may still arrive afterwards (a running task's `cancelled`, a
-    redelivery): the write path drops the events of a task id found here instead of creating
-    the task again. No foreign key to tasks: the row it names is gone.
+    redelivery, a backlog the database had not caught up with): the write path drops the
+    events of a task id found here under the events' own user instead of creating the task
+    again. Keyed by (task, user), so that a user deleting an id that history holds nothing of
+    yet (a task whose first event is still on its way) tombstones it for themselves only:
+    another user's task of that id is never touched. No foreign key to tasks: the row it
+    names is gone, or never came. Pruned once no event of the task can arrive any more
+    (Repository.prune_tombstones).
     """
 
     __tablename__ = "deleted_tasks"
+    __table_args__ = (Index(None, "deleted_at"),)  # the pruning's range scan
 
     task_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), primary_key=True)
     deleted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # True: the task was known to be the user's when deleted (its row was removed, or its
+    # events were found on their way); False: an id with nothing of the user's in history
+    # yet, tombstoned in case a task of theirs is still on its way. DeleteTask answers a
+    # repeated call from it.
+    confirmed: Mapped[bool] = mapped_column(Boolean, server_default=true())
 
 
 # The Core tables, for the repository's statements.

@@ -5,15 +5,18 @@ into messages in rows.py), and every driver error becomes a persistence_svc.erro
 Writes (`apply_parsed`, or `apply` from messages) are idempotent and ordered by each task's
 seq (docs/architecture.md, persistence_svc): an event is recorded once by (task_id, seq), and
 a task's fields move only forward; what a batch changes is decided by plan.py. A batch costs
-the same few statements whatever its size: lock its task rows, look up the tombstones of the
-tasks it did not find (deleted_tasks: a deleted task's late events are dropped, never written
-again), one upsert of the changed rows, one insert of the events (and, for owners this
-process has not seen yet, their lookup). Reads return protobuf messages ready for the gRPC
-services.
+the same few statements whatever its size: lock its task rows, one upsert of the changed rows,
+look up the tombstones of the tasks it created (deleted_tasks: a deleted task's late events
+are dropped, never written again), one insert of the events (and, for owners this process
+has not seen yet, their lookup). Reads return protobuf messages ready for the gRPC services.
 
 Deletes (`delete_task`, `delete_all_tasks`) remove a task's row and its trail and leave its
-tombstone, in one transaction on the writers' connection: in this process they take turns
-with the batches, and across processes both lock the task rows first, in id order.
+tombstone, for the deleting user only, in one transaction on the writers' connection: in this
+process they take turns with the batches. Across processes, a delete and a batch meet on the
+task's row: the delete locks the rows it removes in id order, as a batch does, and claims the
+id of a task with no row yet by inserting a stand-in row (removed in the same transaction),
+which waits for a batch creating that task, or makes the batch wait (see `_claim`).
+Tombstones are pruned once no event of theirs can arrive any more (`prune_tombstones`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -55,6 +58,8 @@ MAX_PAGE_SIZE = 500
 # Task ids per statement when deleting: SQLite caps a statement's parameters (32 766), and a
 # user may have more tasks than that.
 DELETE_CHUNK = 1000
+# Tombstones removed per transaction when pruning: each holds the writers' lock briefly.
+PRUNE_CHUNK = 1000
 # The columns an upsert of a task row writes: all but its identity and its owner.
 _TASK_FIELDS = tuple(c.name for c in models.tasks.c if c.name not in ("id", "user_id"))
 
@@ -64,6 +69,12 @@ class ApplyResult:
     events_recorded: int  # new task_events rows (duplicates are not counted)
     tasks_changed: int  # task rows created or updated
     events_dropped: int = 0  # events of deleted (tombstoned) tasks: settled, not written
+
+
+@dataclass(frozen=True)
+class _Removal:
+    rows: int  # task rows removed
+    tombstoned: int  # tombstones left that were not there before
 
 
 @dataclass(frozen=True)
@@ -110,11 +121,18 @@ class _WriteStatements:
             .on_conflict_do_nothing(index_elements=["task_id", "seq"])
             .execution_options(**counted)
         )
-        self.find_deleted = select(deleted.c.task_id).where(
+        self.find_deleted = select(deleted.c.task_id, deleted.c.user_id).where(
             in_list(deleted.c.task_id, "ids", dialect)
         )
-        # The deletes, on task ids already locked (see Repository._delete_locked).
-        self.insert_tombstones = insert(deleted).on_conflict_do_nothing(index_elements=["task_id"])
+        # The deletes (see Repository._remove). A stand-in row claims a task id with no row.
+        self.claim_tasks = (
+            insert(tasks).on_conflict_do_nothing(index_elements=[tasks.c.id]).returning(tasks.c.id)
+        )
+        self.insert_tombstones = (
+            insert(deleted)
+            .on_conflict_do_nothing(index_elements=["task_id", "user_id"])
+            .execution_options(**counted)
+        )
         self.delete_events = delete(events).where(in_list(events.c.task_id, "ids", dialect))
         self.delete_tasks = delete(tasks).where(in_list(tasks.c.id, "ids", dialect))
         self.find_users = select(users.c.external_id, users.c.id).where(
@@ -262,23 +280,9 @@ class Repository:
         task_ids = list({e.task_id for e in batch})
         rows = await conn.execute(sql.lock_tasks, {"ids": task_ids})
         existing = {row.id: dict(row._mapping) for row in rows}
-        dropped = 0
         unseen = [task_id for task_id in task_ids if task_id not in existing]
-        if unseen:
-            # A task with a row has no tombstone (a delete removes both at once), so only
-            # the others are looked up. After the lock, in a statement of its own: a delete
-            # that held a row we waited for has committed by now, and its tombstone shows.
-            dead = set((await conn.execute(sql.find_deleted, {"ids": unseen})).scalars())
-            if dead:
-                kept = [e for e in batch if e.task_id not in dead]
-                dropped, batch = len(batch) - len(kept), kept
-                log.info(
-                    "dropping lifecycle events of deleted tasks",
-                    extra={"events": dropped, "tasks": len(dead)},
-                )
-                if not batch:
-                    return ApplyResult(0, 0, dropped), owners
-        plan = plan_batch(existing, batch, owners, now)
+        plan = plan_batch(existing, batch, owners, now)  # adds the rows of the unseen tasks
+        written = 0
         if plan.rows:
             # One executemany (pipelined by psycopg) for new and changed rows alike.
             written = (await conn.execute(sql.upsert_tasks, plan.rows)).rowcount
@@ -287,68 +291,172 @@ class Repository:
                     f"{len(plan.rows) - written} task row(s) created by another writer "
                     "since this batch read them"
                 )
-        result = await conn.execute(sql.insert_events, [_event_row(e) for e in batch])
-        return ApplyResult(result.rowcount, len(plan.rows), dropped), owners
+        dropped = 0
+        # A task with a row has no tombstone of its owner (a delete removes the row and
+        # leaves the tombstone at once, and a batch never keeps a row it finds tombstoned
+        # here), so only the tasks this batch created are looked up; after the upsert: a
+        # delete that claimed one of them (Repository._claim) has committed by now, and
+        # its tombstone shows.
+        dead = await self._deleted_by_owner(conn, unseen, existing) if unseen else set()
+        if dead:
+            await conn.execute(sql.delete_tasks, {"ids": list(dead)})
+            kept = [e for e in batch if e.task_id not in dead]
+            dropped, batch, written = len(batch) - len(kept), kept, written - len(dead)
+            log.info(
+                "dropping lifecycle events of deleted tasks",
+                extra={"events": dropped, "tasks": len(dead)},
+            )
+        recorded = 0
+        if batch:
+            result = await conn.execute(sql.insert_events, [_event_row(e) for e in batch])
+            recorded = result.rowcount
+        return ApplyResult(recorded, written, dropped), owners
+
+    async def _deleted_by_owner(
+        self,
+        conn: AsyncConnection,
+        task_ids: list[uuid.UUID],
+        rows: dict[uuid.UUID, dict[str, Any]],
+    ) -> set[uuid.UUID]:
+        """Those of `task_ids` that their row's owner deleted. Another user's tombstone of the
+        same id (a delete of an id that user does not own) is no reason to drop anything."""
+        found = await conn.execute(self._sql.find_deleted, {"ids": task_ids})
+        return {task_id for task_id, user_pk in found if rows[task_id]["user_id"] == user_pk}
 
     # -- deletes --------------------------------------------------------------------------
 
     async def delete_task(self, task_id: str, user_id: str) -> bool:
         """Remove the task of `user_id` (external id) for good: its row, its trail, and a
-        tombstone left so that its late events are dropped. True also when it was deleted
-        before (a retried call); False, with nothing touched, when the user has no such
-        task (another user's included)."""
+        tombstone so that its late events are dropped. True when the user had such a task
+        (removed now, or by an earlier call: a retry). False when history holds no task of
+        theirs under this id; the tombstone is left all the same, for this user only, since
+        such a task may still be on its way (deleted before its first event was written):
+        its events are dropped when they come. Another user's task is never touched: events
+        are dropped only under the tombstone of their own user."""
         pk = uuid_or_none(task_id)
         if pk is None:
             return False
         await self.ensure_schema()
         tasks, deleted = models.tasks, models.deleted_tasks
+        now = datetime.now(UTC)
         async with boundary(), self._write_transaction() as conn:
-            owner = await self._owner(conn, user_id)
-            if owner is None:
-                return False
-            own = select(tasks.c.id).where(tasks.c.id == pk, tasks.c.user_id == owner)
-            if await self._delete_locked(conn, owner, own):
-                return True
-            repeat = select(deleted.c.task_id).where(
+            owner = await self._user_pk(conn, user_id, now)
+            earlier = select(deleted.c.confirmed).where(
                 deleted.c.task_id == pk, deleted.c.user_id == owner
             )
-            return (await conn.execute(repeat)).first() is not None
+            confirmed_before = bool((await conn.execute(earlier)).scalar())
+            own = select(tasks.c.id).where(tasks.c.id == pk, tasks.c.user_id == owner)
+            removal = await self._remove(conn, owner, own, [pk], now, confirmed=False)
+            return removal.rows > 0 or confirmed_before
 
-    async def delete_all_tasks(self, user_id: str) -> int:
-        """Remove every task of `user_id` as `delete_task` does, in one transaction; how
-        many were removed (a task created while this runs is not among them)."""
+    async def delete_all_tasks(self, user_id: str, in_flight: Collection[str] = ()) -> int:
+        """Remove every task of `user_id` as `delete_task` does, in one transaction, and
+        tombstone `in_flight` too: the ids of the user's tasks whose events are on their way
+        (not written yet; service.HistoryService finds them in JetStream), so that those
+        tasks never show either. How many tasks were removed: rows, and in-flight tasks not
+        deleted before (a task created while this runs is not among them)."""
+        ids = [pk for pk in map(uuid_or_none, in_flight) if pk is not None]
         await self.ensure_schema()
+        now = datetime.now(UTC)
         async with boundary(), self._write_transaction() as conn:
-            owner = await self._owner(conn, user_id)
-            if owner is None:
-                return 0
+            if not ids and await self._owner(conn, user_id) is None:
+                return 0  # nothing of theirs: no user row made for it
+            owner = await self._user_pk(conn, user_id, now)
             owned = select(models.tasks.c.id).where(models.tasks.c.user_id == owner)
-            return await self._delete_locked(conn, owner, owned)
+            removal = await self._remove(conn, owner, owned, ids, now, confirmed=True)
+            return removal.tombstoned
 
     async def _owner(self, conn: AsyncConnection, user_id: str) -> uuid.UUID | None:
-        """users.id of an external id, or None: a delete never creates a user."""
+        """users.id of an external id, or None."""
         query = select(models.users.c.id).where(models.users.c.external_id == user_id)
         pk: uuid.UUID | None = (await conn.execute(query)).scalar()
         return pk
 
-    async def _delete_locked(self, conn: AsyncConnection, owner: uuid.UUID, which: Any) -> int:
-        """Lock the task rows `which` selects (ids, in id order like the write path's lock,
-        so a batch and a delete cannot deadlock), then tombstone them and delete their
-        events and rows. Locked first, a row cannot change under us, and a batch that
-        waited for it then finds it gone and its tombstone there."""
-        locked = which.order_by(models.tasks.c.id).with_for_update()
-        ids = list((await conn.execute(locked)).scalars())
-        now = datetime.now(UTC)
-        sql = self._sql
+    async def _user_pk(self, conn: AsyncConnection, user_id: str, now: datetime) -> uuid.UUID:
+        """users.id of an external id, created on first sight: a user whose first task is
+        deleted before any of its events is written needs a row for its tombstone."""
+        return (await self._ensure_users({user_id}, conn, now))[user_id]
+
+    async def _remove(
+        self,
+        conn: AsyncConnection,
+        owner: uuid.UUID,
+        which: Any,
+        claims: Sequence[uuid.UUID],
+        now: datetime,
+        *,
+        confirmed: bool,
+    ) -> _Removal:
+        """Remove the task rows `which` selects and their events, and tombstone them and
+        `claims` (task ids that may have no row yet) for `owner`. A tombstone is
+        `confirmed` when it removed a row, or when `confirmed` says the claims are known
+        tasks of the owner.
+
+        The rows are locked in id order, then the claims inserted, as a batch locks its rows
+        and then inserts (so that the two cannot deadlock); locked again then, for the rows
+        of claims that a batch committed meanwhile. Locked, a row cannot change under us,
+        and a batch that waited for it then finds it gone and its tombstone there."""
+        tasks, sql = models.tasks, self._sql
+        lock = which.order_by(tasks.c.id).with_for_update()
+        locked = list((await conn.execute(lock)).scalars())
+        stand_ins = await self._claim(conn, owner, claims, now)
+        if claims:
+            locked = list((await conn.execute(lock)).scalars())
+        rows = {pk for pk in locked if pk not in stand_ins}
+        known = rows | set(claims) if confirmed else rows
+        ids = sorted({*locked, *claims})
+        tombstoned = 0
         for start in range(0, len(ids), DELETE_CHUNK):
             chunk = ids[start : start + DELETE_CHUNK]
-            await conn.execute(
-                sql.insert_tombstones,
-                [{"task_id": pk, "user_id": owner, "deleted_at": now} for pk in chunk],
-            )
-            await conn.execute(sql.delete_events, {"ids": chunk})  # before: they refer to it
-            await conn.execute(sql.delete_tasks, {"ids": chunk})
-        return len(ids)
+            tombstones = [
+                {"task_id": pk, "user_id": owner, "deleted_at": now, "confirmed": pk in known}
+                for pk in chunk
+            ]
+            tombstoned += (await conn.execute(sql.insert_tombstones, tombstones)).rowcount
+            with_rows = [pk for pk in chunk if pk in rows or pk in stand_ins]
+            if with_rows:
+                await conn.execute(sql.delete_events, {"ids": with_rows})  # they refer to it
+                await conn.execute(sql.delete_tasks, {"ids": with_rows})
+        return _Removal(len(rows), tombstoned)
+
+    async def _claim(
+        self, conn: AsyncConnection, owner: uuid.UUID, task_ids: Sequence[uuid.UUID], now: datetime
+    ) -> set[uuid.UUID]:
+        """Insert a stand-in row for each of `task_ids` that has none; the ids inserted. The
+        stand-ins go with the rows `_remove` deletes: no one else ever sees them.
+
+        Why (PostgreSQL; on SQLite the writers take turns on the file's lock): a task with no
+        row has nothing to lock, and a batch creating it while we tombstone it would not see
+        our tombstone (read before our commit) nor we its row (not committed when we look),
+        and the task would stay. Inserting its id meets the batch on the primary key: our
+        insert waits for a batch that inserted it first, after which we delete its row like
+        any other; or the batch's insert waits for our commit, and its tombstone check, made
+        after its insert (Repository._write), finds our tombstone."""
+        if not task_ids:
+            return set()
+        stand_in = {"user_id": owner, "status": "queued", "created_at": now, "updated_at": now}
+        inserted = await conn.execute(
+            self._sql.claim_tasks, [{"id": pk, **stand_in} for pk in sorted(task_ids)]
+        )
+        return set(inserted.scalars())
+
+    async def prune_tombstones(self, older_than: datetime, *, chunk: int = PRUNE_CHUNK) -> int:
+        """Remove the tombstones of deletes made before `older_than`, at most `chunk` per
+        transaction (each a short hold of the writers' lock); how many were removed."""
+        deleted = models.deleted_tasks
+        oldest = select(deleted.c.task_id).where(deleted.c.deleted_at < older_than).limit(chunk)
+        prune = delete(deleted).where(
+            deleted.c.deleted_at < older_than, deleted.c.task_id.in_(oldest)
+        )
+        await self.ensure_schema()
+        pruned = 0
+        while True:
+            async with boundary(), self._write_transaction() as conn:
+                removed = (await conn.execute(prune)).rowcount
+            pruned += removed
+            if removed < chunk:
+                return pruned
+            await asyncio.sleep(0)  # let a batch waiting for the lock go first
 
     async def _ensure_users(
         self, external_ids: set[str], conn: AsyncConnection, now: datetime

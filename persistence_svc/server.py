@@ -5,7 +5,9 @@ database is down) → NATS → ensure the SB_TASK_EVENTS stream (so it does not 
 task_svc started first) → durable consumer → gRPC HistoryService and UserService on one
 server → the watch: every few seconds it refreshes the durable consumer's gauges and, while no
 write is due to tell, checks the database (HistoryService's health entry follows the database,
-whether a write or the check found it gone). Shutdown is the reverse, idempotent, and bounded.
+whether a write or the check found it gone) → the pruning of tombstones past their retention
+(PERSISTENCE_TOMBSTONE_RETENTION_S), at start and every PERSISTENCE_TOMBSTONE_PRUNE_INTERVAL_S.
+Shutdown is the reverse, idempotent, and bounded.
 
 Metrics live on `self.metrics` (persistence_svc.metrics); the process entry (__main__) exports
 them, never this class: tests start several servers in one process.
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js.client import JetStreamContext
 
+from persistence_svc.backlog import Backlog
 from persistence_svc.config import Settings
 from persistence_svc.consumer import DURABLE_NAME, RETRY_DELAYS_S, EventConsumer
 from persistence_svc.errors import StorageUnavailable
@@ -69,6 +73,7 @@ class PersistenceServer:
         self._js: JetStreamContext | None = None
         self._consumer_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self._shutdown_done = False
 
     @property
@@ -93,7 +98,7 @@ class PersistenceServer:
         )
         await self.consumer.start()
         self._consumer_task = asyncio.create_task(self.consumer.run(), name="persistence-consumer")
-        history = HistoryService(self.repository)
+        history = HistoryService(self.repository, Backlog(js))
         users = UserService(
             self.repository,
             PreferencesCache(
@@ -116,6 +121,7 @@ class PersistenceServer:
         # Repository.open (which only logs it), and no write may come to say so.
         await self._watch_once(check=True)
         self._watch_task = asyncio.create_task(self._watch(), name="persistence-watch")
+        self._prune_task = asyncio.create_task(self._prune(), name="persistence-prune")
 
     async def _watch(self) -> None:
         while True:
@@ -125,6 +131,30 @@ class PersistenceServer:
             except Exception:
                 # A bug here must not end the watch (and freeze health) unnoticed.
                 log.exception("persistence watch failed")
+
+    async def _prune(self) -> None:
+        settings = self.settings
+        while True:
+            await self.prune_once()
+            await asyncio.sleep(settings.persistence_tombstone_prune_interval_s)
+
+    async def prune_once(self) -> int:
+        """Prune the tombstones past their retention; how many. A database that is down
+        is tried again at the next round: a tombstone kept longer only costs its row."""
+        assert self.repository is not None
+        retention = timedelta(seconds=self.settings.persistence_tombstone_retention_s)
+        try:
+            pruned = await self.repository.prune_tombstones(datetime.now(UTC) - retention)
+        except StorageUnavailable as error:
+            log.info("tombstones not pruned this time", extra={"error": str(error)})
+            return 0
+        except Exception:
+            # A bug here must not end the loop (tombstones would pile up unnoticed).
+            log.exception("pruning tombstones failed")
+            return 0
+        if pruned:
+            log.info("tombstones pruned", extra={"tombstones": pruned})
+        return pruned
 
     async def _watch_once(self, *, check: bool) -> None:
         waiting = await self._refresh_consumer()
@@ -170,14 +200,15 @@ class PersistenceServer:
             await self.grpc.set_ready(up, [SERVICE_NAME])
 
     async def shutdown(self) -> None:
-        """Stop the watch → health NOT_SERVING and drain gRPC → stop fetching and finish the
-        batch in flight (bounded) → close NATS → dispose the engine. Safe to call twice or
-        after a failed start."""
+        """Stop the watch and the pruning → health NOT_SERVING and drain gRPC → stop fetching
+        and finish the batch in flight (bounded) → close NATS → dispose the engine. Safe to
+        call twice or after a failed start."""
         if self._shutdown_done:
             return
         self._shutdown_done = True
         grace = self.settings.persistence_shutdown_grace_s
         await cancel_and_wait(self._watch_task)  # before what it reads is closed
+        await cancel_and_wait(self._prune_task)  # a chunk cut short is rolled back
         if self.grpc is not None:
             await self.grpc.stop(grace)
         if self.consumer is not None:

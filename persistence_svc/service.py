@@ -4,6 +4,9 @@ Another user's task answers NOT_FOUND exactly like a missing one (a delete of it
 false, nothing touched), so a caller cannot learn that a task id exists. The user id is the
 app's external id, as the gateway authenticated it. Every call reaches the database through
 `call_storage`: while it is down, each answers UNAVAILABLE, retryable, with a retry-after.
+
+DeleteAllTasks also tombstones the user's tasks whose events are still on their way to the
+database (backlog.py): without JetStream to read them from, it answers UNAVAILABLE too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
+from persistence_svc.backlog import Backlog, BacklogUnavailable
 from persistence_svc.cursor import Cursor
 from persistence_svc.errors import InvalidCursor, StorageRejected, StorageUnavailable
 from persistence_svc.events import STATUS_NAMES
@@ -32,8 +36,10 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class HistoryService(history_pb2_grpc.HistoryServiceServicer):
-    def __init__(self, repository: Repository) -> None:
+    def __init__(self, repository: Repository, backlog: Backlog | None = None) -> None:
         self.repository = repository
+        # None: no JetStream (tests of the database alone): DeleteAllTasks removes rows only.
+        self.backlog = backlog
 
     @rpc
     async def GetTask(
@@ -114,8 +120,24 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
         self, request: history_pb2.DeleteAllTasksRequest, context: Context
     ) -> history_pb2.DeleteAllTasksResponse:
         require_user(request.user_id)
-        deleted = await call_storage(self.repository.delete_all_tasks(request.user_id))
+        in_flight = await self._in_flight(request.user_id)
+        deleted = await call_storage(self.repository.delete_all_tasks(request.user_id, in_flight))
         return history_pb2.DeleteAllTasksResponse(deleted=deleted)
+
+    async def _in_flight(self, user_id: str) -> set[str]:
+        """The user's tasks with events not written yet (before the delete's transaction: a
+        task first published after this read is newer than the delete, and kept)."""
+        if self.backlog is None:
+            return set()
+        try:
+            return await self.backlog.tasks_of(user_id)
+        except BacklogUnavailable as error:
+            log.warning("lifecycle backlog unreadable", extra={"error": str(error)})
+            raise ServiceError(
+                Code.ERROR_CODE_UNAVAILABLE,
+                "history cannot see the tasks on their way, retry later",
+                retry_after_ms=RETRY_AFTER_MS,
+            ) from error
 
 
 def require_user(user_id: str) -> None:

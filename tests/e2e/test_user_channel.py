@@ -1,7 +1,8 @@
 """The app's own history on its socket (`user:<id>`, gateway_svc/user_channel.py), through
 real processes: two sockets of one user (the npm `phoenix` client) see each other's task
 appear and complete and delete it from history; another user's topic is refused; stored
-preferences change the default model; a rejoin with last_seq gets what it missed."""
+preferences change the default model; a rejoin with last_seq gets what it missed; while the
+database is down, history answers a retryable `unavailable` and generation goes on."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from typing import Any
 
 import pytest
 
-from gateway_svc.phoenix_client import JoinRefused, PhoenixClient
+from gateway_svc.phoenix import Message
+from gateway_svc.phoenix_client import Channel, JoinRefused, PhoenixClient
 from tests.conftest import eventually, timeout
 from tests.e2e.conftest import running_stack
 from tests.llm.openai_server import MODEL, FakeOpenAI, Reply, completion
+from tests.persistence.helpers import fresh_database_settings
+from tests.postgres import own_cluster
 from tools.stack import Stack, dev_token
 
 pytestmark = pytest.mark.e2e
@@ -150,3 +154,84 @@ async def test_a_rejoin_with_last_seq_gets_the_updates_it_missed(
     statuses = [m["status"] for m in response["missed"] if m["task_id"] == second_id]
     assert statuses[0] == "queued" and statuses[-1] == "completed", statuses
     assert all(m["seq"] > last_seq for m in response["missed"])
+
+
+async def test_history_answers_unavailable_while_the_database_is_down_and_generation_goes_on(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL stopped under a running stack: the user channel answers list_tasks and
+    get_task with a retryable `unavailable` and its retry_after_ms, a new join is refused the
+    same way, and a generation on a task channel streams to its end meanwhile. Once the
+    database is back, history lists that task too."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    with own_cluster() as cluster:
+        # Only the database URL of these settings is used: the stack has its own NATS.
+        database_url = (await fresh_database_settings(cluster, "", "sb_e2e")).database_url
+        async with (
+            running_stack(request, tmp_path / "var", env={"DATABASE_URL": database_url}) as stack,
+            await PhoenixClient.connect(stack.config.socket_url, token=dev_token(user)) as phone,
+        ):
+            history = await phone.join(f"user:{user}")
+            before_id = await generate(phone, "before the outage")
+            await eventually(lambda: listed(history, before_id))
+
+            cluster.stop()
+            try:
+                during_id = str(uuid.uuid4())
+                task = await phone.join(f"task:{during_id}")
+                assert (await task.push("llm_generate", {"prompt": "during the outage"})).ok
+                for event, payload in (
+                    ("list_tasks", {"limit": 5}),
+                    ("get_task", {"task_id": before_id}),
+                ):
+                    reply = await history.push(event, payload)
+                    assert reply.status == "error", (event, reply)
+                    assert reply.response["reason"] == "unavailable", (event, reply)
+                    assert reply.response["retry_after_ms"] > 0, (event, reply)
+                async with await PhoenixClient.connect(
+                    stack.config.socket_url, token=dev_token(user)
+                ) as other:
+                    with pytest.raises(JoinRefused) as refused:
+                        await other.join(f"user:{user}")
+                assert refused.value.response["reason"] == "unavailable"
+                assert refused.value.response["retry_after_ms"] > 0
+                final = await last_push(task)
+                assert final.event == "llm_response", final.payload
+                assert final.payload["content"]
+            finally:
+                cluster.start()
+
+            # Back: the task generated meanwhile is written from the events JetStream kept.
+            listing = await eventually(lambda: listed(history, during_id), seconds=60)
+            assert {t["task_id"] for t in listing} >= {before_id, during_id}
+
+
+async def generate(phone: PhoenixClient, prompt: str) -> str:
+    """A task generated to its end on its own channel; its id."""
+    task_id = str(uuid.uuid4())
+    channel = await phone.join(f"task:{task_id}")
+    assert (await channel.push("llm_generate", {"prompt": prompt})).ok
+    final = await last_push(channel)
+    assert final.event == "llm_response", final.payload
+    return task_id
+
+
+async def last_push(channel: Channel) -> Message:
+    """The task channel's final push: `llm_response` or `error`."""
+    async with asyncio.timeout(timeout(30)):
+        async for message in channel.messages():
+            if message.event in ("llm_response", "error"):
+                return message
+    raise AssertionError("the channel closed before its task ended")
+
+
+async def listed(history: Channel, task_id: str) -> list[dict[str, Any]] | None:
+    """The user's tasks once `task_id` is among them, completed; None before (not written
+    yet, or history unavailable)."""
+    reply = await history.push("list_tasks", {"limit": 20})
+    if not reply.ok:
+        assert reply.response["reason"] == "unavailable", reply
+        return None
+    tasks: list[dict[str, Any]] = reply.response["tasks"]
+    done = [t for t in tasks if t["task_id"] == task_id and t["status"] == "completed"]
+    return tasks if done else None

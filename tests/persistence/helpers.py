@@ -17,6 +17,7 @@ from nats.js.client import JetStreamContext
 from psycopg import sql
 from sqlalchemy import event as sa_event
 
+from persistence_svc.backlog import Backlog
 from persistence_svc.config import Settings
 from persistence_svc.consumer import EventConsumer
 from persistence_svc.repository import Repository
@@ -101,13 +102,16 @@ def statements(repo: Repository) -> Iterator[list[str]]:
 class Stubs:
     history: history_pb2_grpc.HistoryServiceStub
     users: history_pb2_grpc.UserServiceStub
+    address: str  # where they are served, for another client (a gateway under test)
 
 
 @asynccontextmanager
-async def served(repository: Repository) -> AsyncIterator[Stubs]:
+async def served(repository: Repository, backlog: Backlog | None = None) -> AsyncIterator[Stubs]:
     """HistoryService and UserService on `repository`, over a real gRPC server on port 0
-    (no preferences cache: every call reaches the database)."""
-    history, users = HistoryService(repository), UserService(repository, PreferencesCache(0))
+    (no preferences cache: every call reaches the database; DeleteAllTasks reads the
+    lifecycle events on their way from `backlog`, none without it)."""
+    history = HistoryService(repository, backlog)
+    users = UserService(repository, PreferencesCache(0))
 
     def register(server: grpc.aio.Server) -> None:
         history_pb2_grpc.add_HistoryServiceServicer_to_server(history, server)
@@ -116,10 +120,12 @@ async def served(repository: Repository) -> AsyncIterator[Stubs]:
     server = GrpcServer("127.0.0.1:0", register, [SERVICE_NAME, USER_SERVICE_NAME])
     await server.start()
     try:
-        async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        address = f"127.0.0.1:{server.port}"
+        async with insecure_channel(address) as channel:
             yield Stubs(
                 history_pb2_grpc.HistoryServiceStub(channel),
                 history_pb2_grpc.UserServiceStub(channel),
+                address,
             )
     finally:
         await server.stop(0)

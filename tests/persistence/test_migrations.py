@@ -4,6 +4,8 @@ on SQLite and on PostgreSQL; they go down to base and up again; concurrent start
 from __future__ import annotations
 
 import asyncio
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
@@ -16,8 +18,11 @@ from sqlalchemy import (
     MetaData,
     Table,
     Uuid,
+    delete,
     false,
+    insert,
     inspect,
+    null,
     select,
 )
 from sqlalchemy.engine import Connection
@@ -69,7 +74,7 @@ def as_before_tombstones(repo: Repository) -> None:
     """Let `repo` write history on a schema older than revision 0003, as the service of then
     did: schema left as it is, no deleted_tasks to look up (none of its tasks has a tombstone)."""
     repo._schema_ready = True
-    repo._sql.find_deleted = select(models.tasks.c.id).where(false())
+    repo._sql.find_deleted = select(models.tasks.c.id, models.tasks.c.user_id).where(false())
 
 
 def _create_all_as_before_migrations(connection: Connection) -> None:
@@ -184,6 +189,62 @@ async def test_0002_drops_task_snapshots_and_its_downgrade_restores_0001s(
         await repo.close()
 
 
+def _tombstones_table(connection: Connection) -> dict[str, Any] | None:
+    """deleted_tasks' key, columns and indexes as the database describes them, or None."""
+    inspector = inspect(connection)
+    if not inspector.has_table("deleted_tasks"):
+        return None
+    return {
+        "pk": inspector.get_pk_constraint("deleted_tasks")["constrained_columns"],
+        "columns": {c["name"] for c in inspector.get_columns("deleted_tasks")},
+        "indexes": {i["name"] for i in inspector.get_indexes("deleted_tasks")},
+    }
+
+
+async def _tombstone_rows(url: str) -> set[tuple[str, str, bool | None]]:
+    """(task id, owner, confirmed) of every tombstone; confirmed None before revision 0004."""
+    deleted, users = models.deleted_tasks, models.users
+
+    def read(connection: Connection) -> set[tuple[str, str, bool | None]]:
+        has_flag = "confirmed" in {
+            c["name"] for c in inspect(connection).get_columns("deleted_tasks")
+        }
+        flag = deleted.c.confirmed if has_flag else null().label("confirmed")
+        query = select(deleted.c.task_id, users.c.external_id, flag).join(
+            users, users.c.id == deleted.c.user_id
+        )
+        return {
+            (str(task_id), owner, None if confirmed is None else bool(confirmed))
+            for task_id, owner, confirmed in connection.execute(query)
+        }
+
+    result: set[tuple[str, str, bool | None]] = await _inspect(url, read)
+    return result
+
+
+async def _delete_as_0003_did(url: str, task_id: str) -> None:
+    """A DeleteTask of alice's task at revision 0003: row and trail gone, a tombstone keyed by
+    the task id alone (no `confirmed` column yet)."""
+    engine = create_engine(url)
+    pk = uuid.UUID(task_id)
+    try:
+        async with engine.begin() as conn:
+            owner = (
+                await conn.execute(
+                    select(models.users.c.id).where(models.users.c.external_id == "alice")
+                )
+            ).scalar_one()
+            await conn.execute(
+                insert(models.deleted_tasks).values(
+                    task_id=pk, user_id=owner, deleted_at=datetime.now(UTC)
+                )
+            )
+            await conn.execute(delete(models.task_events).where(models.task_events.c.task_id == pk))
+            await conn.execute(delete(models.tasks).where(models.tasks.c.id == pk))
+    finally:
+        await engine.dispose()
+
+
 async def test_0003_adds_deleted_tasks_and_its_downgrade_drops_it(
     empty_database_url: str,
 ) -> None:
@@ -198,14 +259,14 @@ async def test_0003_adds_deleted_tasks_and_its_downgrade_drops_it(
         await repo.close()
 
     await migrate.upgrade(empty_database_url, "0003")
-    assert "deleted_tasks" in await _inspect(empty_database_url, _tables)
-    assert await _inspect(empty_database_url, _diff) == []
-    repo = await Repository.open(empty_database_url)
-    try:
-        assert await repo.delete_task(deleted, "alice")
-        assert (await repo.apply(completed_lifecycle(deleted))).events_dropped == 3
-    finally:
-        await repo.close()
+    made = await _inspect(empty_database_url, _tombstones_table)
+    assert made == {
+        "pk": ["task_id"],
+        "columns": {"task_id", "user_id", "deleted_at"},
+        "indexes": set(),
+    }
+    await _delete_as_0003_did(empty_database_url, deleted)
+    assert await _tombstone_rows(empty_database_url) == {(deleted, "alice", None)}
 
     await migrate.downgrade(empty_database_url, "0002")
     assert await _inspect(empty_database_url, _revision) == "0002"
@@ -219,3 +280,53 @@ async def test_0003_adds_deleted_tasks_and_its_downgrade_drops_it(
         assert await repo.get_task(deleted, "alice") is None
     finally:
         await repo.close()
+
+
+async def test_0004_keys_tombstones_by_task_and_user_and_its_downgrade_keeps_one_per_task(
+    empty_database_url: str,
+) -> None:
+    await migrate.upgrade(empty_database_url, "0003")
+    repo = await Repository.open(empty_database_url, create_schema=False)
+    bobs, deleted = new_task_id(), new_task_id()
+    try:
+        as_before_tombstones(repo)  # write at revision 0003
+        await repo.apply(completed_lifecycle(bobs, user="bob") + completed_lifecycle(deleted))
+    finally:
+        await repo.close()
+    await _delete_as_0003_did(empty_database_url, deleted)
+
+    await migrate.upgrade(empty_database_url, "0004")
+    assert await _inspect(empty_database_url, _tombstones_table) == {
+        "pk": ["task_id", "user_id"],
+        "columns": {"task_id", "user_id", "deleted_at", "confirmed"},
+        "indexes": {"ix_deleted_tasks_deleted_at"},
+    }
+    assert await _inspect(empty_database_url, _diff) == []
+    # The tombstone of 0003 removed a row: confirmed, and it still drops alice's events.
+    assert await _tombstone_rows(empty_database_url) == {(deleted, "alice", True)}
+    repo = await Repository.open(empty_database_url)
+    try:
+        assert (await repo.apply(completed_lifecycle(deleted))).events_dropped == 3
+        # Two users' tombstones of one id: bob's (his id to him, nothing of his) beside alice's.
+        assert await repo.delete_task(deleted, "bob") is False
+        assert await repo.delete_task(bobs, "alice") is False  # bob's task stays his
+        task = await repo.get_task(bobs, "bob")
+        assert task is not None and task.version == 7
+    finally:
+        await repo.close()
+    assert await _tombstone_rows(empty_database_url) == {
+        (deleted, "alice", True),
+        (deleted, "bob", False),
+        (bobs, "alice", False),
+    }
+
+    await migrate.downgrade(empty_database_url, "0003")
+    assert await _inspect(empty_database_url, _revision) == "0003"
+    assert (await _inspect(empty_database_url, _tombstones_table))["pk"] == ["task_id"]
+    # One per task id, the confirmed one first: 0003 drops every user's events of an id.
+    assert await _tombstone_rows(empty_database_url) == {
+        (deleted, "alice", None),
+        (bobs, "alice", None),
+    }
+    await migrate.upgrade(empty_database_url)
+    assert await _inspect(empty_database_url, _diff) == []

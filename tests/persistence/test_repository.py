@@ -213,7 +213,7 @@ async def test_known_owners_are_not_looked_up_again(repository: Repository) -> N
     assert not [text for text in sent if "users" in text]
     # (SQLite's writers begin with BEGIN IMMEDIATE: Repository._write_transaction.)
     sent = [text for text in sent if text != "BEGIN IMMEDIATE"]
-    # Lock the task rows, look up the tombstone of the one not found, upsert, insert events.
+    # Lock the task rows, upsert, look up the tombstone of the one it created, insert events.
     assert len(sent) == 4
     assert len([text for text in sent if "deleted_tasks" in text]) == 1
     task_id = new_task_id()
