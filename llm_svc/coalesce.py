@@ -51,7 +51,8 @@ class _Held:
 
     def take(self) -> Event:
         if self.parts:
-            event = Event(delta=llm_pb2.TextDelta(text="".join(self.parts)))
+            event = Event()
+            event.delta.text = "".join(self.parts)  # in place: a constructor would copy it
             if self.progress is not None:
                 event.delta.progress.CopyFrom(self.progress)
         else:

@@ -55,10 +55,16 @@ log = logging.getLogger(__name__)
 Code = common_pb2.ErrorCode
 
 
-def delta_event(
-    text: str, progress: llm_pb2.GenerationProgress | None = None
-) -> llm_pb2.GenerateEvent:
-    return llm_pb2.GenerateEvent(delta=llm_pb2.TextDelta(text=text, progress=progress))
+def delta_event(text: str, progress: float | None = None, tokens: int = 0) -> llm_pb2.GenerateEvent:
+    """A text delta, with the progress made by it when `progress` is given. Built in place:
+    one message per token, where nested constructors copy each sub-message (2.5x the cost)."""
+    event = llm_pb2.GenerateEvent()
+    delta = event.delta
+    delta.text = text
+    if progress is not None:
+        delta.progress.progress = progress
+        delta.progress.tokens = tokens
+    return event
 
 
 def unavailable(last: ServiceError, chain: Sequence[ModelEntry]) -> ServiceError:
@@ -237,8 +243,7 @@ class Generator:
         if cached is not None:
             self.metrics.cache_answered(cached.model)
             # As one delta, so that the deltas of every successful stream join to its final.
-            done = llm_pb2.GenerationProgress(progress=1.0, tokens=cached.usage.completion_tokens)
-            yield delta_event(cached.content, done)
+            yield delta_event(cached.content, 1.0, cached.usage.completion_tokens)
             yield final_event(cached, from_fallback=True, from_cache=True)
             return
         yield error_event(unavailable(last_error, chain) if last_error.retryable else last_error)
@@ -312,22 +317,20 @@ class Generator:
                     match event:
                         case TextDelta(text=text, tokens=tokens):
                             moved = tracker.advance(tokens)
-                            progress = None
+                            shown.tokens = base_tokens + tracker.tokens
                             # A continuation never reports less than the caller was shown.
                             if moved is not None and moved > shown.progress:
                                 shown.progress = moved
-                                progress = llm_pb2.GenerationProgress(
-                                    progress=moved, tokens=base_tokens + tracker.tokens
-                                )
-                            shown.tokens = base_tokens + tracker.tokens
+                            else:
+                                moved = None
                             if text:
                                 if not run.started:  # this attempt's first text
                                     run.started = True
                                     call.first_token()
                                 shown.parts.append(text)
-                                yield delta_event(text, progress)
-                            elif progress is not None:
-                                yield llm_pb2.GenerateEvent(progress=progress)
+                                yield delta_event(text, moved, shown.tokens)
+                            elif moved is not None:
+                                yield progress_event(moved, shown.tokens)
                         case Finish():
                             finish = event
                             break
