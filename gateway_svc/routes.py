@@ -36,6 +36,7 @@ RETRY_FOR_S = 15.0
 REWATCH_FOR_S = 60.0
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
+LIST_TIMEOUT_S = 5.0  # a node's list of one user's tasks (a pass over its jobs)
 
 
 @dataclass
@@ -85,12 +86,23 @@ class TaskRoutes:
     def owner(self, task_id: str) -> Owner:
         """The node to ask about `task_id` now."""
         lease = self.view.owner_of(task_id) if self.view is not None else None
-        if lease is None or lease.address == self.fallback.address:
+        if lease is None:
             return self.fallback
-        owner = self._owners.get(lease.address)
+        return self._at(lease.address, lease.node)
+
+    def nodes(self) -> list[Owner]:
+        """Every live task_svc node (the fallback alone while none is known)."""
+        live = self.view.live() if self.view is not None else {}
+        owners = {m.address: self._at(m.address, node) for node, m in live.items() if m.address}
+        return list(owners.values()) or [self.fallback]
+
+    def _at(self, address: str, node: str) -> Owner:
+        if address == self.fallback.address:
+            return self.fallback
+        owner = self._owners.get(address)
         if owner is None:
-            owner = self._owners[lease.address] = Owner.connect(lease.address)
-            log.info("task_svc node reached", extra={"node": lease.node, "address": lease.address})
+            owner = self._owners[address] = Owner.connect(address)
+            log.info("task_svc node reached", extra={"node": node, "address": address})
         return owner
 
     async def call(
@@ -124,6 +136,21 @@ class TaskRoutes:
             return response
 
         return await self.call(task_id, at)
+
+    async def user_tasks(self, user_id: str) -> tuple[set[str], bool]:
+        """The ids of `user_id`'s tasks that have not ended, at every node, and whether some
+        node has more than it listed. Raises ServiceError when a node does not answer: its
+        tasks cannot be told apart from none."""
+        request = tasks_pb2.ListUserTasksRequest(user_id=user_id)
+        answers = await asyncio.gather(
+            *(
+                typed(owner.stub.ListUserTasks(request, timeout=LIST_TIMEOUT_S))
+                for owner in self.nodes()
+            )
+        )
+        # A shard moving between two nodes may show one task at both: a set.
+        ids = {task_id for answer in answers for task_id in answer.task_ids}
+        return ids, any(answer.more for answer in answers)
 
     async def close(self) -> None:
         owners, self._owners = list(self._owners.values()), {}

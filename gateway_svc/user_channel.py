@@ -2,7 +2,8 @@
 
 A socket may join only its own user's topic. The join reply holds the user's preferences and
 task counts by status; then the channel answers `list_tasks`, `get_task`, `delete_task`,
-`delete_all` and `set_preferences` from persistence_svc (HistoryService, UserService), and
+`delete_all` and `set_preferences` from persistence_svc (HistoryService, UserService; the two
+deletes cancel at task_svc first what has not ended), and
 pushes `task_updated` {task_id, status, progress, preview?, seq} whenever any of the user's
 tasks is queued, starts, completes, fails or is cancelled, from whichever device or socket:
 the lifecycle events the stack already publishes, followed by one JetStream ordered consumer
@@ -49,6 +50,10 @@ CATCH_UP_MAX = 10_000  # events a rejoin reads back at most to find what it miss
 PREFERENCES_TTL_S = 30.0
 CALL_TIMEOUT_S = 5.0
 CONFIRM_DELETE_ALL = "delete all my tasks"
+# delete_all: cancels at once (each waits for its task's end), and rounds of listing and
+# cancelling for a user with more tasks than a node lists at a time (1000 each).
+CANCEL_PARALLEL = 32
+CANCEL_ROUNDS = 10
 Status = common_pb2.TaskStatus
 SendFn = Callable[[Message], Awaitable[None]]
 Update = dict[str, Any]
@@ -338,9 +343,7 @@ class UserChannel:
             case "delete_all":
                 if payload.get("confirm") != CONFIRM_DELETE_ALL:
                     raise _invalid(f'delete_all needs "confirm": "{CONFIRM_DELETE_ALL}"')
-                delete = history_pb2.DeleteAllTasksRequest(user_id=self.user)
-                done = await typed(self.deps.history.DeleteAllTasks(delete, timeout=CALL_TIMEOUT_S))
-                return {"deleted": done.deleted}
+                return await self._delete_all()
             case "set_preferences":
                 return await self._set_preferences(payload)
         raise _invalid(f"unknown event {event!r}")
@@ -405,6 +408,49 @@ class UserChannel:
         delete = history_pb2.DeleteTaskRequest(task_id=task_id, user_id=self.user)
         done = await typed(self.deps.history.DeleteTask(delete, timeout=CALL_TIMEOUT_S))
         return {"deleted": done.deleted or theirs}
+
+    async def _delete_all(self) -> dict[str, Any]:
+        """Cancel the user's tasks that have not ended, at every task_svc node, then remove
+        everything of theirs from history.
+
+        In this order, because a cancel returns only once its task's terminal event is
+        stored in JetStream: history's delete, which reads the events still on their way
+        after that, finds every task cancelled here, written or not, and tombstones it, so
+        no late event of it shows it again. If a node cannot be asked or a cancel fails,
+        history is not touched: the call is refused and may be made again."""
+        for _ in range(CANCEL_ROUNDS):
+            task_ids, more = await self.deps.routes.user_tasks(self.user)
+            await self._cancel_each(task_ids)
+            if not more:
+                break
+        else:
+            raise ServiceError(
+                common_pb2.ERROR_CODE_UNAVAILABLE,
+                "too many running tasks to cancel at once, retry later",
+                retry_after_ms=1000,
+            )
+        delete = history_pb2.DeleteAllTasksRequest(user_id=self.user)
+        done = await typed(self.deps.history.DeleteAllTasks(delete, timeout=CALL_TIMEOUT_S))
+        return {"deleted": done.deleted}
+
+    async def _cancel_each(self, task_ids: set[str]) -> None:
+        """Cancel each of the user's `task_ids` at its node, CANCEL_PARALLEL at a time; the
+        first failure raised once all were tried."""
+        slots = asyncio.Semaphore(CANCEL_PARALLEL)
+
+        async def cancel(task_id: str) -> None:
+            async with slots:
+                try:
+                    await self.deps.routes.cancel(task_id, self.user)
+                except ServiceError as error:
+                    # Ended and forgotten since it was listed: nothing left to stop.
+                    if error.code != common_pb2.ERROR_CODE_NOT_FOUND:
+                        raise
+
+        results = await asyncio.gather(*map(cancel, task_ids), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _set_preferences(self, payload: dict[str, Any]) -> dict[str, Any]:
         model = payload.get("default_model", "")

@@ -52,6 +52,10 @@ SHARD_READY_TIMEOUT_S = 10.0
 # ACCEPTING is not a task yet: its Submit has not been answered).
 ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RETRY_WAIT})
 MAX_ACTIVE_LIST = 100  # as many as the dead-letter list: prompts of 32k fit one reply
+# What ListUserTasks lists: ACCEPTING too, since a user's delete_all must cancel a task whose
+# Submit is still being answered (a cancel waits for it to be accepted).
+USER_ACTIVE = ACTIVE | {JobState.ACCEPTING}
+MAX_USER_LIST = 1000  # ids only: a reply of some 40 kB
 
 
 def shutting_down() -> ServiceError:
@@ -277,6 +281,20 @@ class JobEngine:
         for state in states:
             state.ClearField("content")
         return states
+
+    def user_tasks(self, user_id: str, limit: int = 0) -> tuple[list[str], bool]:
+        """The ids of `user_id`'s tasks here that have not ended, at most `limit` (0, and
+        anything past it: MAX_USER_LIST), and whether there are more. One pass over the jobs:
+        an account's removal is rare enough not to need an index by user."""
+        limit = min(limit or MAX_USER_LIST, MAX_USER_LIST)
+        ids: list[str] = []
+        for job in self.jobs.values():
+            server = job.server
+            if server.user_id == user_id and job.state in USER_ACTIVE and not server.core.terminal:
+                if len(ids) == limit:
+                    return ids, True
+                ids.append(job.task_id)
+        return ids, False
 
     # -- internals ----------------------------------------------------------------------
 

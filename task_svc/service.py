@@ -203,3 +203,18 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             raise InvalidRequest("limit must not be negative")
         tasks = self.engine.active(request.limit)
         return tasks_pb2.ListActiveTasksResponse(tasks=tasks, node=self.node)
+
+    # -- a user's own: what the user channel's delete_all cancels ------------------------
+
+    @rpc
+    async def ListUserTasks(
+        self,
+        request: tasks_pb2.ListUserTasksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tasks_pb2.ListUserTasksResponse:
+        # An empty user must not mean "everyone's": the filter is the whole authorisation.
+        check_user(request.user_id)
+        if request.limit < 0:
+            raise InvalidRequest("limit must not be negative")
+        ids, more = self.engine.user_tasks(request.user_id, request.limit)
+        return tasks_pb2.ListUserTasksResponse(task_ids=ids, more=more, node=self.node)

@@ -648,6 +648,58 @@ class ListActiveTasksResponse(_message.Message):
 Global___ListActiveTasksResponse: _TypeAlias = ListActiveTasksResponse  # noqa: Y015
 
 @_typing.final
+class ListUserTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """required"""
+    limit: _builtins.int
+    """0: at most 1000"""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUserTasksRequest: _TypeAlias = ListUserTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListUserTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    more: _builtins.bool
+    """The user has more than `limit` of them here: ask again once these have ended."""
+    node: _builtins.str
+    """the answering node's id (TASK_NODE_ID)"""
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        more: _builtins.bool = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more", "node", b"node", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUserTasksResponse: _TypeAlias = ListUserTasksResponse  # noqa: Y015
+
+@_typing.final
 class WatchCommand(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

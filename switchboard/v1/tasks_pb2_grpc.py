@@ -85,6 +85,11 @@ class TaskServiceStub:
                 request_serializer=switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksResponse.FromString,
                 _registered_method=True)
+        self.ListUserTasks = channel.unary_unary(
+                '/switchboard.v1.TaskService/ListUserTasks',
+                request_serializer=switchboard_dot_v1_dot_tasks__pb2.ListUserTasksRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_tasks__pb2.ListUserTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -167,6 +172,16 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUserTasks(self, request, context):
+        """One user's tasks this node holds that have not ended (being accepted, queued, running):
+        what the user channel's delete_all cancels at every node. Not an admin call: any
+        service may ask, for the user it names (the gateway names only the user its socket's
+        token proved), and only that user's tasks are ever listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +234,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListActiveTasks,
                     request_deserializer=switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksResponse.SerializeToString,
+            ),
+            'ListUserTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUserTasks,
+                    request_deserializer=switchboard_dot_v1_dot_tasks__pb2.ListUserTasksRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_tasks__pb2.ListUserTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -492,6 +512,33 @@ class TaskService:
             '/switchboard.v1.TaskService/ListActiveTasks',
             switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksRequest.SerializeToString,
             switchboard_dot_v1_dot_tasks__pb2.ListActiveTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUserTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.TaskService/ListUserTasks',
+            switchboard_dot_v1_dot_tasks__pb2.ListUserTasksRequest.SerializeToString,
+            switchboard_dot_v1_dot_tasks__pb2.ListUserTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,12 @@ class TaskServiceStub:
     """The tasks this node holds that have not ended (queued, running), most recent first:
     the operator dashboard's list (gateway_svc/admin.py asks every node).
     """
+    ListUserTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListUserTasksRequest, _tasks_pb2.ListUserTasksResponse]
+    """One user's tasks this node holds that have not ended (being accepted, queued, running):
+    what the user channel's delete_all cancels at every node. Not an admin call: any
+    service may ask, for the user it names (the gateway names only the user its socket's
+    token proved), and only that user's tasks are ever listed.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -100,6 +106,12 @@ class TaskServiceAsyncStub(TaskServiceStub):
     ListActiveTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListActiveTasksRequest, _tasks_pb2.ListActiveTasksResponse]  # type: ignore[assignment]
     """The tasks this node holds that have not ended (queued, running), most recent first:
     the operator dashboard's list (gateway_svc/admin.py asks every node).
+    """
+    ListUserTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListUserTasksRequest, _tasks_pb2.ListUserTasksResponse]  # type: ignore[assignment]
+    """One user's tasks this node holds that have not ended (being accepted, queued, running):
+    what the user channel's delete_all cancels at every node. Not an admin call: any
+    service may ask, for the user it names (the gateway names only the user its socket's
+    token proved), and only that user's tasks are ever listed.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -194,6 +206,18 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tasks_pb2.ListActiveTasksResponse, _abc.Awaitable[_tasks_pb2.ListActiveTasksResponse]]:
         """The tasks this node holds that have not ended (queued, running), most recent first:
         the operator dashboard's list (gateway_svc/admin.py asks every node).
+        """
+
+    @_abc_1.abstractmethod
+    def ListUserTasks(
+        self,
+        request: _tasks_pb2.ListUserTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ListUserTasksResponse, _abc.Awaitable[_tasks_pb2.ListUserTasksResponse]]:
+        """One user's tasks this node holds that have not ended (being accepted, queued, running):
+        what the user channel's delete_all cancels at every node. Not an admin call: any
+        service may ask, for the user it names (the gateway names only the user its socket's
+        token proved), and only that user's tasks are ever listed.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

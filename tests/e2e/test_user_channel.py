@@ -2,7 +2,8 @@
 real processes: two sockets of one user (the npm `phoenix` client) see each other's task
 appear and complete and delete it from history; another user's topic is refused; stored
 preferences change the default model; a rejoin with last_seq gets what it missed; while the
-database is down, history answers a retryable `unavailable` and generation goes on."""
+database is down, history answers a retryable `unavailable` and generation goes on;
+delete_all cancels the user's running task and leaves no history of it."""
 
 from __future__ import annotations
 
@@ -206,6 +207,53 @@ async def test_history_answers_unavailable_while_the_database_is_down_and_genera
             assert {t["task_id"] for t in listing} >= {before_id, during_id}
 
 
+async def test_delete_all_cancels_the_users_running_task_and_leaves_no_history(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Account removal with a task still generating (the local model paced to run for
+    seconds): delete_all cancels it, its task channel gets the cancelled end, and history
+    holds nothing of it, even once its events have all been through persistence_svc.
+    Another user's task generating meanwhile runs to its end and stays in their history."""
+    env = {"LOCAL_MODEL_TOKEN_DELAY_MS": "100"}
+    async with (
+        running_stack(request, tmp_path / "var", env=env) as stack,
+        await PhoenixClient.connect(stack.config.socket_url, token=dev_token("erin")) as erin,
+        await PhoenixClient.connect(stack.config.socket_url, token=dev_token("frank")) as frank,
+    ):
+        erins_id, franks_id = str(uuid.uuid4()), str(uuid.uuid4())
+        erins, franks = await running(erin, erins_id), await running(frank, franks_id)
+        history = await erin.join("user:erin")
+        wrong = await history.push("delete_all", {"confirm": "yes"})
+        assert wrong.response["reason"] == "invalid_request"
+
+        deleted = await history.push("delete_all", {"confirm": "delete all my tasks"})
+        assert (deleted.status, deleted.response) == ("ok", {"deleted": 1})
+        final = await last_push(erins, ("progress",), status="cancelled")
+        assert final.payload["status"] == "cancelled"
+
+        answer = await last_push(franks)
+        assert answer.event == "llm_response", answer.payload
+        # A task of frank's begun after the delete: its events follow all of erin's in the
+        # stream, which history writes in order, so once it is listed, erin's last events
+        # have been through persistence_svc too (and were dropped).
+        franks_history = await frank.join("user:frank")
+        later_id = await generate(frank, "after erin left")
+        tasks = await eventually(lambda: listed(franks_history, later_id))
+        assert any(t["task_id"] == franks_id and t["status"] == "completed" for t in tasks)
+        after = await history.push("list_tasks", {"limit": 20})
+        assert (after.status, after.response["tasks"]) == ("ok", [])
+        gone = await history.push("get_task", {"task_id": erins_id})
+        assert gone.response["reason"] == "not_found", gone
+
+
+async def running(phone: PhoenixClient, task_id: str) -> Channel:
+    """The task channel of a generation that has streamed its first text (so it runs)."""
+    channel = await phone.join(f"task:{task_id}")
+    assert (await channel.push("llm_generate", {"prompt": "Take your time answering"})).ok
+    await last_push(channel, ("chunk",))
+    return channel
+
+
 async def generate(phone: PhoenixClient, prompt: str) -> str:
     """A task generated to its end on its own channel; its id."""
     task_id = str(uuid.uuid4())
@@ -216,13 +264,16 @@ async def generate(phone: PhoenixClient, prompt: str) -> str:
     return task_id
 
 
-async def last_push(channel: Channel) -> Message:
-    """The task channel's final push: `llm_response` or `error`."""
+async def last_push(
+    channel: Channel, events: tuple[str, ...] = ("llm_response", "error"), status: str = ""
+) -> Message:
+    """The task channel's first push of one of `events` (by default its final push:
+    `llm_response` or `error`), with `status` if one is given."""
     async with asyncio.timeout(timeout(30)):
         async for message in channel.messages():
-            if message.event in ("llm_response", "error"):
+            if message.event in events and status in ("", message.payload.get("status")):
                 return message
-    raise AssertionError("the channel closed before its task ended")
+    raise AssertionError(f"the channel closed before a push of {events}")
 
 
 async def listed(history: Channel, task_id: str) -> list[dict[str, Any]] | None:
