@@ -2,7 +2,7 @@
 served by the gateway (`GET /admin`, gateway_svc/static/) and the `admin:dashboard` channel it
 joins over the gateway's own Phoenix protocol, open only to the users in GATEWAY_ADMIN_USERS.
 
-Joined, the channel pushes a `snapshot` every `interval_s` (the join reply is the first one):
+Joined, the channel pushes a `snapshot` every `interval_s` (the join reply is the latest one):
 queues (the task_svc nodes' QueueBoards, summed; a queue's oldest wait is the longest of any
 node's), the tasks that have not ended (every node's ListActiveTasks), dead letters, providers
 (llm_svc's ListProviders), this gateway's sockets and channels, and history's backlog and lag
@@ -13,6 +13,11 @@ operator's actions are events on the channel: `cancel_task`, `retry_dead_letter`
 The socket's token proved the operator; the gateway then calls task_svc and llm_svc as the
 `admin` caller (svckit/service_auth.py), which their admin RPCs require. A source that does
 not answer leaves its part of the snapshot empty and names it in `unavailable`.
+
+One snapshot per refresh for the whole gateway: every admin channel is sent the one the
+dashboard's refresher made (started when the first admin joins, stopped when the last
+leaves, cancelled at shutdown), so the RPCs behind it run once per refresh however many
+operators watch. A channel whose socket is slow skips to the latest rather than queue them.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ CALL_TIMEOUT_S = 2.0
 BOARD_STALE_S = 3.0  # a node's QueueBoard not heard for this long no longer counts
 LIST_LIMIT = 100
 SendFn = Callable[[Message], Awaitable[None]]
+Snapshot = dict[str, Any]
 
 
 def page(path: str) -> tuple[bytes, str] | None:
@@ -98,12 +104,21 @@ class Dashboard:
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
     _llm: llm_pb2_grpc.LlmServiceStub | None = None
     _sub: Subscription | None = None
+    # The shared snapshots: the refresher while an admin watches, the latest one and its
+    # round (counting every snapshot made), and an event set when the next one is out.
+    _watchers: int = 0
+    _refresher: asyncio.Task[None] | None = None
+    _latest: Snapshot | None = None
+    _round: int = 0
+    _published: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
         if self.nc is not None:
             self._sub = await self.nc.subscribe(QUEUE_BOARD_SUBJECT, cb=self._heard)
 
     async def close(self) -> None:
+        await cancel_and_wait(self._refresher)
+        self._refresher = None
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
@@ -143,9 +158,55 @@ class Dashboard:
                 return live
         return {"": self.routes.fallback.address}
 
+    # -- the shared snapshots ----------------------------------------------------------
+
+    async def watch(self) -> tuple[int, Snapshot]:
+        """An admin channel joins: the latest snapshot and its round (the first admin waits
+        for the refresher's first). Every `watch` is paired with an `unwatch`, even when
+        this is cancelled."""
+        self._watchers += 1
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh(), name="dashboard snapshots")
+        return await self.after(0)
+
+    async def unwatch(self) -> None:
+        """An admin channel left; the last one stops the refresher."""
+        self._watchers -= 1
+        if self._watchers > 0:
+            return
+        refresher, self._refresher = self._refresher, None
+        self._latest = None  # stale by the next join: it waits for a fresh one
+        await cancel_and_wait(refresher)
+
+    async def after(self, seen: int) -> tuple[int, Snapshot]:
+        """The latest snapshot once its round is past `seen`, and that round (a reader that
+        fell behind skips the rounds it missed)."""
+        while self._latest is None or self._round <= seen:
+            await self._published.wait()
+        return self._round, self._latest
+
+    async def _refresh(self) -> None:
+        while True:
+            try:
+                snapshot = await self.snapshot()
+            except Exception:  # sources' failures are in `unavailable`: this is a bug
+                # Nothing published: the channels (and a join) wait for the next round.
+                log.exception("dashboard snapshot failed")
+            else:
+                self._publish(snapshot)
+            await asyncio.sleep(self.interval_s)
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        self._latest, self._round = snapshot, self._round + 1
+        # A new event for the next round: the waiters of this one wake, whoever waits
+        # from now on waits for the next.
+        published, self._published = self._published, asyncio.Event()
+        published.set()
+
     # -- the snapshot ------------------------------------------------------------------
 
-    async def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> Snapshot:
+        """A snapshot made now (the refresher's; every channel gets it)."""
         parts = {
             "tasks": self._tasks(),
             "dead_letters": self._dead_letters(),
@@ -331,21 +392,24 @@ class AdminChannel:
         self._send = send
         self._pusher: asyncio.Task[None] | None = None
         self._actions: set[asyncio.Task[None]] = set()
+        self._watching = False  # counted among the dashboard's watchers
+        self._seen = 0  # the round of the last snapshot sent
 
     async def join(self, params: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         if self.user not in self.dashboard.admins:
             log.warning("dashboard refused", extra={"user": self.user})
             return False, {"reason": "unauthorized"}
         log.info("dashboard joined", extra={"user": self.user})
-        return True, await self.dashboard.snapshot()
+        self._watching = True  # before the await: a join cancelled meanwhile still leaves
+        self._seen, snapshot = await self.dashboard.watch()
+        return True, snapshot
 
     def start(self) -> None:
         self._pusher = asyncio.create_task(self._push(), name="dashboard snapshots")
 
     async def _push(self) -> None:
         while True:
-            await asyncio.sleep(self.dashboard.interval_s)
-            snapshot = await self.dashboard.snapshot()
+            self._seen, snapshot = await self.dashboard.after(self._seen)
             await self._send(Message(self.join_ref, None, self.topic, "snapshot", snapshot))
 
     def deliver(self, message: Message) -> None:
@@ -374,3 +438,6 @@ class AdminChannel:
         await cancel_and_wait(self._pusher)
         for task in list(self._actions):
             await cancel_and_wait(task)
+        if self._watching:
+            self._watching = False
+            await self.dashboard.unwatch()

@@ -13,6 +13,12 @@ task_svc's snapshots travel on the same stream (svckit.nats.is_snapshot): they a
 neither decoded nor written. Events of a task deleted from history (HistoryService.DeleteTask)
 are dropped by the repository inside the batch's transaction and acked with the batch: a
 deleted task is never written again.
+
+Traces: each event carrying a `traceparent` header gets a `history write` span for the write
+of its batch. A batch holds many traces, so no span is current while it is written, and
+batch-wide log lines join none; a batch of one traced event is that event's write, and has
+its span current. A line about one event (refused, undecodable) names its trace explicitly
+(`tracing.trace_fields`). Without tracing no span is made and nothing is attached.
 """
 
 from __future__ import annotations
@@ -223,8 +229,12 @@ class EventConsumer:
         """Apply `batch` in one transaction; the wall-clock time it was committed at. Each
         traced event (its `traceparent` header) gets a span for the write."""
         spans = _write_spans(batch) if tracing.enabled() else []
+        # Current only for a batch of one event: with many, what is logged meanwhile is
+        # about all of them, and making one's span current would file it under that trace.
+        alone = spans[0] if len(batch) == 1 and spans else None
         try:
-            result = await self.repository.apply_parsed([parsed for _, parsed in batch])
+            with tracing.current(alone):
+                result = await self.repository.apply_parsed([parsed for _, parsed in batch])
         except Exception as error:
             self.stats.failed_writes += 1
             self.metrics.write_errors.inc()
@@ -259,7 +269,7 @@ class EventConsumer:
         except (DecodeError, InvalidEvent) as error:
             log.error(
                 "dropping a lifecycle message that can never be applied",
-                extra={"subject": msg.subject, "error": str(error)},
+                extra={"subject": msg.subject, "error": str(error), **_trace_of(msg)},
             )
             await msg.term()
             self.stats.terminated += 1
@@ -286,6 +296,7 @@ class EventConsumer:
                         "deliveries": deliveries,
                         "given_up": given_up,
                         "error": str(error),
+                        **_trace_of(msg),
                     },
                 )
                 if given_up:
@@ -345,7 +356,16 @@ def _write_spans(batch: Sequence[tuple[Msg, ParsedEvent]]) -> list[Span | None]:
     """A `history write` span for each event that carries its trace."""
     spans = []
     for msg, _ in batch:
-        parent = (msg.headers or {}).get(TRACEPARENT, "")
+        parent = _traceparent(msg)
         if parent:
             spans.append(tracing.start("history write", parent, {"subject": msg.subject}))
     return spans
+
+
+def _traceparent(msg: Msg) -> str:
+    return (msg.headers or {}).get(TRACEPARENT, "")
+
+
+def _trace_of(msg: Msg) -> dict[str, str]:
+    """The `extra` naming the trace of the event in `msg` (nothing when untraced or off)."""
+    return tracing.trace_fields(_traceparent(msg))

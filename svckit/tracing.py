@@ -18,9 +18,11 @@ attempt) ; and persistence_svc `history write` per lifecycle event.
 
 A log line carries the trace id of the span current where it is written (svckit/logs.py), so
 the work done for a span runs with it current: a block of a coroutine (`span`, `current`),
-a whole asyncio task (`context_with`), or each step of an async generator (`current_in`: a
-context set inside a generator would otherwise leak to whoever iterates it, and what that
-one sets would leak in). Off, none of them attaches anything.
+a whole asyncio task (`context_with`, or `only` around what starts it), or each step of an
+async generator (`current_in`: a context set inside a generator would otherwise leak to
+whoever iterates it, and what that one sets would leak in). A line about one traced item
+written where its span cannot be current (a batch of many) names its trace explicitly
+(`trace_fields`). Off, none of them attaches anything.
 """
 
 from __future__ import annotations
@@ -144,6 +146,16 @@ def current(span: Span | None) -> contextlib.AbstractContextManager[object]:
     return _attached(trace.set_span_in_context(span))
 
 
+def only(span: Span | None) -> contextlib.AbstractContextManager[object]:
+    """`span` current for a block, and when it is None (tracing on) no span at all: for a
+    block that starts an asyncio task working for `span` alone (the task copies the context),
+    so that whose span the caller happens to have does not decide the task's. Nothing when
+    tracing is off."""
+    if span is None:
+        return untraced()
+    return _attached(trace.set_span_in_context(span))
+
+
 def untraced() -> contextlib.AbstractContextManager[object]:
     """No span current for a block: for what it starts that outlives the span (a shared
     stream's tasks), whose log lines must not join one trace for good."""
@@ -214,6 +226,17 @@ def current_trace_id() -> str:
         return ""
     context = trace.get_current_span().get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else ""
+
+
+def trace_fields(parent: str) -> dict[str, str]:
+    """The `extra` of a log line about one traced item (`{"trace_id": ...}`, the trace of
+    its `parent` traceparent), for a line written where no span of that item is current (a
+    batch holding many traces, a job refused before its span is made); svckit/logs.py keeps
+    it over the current span's. Empty when tracing is off or `parent` names no trace."""
+    if _tracer is None or not parent:
+        return {}
+    context = trace.get_current_span(_context_of(parent)).get_span_context()
+    return {"trace_id": format(context.trace_id, "032x")} if context.is_valid else {}
 
 
 def _context_of(parent: str) -> Context:

@@ -11,6 +11,10 @@ A job from a previous incarnation runs again unless its task had finished (then 
 removed), its seq continuing above anything a watcher may have seen (task_server.py,
 checkpoints), its first event saying that the text restarts, and the text its last
 checkpoint held coming back at once, for the run to continue.
+
+Once its job is made, each way in runs with the job's `task` span current, so what it logs
+(stored, recovered, dropped) carries the job's trace id; a job refused before it is made
+names the trace its traceparent says (`tracing.trace_fields`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import time
 from dataclasses import replace
 
+from svckit import tracing
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, tasks_pb2
 from task_svc.deadletters import requeued_spec
@@ -82,6 +87,12 @@ class Intake:
         if refusal is not None:
             raise refusal
         job = self._new(spec)
+        with tracing.current(job.span):  # nothing attached when tracing is off
+            return await self._accept(job)
+
+    async def _accept(self, job: Job) -> tuple[TaskServer, bool]:
+        """Store a new job and queue it (or find how it went, when the store knew it)."""
+        spec = job.spec
         put = await self._put(job, spec.task_id)
         if put.duplicate:
             return await self._resubmitted(job), True
@@ -125,23 +136,27 @@ class Intake:
             return
         if self.registry.owner(task_id) not in (None, item.spec.user_id):
             # A gateway stores only for the user whose join claimed the id (registry.py).
-            log.error("job of another user's task dropped", extra={"task_id": task_id})
+            # No job, so no span of its own: the line names the trace the job came in.
+            trace = tracing.trace_fields(item.spec.traceparent)
+            log.error("job of another user's task dropped", extra={"task_id": task_id, **trace})
             await self.runner.remove(item.seq, task_id)
             return
         job = self._new(item.spec)
         job.seq = item.seq
-        if item.redelivered:  # it may have run (and even finished) somewhere before
-            await self._recover(job)
-            return
-        self._enqueue(job)
+        with tracing.current(job.span):
+            if item.redelivered:  # it may have run (and even finished) somewhere before
+                await self._recover(job)
+                return
+            self._enqueue(job)
 
     async def requeue(self, letter: tasks_pb2.DeadLetter, seq_base: int) -> TaskServer:
         """Run a dead-lettered task again: same id, seq continuing, attempts from zero."""
         job = self._new(requeued_spec(letter), seq_base=seq_base)
-        # A new message id: the store's deduplication still knows the task id.
-        await self._put(job, f"{job.task_id}:requeue:{time.time_ns()}")
-        requeued = tasks_pb2.Reset(attempt=1, reason="requeued")
-        self._enqueue(job, f"{RESTARTED}: requeued from the dead letters", requeued)
+        with tracing.current(job.span):
+            # A new message id: the store's deduplication still knows the task id.
+            await self._put(job, f"{job.task_id}:requeue:{time.time_ns()}")
+            requeued = tasks_pb2.Reset(attempt=1, reason="requeued")
+            self._enqueue(job, f"{RESTARTED}: requeued from the dead letters", requeued)
         return job.server
 
     async def recover(self, pending: list[Pending]) -> None:
@@ -174,6 +189,7 @@ class Intake:
 
     def _new(self, spec: TaskSpec, *, seq_base: int = 0) -> Job:
         job = Job(spec, self.servers.new(spec, seq_base=seq_base), self.queues[spec.queue])
+        job.server.span = job.span  # its loop runs in the job's trace (task_server.py)
         self.jobs[spec.task_id] = job
         return job
 

@@ -8,7 +8,9 @@ message, so there is no gap and nothing twice between replay and live.
 The loop is the supervised part: if a message crashes it, the caller of that message gets
 the exception, the supervisor runs the loop again and it carries on from the state it holds
 (the state lives on the object, not in the loop). After too many crashes the supervisor's
-give-up fails the task directly (`give_up`; the loop is dead).
+give-up fails the task directly (`give_up`; the loop is dead). The loop's asyncio task, and
+so what it and the supervisor log about it, has the task's `task` span current (`span`), or
+none: never the span of whoever's message woke it.
 
 Hibernation (Erlang's `proc_lib:hibernate`): an idle actor has no loop, no asyncio task and no
 mailbox; the next message creates the mailbox and starts the loop under the supervisor, and
@@ -35,6 +37,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, TypeVar
 
+from opentelemetry.trace import Span
+
+from svckit import tracing
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, events_pb2, history_pb2, tasks_pb2
 from task_svc.supervisor import Supervisor
@@ -127,6 +132,7 @@ class TaskServer:
         "down",
         "durable_seq",
         "host",
+        "span",
     )
 
     def __init__(self, core: TaskCore, host: Host, *, durable_seq: int | None = None) -> None:
@@ -140,6 +146,9 @@ class TaskServer:
         self._wake: asyncio.Future[None] | None = None  # an awake, idle loop waits on it
         self._watchers: set[Watcher] | None = None
         self._cp: asyncio.Future[None] | None = None  # the snapshot being stored
+        # The job's `task` span (set by intake.py; None: not traced): the loop runs with it
+        # current, whichever caller's message wakes it.
+        self.span: Span | None = None
 
     @property
     def task_id(self) -> str:
@@ -211,9 +220,13 @@ class TaskServer:
             raise TaskServerDown(self.task_id)
         if self._mailbox is None:
             try:
-                self.host.supervisor.start_child(
-                    self.task_id, self._loop, on_give_up=self._on_give_up
-                )
+                # The loop's task copies the context here: with this task's span current,
+                # not the span of whoever posts (a job's runner may start another's run).
+                # Once per wake-up, never per event; nothing attached when tracing is off.
+                with tracing.only(self.span):
+                    self.host.supervisor.start_child(
+                        self.task_id, self._loop, on_give_up=self._on_give_up
+                    )
             except RuntimeError:  # the supervisor is stopped (shutdown)
                 raise TaskServerDown(self.task_id) from None
             self._mailbox = collections.deque()

@@ -194,8 +194,30 @@ def test_with_tracing_off_making_a_span_current_costs_nothing() -> None:
     assert tracing.current_in(None, events) is events  # not wrapped
     assert tracing.context_with(None) is None  # asyncio's own copy, nothing attached
     assert tracing.current(None) is tracing.untraced()  # one shared no-op
+    assert tracing.only(None) is tracing.untraced()
     with tracing.current(None), tracing.untraced():
         assert tracing.current_trace_id() == ""
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert tracing.trace_fields(traceparent) == {}  # off: no trace id in any line
+
+
+def test_only_makes_a_span_current_or_none_and_trace_fields_name_a_traceparents_trace() -> None:
+    log = logging.getLogger("test.only")
+    with in_memory_traces(), json_lines("test.only") as logs:
+        job, other = tracing.start("job"), tracing.start("other")
+        with tracing.current(other):
+            with tracing.only(job):
+                log.info("job's")
+            with tracing.only(None):
+                log.info("nobody's")
+            log.info("batch", extra=tracing.trace_fields(tracing.traceparent(job)))
+        assert tracing.trace_fields("") == tracing.trace_fields("not a traceparent") == {}
+        tracing.end(job)
+        tracing.end(other)
+    traced = {line["msg"]: line.get("trace_id") for line in logs.lines}
+    job_trace = tracing.traceparent(job).split("-")[1]
+    assert traced == {"job's": job_trace, "nobody's": None, "batch": job_trace}
+    assert job_trace != tracing.traceparent(other).split("-")[1]
 
 
 async def _logs(msg: str) -> None:

@@ -163,3 +163,48 @@ async def test_the_snapshot_shows_history_backlog_and_lag_and_each_queues_oldest
     finally:
         await direct.close()
         await nc.close()
+
+
+async def test_every_admin_channel_gets_the_one_snapshot_made_per_refresh() -> None:
+    nowhere = NOWHERE["task_svc_addr"], NOWHERE["llm_svc_addr"]
+    async with running_stack(task_svc_addr=nowhere[0], llm_svc_addr=nowhere[1]) as stack:
+        dashboard = stack.gateway.dashboard
+        made: list[int] = []
+
+        async def snapshot() -> dict[str, Any]:  # the RPCs behind a snapshot, counted
+            made.append(len(made) + 1)
+            return {"made": made[-1]}
+
+        dashboard.snapshot = snapshot  # type: ignore[method-assign]
+        dashboard.interval_s = 0.05
+        async with connect(stack.url("admin")) as first, connect(stack.url("admin")) as second:
+            joins = []
+            for ws in (first, second):
+                await send(ws, ["1", "1", "admin:dashboard", "phx_join", {}])
+                joins.append((await recv(ws))[4]["response"]["made"])
+            assert joins == [1, 1]  # the second admin is answered with the latest one
+
+            async def pushed(ws: Any) -> list[int]:
+                return [(await recv(ws))[4]["made"] for _ in range(3)]
+
+            rounds = [await pushed(first), await pushed(second)]
+            # Had each channel made its own, no snapshot would reach both.
+            assert set(rounds[0]) & set(rounds[1])
+            assert all(r == sorted(set(r)) and r[0] > 1 and r[-1] <= len(made) for r in rounds)
+            await first.close()
+
+            async def one_admin_left() -> bool:
+                return dashboard._watchers == 1
+
+            await eventually(one_admin_left)
+            refresher = dashboard._refresher
+            assert refresher is not None and not refresher.done()
+            after_first_left = len(made)
+            while (await recv(second))[4]["made"] <= after_first_left:
+                pass  # older ones, sent before: still refreshed for the one left
+
+        async def none_left() -> bool:
+            return dashboard._refresher is None
+
+        await eventually(none_left)
+        assert refresher.cancelled()  # the last one to leave stopped it

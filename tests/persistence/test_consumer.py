@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import uuid
 from collections.abc import Sequence
 
@@ -17,12 +18,15 @@ from persistence_svc.consumer import DURABLE_NAME, EventConsumer, consumer_confi
 from persistence_svc.errors import StorageRejected, StorageUnavailable
 from persistence_svc.events import ParsedEvent
 from persistence_svc.repository import ApplyResult, Repository
+from svckit import tracing
 from svckit.nats import TASK_EVENTS_STREAM
+from svckit.tracing import TRACEPARENT
 from switchboard.v1 import common_pb2, events_pb2, history_pb2
 from tests.conftest import eventually, timeout
 from tests.persistence.factory import Kind, completed_lifecycle, new_task_id
 from tests.persistence.helpers import FETCH_S, Bus, publish, running, until
 from tests.postgres import postgres_admin_url, sqlalchemy_url
+from tests.traces import in_memory_traces, json_lines, trace_id
 
 
 async def completed(repo: Repository, task_id: str) -> history_pb2.HistoryTask | None:
@@ -385,3 +389,66 @@ async def test_events_arriving_while_it_lingers_are_written_in_one_batch(
             await publish(bus.js, completed_lifecycle(task_id)[0])
         await until(lambda: consumer.stats.acked == 4)
     assert consumer.stats.batches == 2
+
+
+class TellingRepository(PickyRepository):
+    """The picky repository, logging each batch it is asked to write (as the real one logs
+    the events of deleted tasks it drops)."""
+
+    async def apply_parsed(self, events: Sequence[ParsedEvent]) -> ApplyResult:
+        logging.getLogger("test.repository").info("writing", extra={"events": len(events)})
+        return await super().apply_parsed(events)
+
+
+async def publish_traced(bus: Bus, event: events_pb2.LifecycleEvent) -> str:
+    """Publish `event` as task_svc does with tracing on, in a trace of its own: its trace id."""
+    task = tracing.start("task")
+    traceparent = tracing.traceparent(task)
+    tracing.end(task)
+    kind = events_pb2.LifecycleKind.Name(event.kind).removeprefix("LIFECYCLE_KIND_").lower()
+    await bus.js.publish(
+        f"switchboard.tasks.{event.task_id}.{kind}",
+        event.SerializeToString(),
+        headers={"Nats-Msg-Id": f"{event.task_id}:{event.seq}", TRACEPARENT: traceparent},
+    )
+    return traceparent.split("-")[1]
+
+
+async def test_a_batch_logs_in_its_events_trace_only_when_it_holds_one(
+    bus: Bus, database_url: str
+) -> None:
+    repo = await TellingRepository.open(database_url)
+    loggers = ("test.repository", "persistence_svc.consumer")
+    try:
+        with in_memory_traces() as exported, json_lines(*loggers) as logs:
+            # Published before the consumer starts: one batch of two traces.
+            first, second = new_task_id(), new_task_id()
+            many = [await publish_traced(bus, completed_lifecycle(t)[0]) for t in (first, second)]
+            consumer = EventConsumer(bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,))
+            async with running(consumer):
+                await until(lambda: consumer.stats.batches == 1)
+                alone = await publish_traced(bus, completed_lifecycle(first)[1])
+                await until(lambda: consumer.stats.batches == 2)
+                # One the database refuses, written on its own, then given up.
+                repo.poisoned = bad = new_task_id()
+                refused = await publish_traced(bus, completed_lifecycle(bad)[0])
+                await until(lambda: consumer.stats.terminated == 1)
+                # One that can never be decoded, still naming its trace.
+                await bus.js.publish(
+                    f"switchboard.tasks.{bad}.queued",
+                    b"\xff not a protobuf",
+                    headers={TRACEPARENT: f"00-{refused}-00f067aa0ba902b7-01"},
+                )
+                await until(lambda: consumer.stats.terminated == 2)
+    finally:
+        await repo.close()
+    writes = sorted(trace_id(s) for s in exported.get_finished_spans() if s.name == "history write")
+    # Each of its three deliveries is written twice: in its batch, then on its own.
+    assert writes == sorted([*many, alone, *[refused] * 6])
+    batches = [(line["events"], line.get("trace_id")) for line in logs.written("writing")]
+    assert batches[:2] == [(2, None), (1, alone)]  # many traces: none; one: its own
+    assert all(trace == refused for _, trace in batches[2:])  # one by one, each in its own
+    refusals = logs.written("database refused a lifecycle message")  # after its span ended
+    assert [line["trace_id"] for line in refusals] == [refused] * 3
+    (undecodable,) = logs.written("dropping a lifecycle message that can never be applied")
+    assert undecodable["trace_id"] == refused

@@ -8,10 +8,12 @@ import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from svckit import tracing
 from svckit.errors import ServiceError
 from svckit.shards import shard_of
 from switchboard.v1 import common_pb2
@@ -551,3 +553,47 @@ async def test_a_job_ended_outside_its_runner_logs_in_its_trace_too(
     }
     finished = {line["task_id"]: line.get("trace_id") for line in logs.written("task finished")}
     assert finished == trace_of and len(trace_of) == 2
+
+
+async def test_what_intake_logs_of_a_traced_job_carries_its_trace_id(
+    make_engine: MakeEngine, store: MemoryJobStore
+) -> None:
+    with in_memory_traces() as exported, json_lines("task_svc.intake") as logs:
+        e = await make_engine()
+        store.unavailable = True
+        refused = spec("not stored")
+        await error_of(e.engine.submit(refused))
+        store.unavailable = False
+        recovered = spec("recovered")
+        await e.engine.intake.arrived(Pending(recovered, seq=3, redelivered=True))
+        await e.reached("finished", recovered.task_id)
+        gateway = tracing.start("llm_generate")  # the span a gateway sent the job in
+        foreign = replace(spec("not yours"), traceparent=tracing.traceparent(gateway))
+        claim = e.engine.registry.claim(foreign.task_id, "bob")
+        await e.engine.intake.arrived(Pending(foreign, seq=9))  # dropped: no job, no span
+        e.engine.registry.release(claim)
+        tracing.end(gateway)
+    trace_of = {
+        str((s.attributes or {}).get("task_id", s.name)): trace_id(s)
+        for s in exported.get_finished_spans()
+        if s.name in ("task", "llm_generate")
+    }
+    assert set(trace_of) == {refused.task_id, recovered.task_id, "llm_generate"}
+    assert len(set(trace_of.values())) == 3
+    lines = {(line["msg"], line["task_id"]): line.get("trace_id") for line in logs.lines}
+    assert lines == {
+        ("job not stored", refused.task_id): trace_of[refused.task_id],
+        ("job recovered", recovered.task_id): trace_of[recovered.task_id],
+        ("job of another user's task dropped", foreign.task_id): trace_of["llm_generate"],
+    }
+
+
+async def test_without_tracing_intake_logs_no_trace_id(
+    make_engine: MakeEngine, store: MemoryJobStore
+) -> None:
+    with json_lines("task_svc.intake") as logs:
+        e = await make_engine()
+        store.unavailable = True
+        await error_of(e.submit("not stored"))
+    (line,) = logs.written("job not stored")
+    assert "trace_id" not in line

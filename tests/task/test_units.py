@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from svckit import tracing
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, history_pb2, llm_pb2
 from task_svc.config import QueueConfig
@@ -19,6 +20,7 @@ from task_svc.supervisor import Supervisor
 from task_svc.task_server import DROPPED, Host, TaskServer, TaskServerDown
 from task_svc.task_state import TaskCore, TaskSpec
 from tests.conftest import timeout
+from tests.traces import in_memory_traces, json_lines, trace_id
 
 Status = common_pb2.TaskStatus
 
@@ -109,6 +111,39 @@ async def test_a_cast_that_raises_crashes_the_actor_and_it_is_restarted() -> Non
     assert sup.restarts(server.task_id) == 1 and not server.down
     assert state.content == "b" and state.status == Status.TASK_STATUS_PROCESSING
     await sup.stop()
+
+
+async def test_a_task_servers_loop_runs_in_its_own_trace_whoever_wakes_it() -> None:
+    with in_memory_traces() as exported, json_lines("task_svc.supervisor") as logs:
+        sup = Supervisor("test", max_restarts=3, period_s=60)
+        other_task = TaskSpec("00000000-0000-0000-0000-000000000002", "bob", "p", "m", 0)
+        traced, untraced = (
+            TaskServer(core(), Host(sup)),
+            TaskServer(TaskCore(other_task), Host(sup)),
+        )
+        traced.span = tracing.start("task")
+        other = tracing.start("another job's task")
+
+        def crash_once(c: TaskCore) -> str:
+            if not crashed:
+                crashed.append(True)
+                raise RuntimeError("bug")
+            return tracing.current_trace_id()
+
+        crashed: list[bool] = []
+        with tracing.current(other):  # woken from inside another job's run
+            with pytest.raises(RuntimeError):
+                await traced.call(crash_once)  # its loop crashes, and is restarted
+            in_traced = await traced.call(crash_once)
+            in_untraced = await untraced.call(lambda c: tracing.current_trace_id())
+        tracing.end(traced.span)
+        tracing.end(other)
+        await sup.stop()
+    spans = {s.name: trace_id(s) for s in exported.get_finished_spans()}
+    assert in_traced == spans["task"] != spans["another job's task"]
+    assert in_untraced == ""  # a server with no span takes none, not its waker's
+    (restart,) = logs.written("child crashed, restarting")
+    assert restart["trace_id"] == spans["task"]  # the supervisor's line about its loop too
 
 
 def test_progress_never_goes_backwards_and_equal_reports_add_nothing() -> None:
