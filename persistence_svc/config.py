@@ -19,8 +19,11 @@ class Settings(BaseSettings):
     # Our own knobs (prefix PERSISTENCE_).
     persistence_batch_size: int = Field(default=256, ge=1, le=10_000)
     # Milliseconds to let events gather after a small batch before taking the next (history
-    # lags by at most about this; 0: take each as soon as it is there).
-    persistence_linger_ms: float = Field(default=50.0, ge=0)
+    # lags by at most about this; 0: take each as soon as it is there). 200, not 50: at 200
+    # generations a second (zero-delay load, 2 cores) batches of about 120 events instead of
+    # 30 cut persistence_svc's CPU per generation from 1.15-1.27 ms to 0.87-0.93 ms, and
+    # nothing live reads history (the sockets' pushes come from task_svc and JetStream).
+    persistence_linger_ms: float = Field(default=200.0, ge=0)
     # Seconds JetStream waits for our ack before redelivering a message.
     persistence_ack_wait_s: float = Field(default=60.0, gt=0)
     # The longest pause between retries while the database is down (the back-off starts at

@@ -24,7 +24,7 @@ KIND_SNAPSHOT = "snapshot"
 KIND_UNKNOWN = "unknown"
 EVENT_KINDS = (*KIND_NAMES.values(), KIND_UNKNOWN, KIND_SNAPSHOT)
 
-# History normally lags by the linger (PERSISTENCE_LINGER_MS, 50 ms) plus a transaction;
+# History normally lags by the linger (PERSISTENCE_LINGER_MS, 200 ms) plus a transaction;
 # after an outage, by as long as the database was gone.
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 # Up to PERSISTENCE_BATCH_SIZE's ceiling (10 000).
