@@ -4,8 +4,9 @@ joins over the gateway's own Phoenix protocol, open only to the users in GATEWAY
 
 Joined, the channel pushes a `snapshot` every `interval_s` (the join reply is the latest one):
 queues (the task_svc nodes' QueueBoards, summed; a queue's oldest wait is the longest of any
-node's), the tasks that have not ended (every node's ListActiveTasks), dead letters, providers
-(llm_svc's ListProviders), this gateway's sockets and channels, and history's backlog and lag
+node's, its throughput the runs all nodes finished per second over THROUGHPUT_WINDOW_S), the
+tasks that have not ended (every node's ListActiveTasks), dead letters, providers (llm_svc's
+ListProviders), this gateway's sockets and channels, and history's backlog and lag
 (`_history`: from persistence_svc's durable consumer in JetStream). The
 operator's actions are events on the channel: `cancel_task`, `retry_dead_letter`,
 `discard_dead_letter` {task_id}, each replied ok or with the error's reason.
@@ -23,6 +24,7 @@ operators watch. A channel whose socket is slow skips to the latest rather than 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -81,10 +83,36 @@ def page(path: str) -> tuple[bytes, str] | None:
     return (STATIC / name).read_bytes(), content_type
 
 
+THROUGHPUT_WINDOW_S = 10.0  # a queue's throughput: runs finished over about this long
+
+
 @dataclass
 class _Board:
+    """A node's latest QueueBoard, and its finished counts over the last
+    THROUGHPUT_WINDOW_S (oldest first), which its throughput is read from."""
+
     board: events_pb2.QueueBoard
     heard_at: float
+    finished: collections.deque[tuple[float, dict[str, int]]] = field(
+        default_factory=collections.deque
+    )
+
+    def heard(self, board: events_pb2.QueueBoard, at: float) -> None:
+        self.board, self.heard_at = board, at
+        counts = {s.queue: s.finished for s in board.queues}
+        if self.finished and any(counts.get(q, 0) < n for q, n in self.finished[-1][1].items()):
+            self.finished.clear()  # the node restarted: its counts began again
+        self.finished.append((at, counts))
+        while at - self.finished[0][0] > THROUGHPUT_WINDOW_S:
+            self.finished.popleft()
+
+    def throughput(self, queue: str) -> float:
+        """Runs of `queue` finished per second on this node over the window (0 until two
+        boards are in)."""
+        (first_at, first), (last_at, last) = self.finished[0], self.finished[-1]
+        if last_at <= first_at:
+            return 0.0
+        return (last.get(queue, 0) - first.get(queue, 0)) / (last_at - first_at)
 
 
 @dataclass
@@ -131,7 +159,11 @@ class Dashboard:
         except Exception:  # a bad board must not stop the others
             log.warning("unreadable queue board ignored")
             return
-        self.boards[board.node] = _Board(board, time.monotonic())
+        now = time.monotonic()
+        known = self.boards.get(board.node)
+        if known is None:
+            known = self.boards[board.node] = _Board(board, now)
+        known.heard(board, now)
 
     # -- the admin callers -------------------------------------------------------------
 
@@ -245,8 +277,10 @@ class Dashboard:
                 q = totals.setdefault(
                     s.queue,
                     {"queue": s.queue, "waiting": 0, "running": 0, "concurrency": 0,
-                     "mean_run_s": 0.0, "max_depth": 0, "oldest_s": 0.0},
+                     "mean_run_s": 0.0, "max_depth": 0, "oldest_s": 0.0,
+                     "throughput_per_s": 0.0},
                 )  # fmt: skip
+                q["throughput_per_s"] += known.throughput(s.queue)  # every node's runs
                 q["waiting"] += sum(s.waiting_by_priority)
                 q["oldest_s"] = max(q["oldest_s"], s.oldest_s)  # the longest wait of any node
                 q["running"] += s.concurrency - s.free_slots

@@ -84,6 +84,7 @@ class JobQueue:
             mean_run_s=self.meter.mean_s,
             max_depth=self.config.max_depth,
             oldest_s=scheduler.oldest_wait_s(),  # ten heads read: cheap at 4 boards a second
+            finished=self.meter.samples,
         )
 
 

@@ -147,7 +147,8 @@ class Scheduler:
 
 @dataclass
 class ThroughputMeter:
-    """An exponentially weighted mean of how long a task runs, for eta estimates."""
+    """An exponentially weighted mean of how long a task runs, for eta estimates, and how
+    many runs it has seen (`samples`: the queue's finished runs, QueueStats.finished)."""
 
     mean_s: float = 0.0
     samples: int = 0

@@ -63,7 +63,7 @@ function render(s) {
   fill("queues", s.queues, (q) => [
     cell(q.queue), cell(q.waiting, "num"), cell(q.oldest_s.toFixed(1), "num"),
     cell(q.running, "num"), cell(q.concurrency, "num"), cell(q.mean_run_s.toFixed(2), "num"),
-    cell(q.max_depth, "num"),
+    cell(q.max_depth, "num"), cell(q.throughput_per_s.toFixed(1), "num"),
   ]);
   fill("tasks", s.tasks, (t) => {
     const p = document.createElement("td");

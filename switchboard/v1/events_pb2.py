@@ -26,21 +26,21 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchboard/v1/events.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\"\x88\x03\n\x0eLifecycleEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.switchboard.v1.LifecycleKind\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x0e\n\x06prompt\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x10\n\x08progress\x18\x0b \x01(\x01\x12\x0f\n\x07\x63ontent\x18\x0c \x01(\t\x12$\n\x05usage\x18\r \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\x15\n\rfinish_reason\x18\x0e \x01(\t\x12$\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x15.switchboard.v1.Error\"\xd3\x01\n\x03Job\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x32\n\x07options\x18\x06 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\x12\x30\n\x0csubmitted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"\x9a\x01\n\nQueueStats\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x1b\n\x13waiting_by_priority\x18\x02 \x03(\r\x12\x12\n\nfree_slots\x18\x03 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x04 \x01(\r\x12\x12\n\nmean_run_s\x18\x05 \x01(\x01\x12\x11\n\tmax_depth\x18\x06 \x01(\r\x12\x10\n\x08oldest_s\x18\x07 \x01(\x01\"F\n\nQueueBoard\x12*\n\x06queues\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.QueueStats\x12\x0c\n\x04node\x18\x02 \x01(\t*\xbd\x01\n\rLifecycleKind\x12\x1e\n\x1aLIFECYCLE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15LIFECYCLE_KIND_QUEUED\x10\x01\x12\x1a\n\x16LIFECYCLE_KIND_STARTED\x10\x02\x12\x1c\n\x18LIFECYCLE_KIND_COMPLETED\x10\x03\x12\x19\n\x15LIFECYCLE_KIND_FAILED\x10\x04\x12\x1c\n\x18LIFECYCLE_KIND_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchboard/v1/events.proto\x12\x0eswitchboard.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bswitchboard/v1/common.proto\"\x88\x03\n\x0eLifecycleEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.switchboard.v1.LifecycleKind\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.switchboard.v1.TaskStatus\x12\x0e\n\x06prompt\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x10\n\x08progress\x18\x0b \x01(\x01\x12\x0f\n\x07\x63ontent\x18\x0c \x01(\t\x12$\n\x05usage\x18\r \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\x15\n\rfinish_reason\x18\x0e \x01(\t\x12$\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x15.switchboard.v1.Error\"\xd3\x01\n\x03Job\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x32\n\x07options\x18\x06 \x01(\x0b\x32!.switchboard.v1.GenerationOptions\x12\x30\n\x0csubmitted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"\xac\x01\n\nQueueStats\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x1b\n\x13waiting_by_priority\x18\x02 \x03(\r\x12\x12\n\nfree_slots\x18\x03 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x04 \x01(\r\x12\x12\n\nmean_run_s\x18\x05 \x01(\x01\x12\x11\n\tmax_depth\x18\x06 \x01(\r\x12\x10\n\x08oldest_s\x18\x07 \x01(\x01\x12\x10\n\x08\x66inished\x18\x08 \x01(\x04\"F\n\nQueueBoard\x12*\n\x06queues\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.QueueStats\x12\x0c\n\x04node\x18\x02 \x01(\t*\xbd\x01\n\rLifecycleKind\x12\x1e\n\x1aLIFECYCLE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15LIFECYCLE_KIND_QUEUED\x10\x01\x12\x1a\n\x16LIFECYCLE_KIND_STARTED\x10\x02\x12\x1c\n\x18LIFECYCLE_KIND_COMPLETED\x10\x03\x12\x19\n\x15LIFECYCLE_KIND_FAILED\x10\x04\x12\x1c\n\x18LIFECYCLE_KIND_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LIFECYCLEKIND']._serialized_start=948
-  _globals['_LIFECYCLEKIND']._serialized_end=1137
+  _globals['_LIFECYCLEKIND']._serialized_start=966
+  _globals['_LIFECYCLEKIND']._serialized_end=1155
   _globals['_LIFECYCLEEVENT']._serialized_start=110
   _globals['_LIFECYCLEEVENT']._serialized_end=502
   _globals['_JOB']._serialized_start=505
   _globals['_JOB']._serialized_end=716
   _globals['_QUEUESTATS']._serialized_start=719
-  _globals['_QUEUESTATS']._serialized_end=873
-  _globals['_QUEUEBOARD']._serialized_start=875
-  _globals['_QUEUEBOARD']._serialized_end=945
+  _globals['_QUEUESTATS']._serialized_end=891
+  _globals['_QUEUEBOARD']._serialized_start=893
+  _globals['_QUEUEBOARD']._serialized_end=963
 # @@protoc_insertion_point(module_scope)

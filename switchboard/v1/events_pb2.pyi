@@ -181,6 +181,7 @@ class QueueStats(_message.Message):
     MEAN_RUN_S_FIELD_NUMBER: _builtins.int
     MAX_DEPTH_FIELD_NUMBER: _builtins.int
     OLDEST_S_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     free_slots: _builtins.int
     concurrency: _builtins.int
@@ -190,6 +191,8 @@ class QueueStats(_message.Message):
     """waiting tasks beyond which new ones are refused"""
     oldest_s: _builtins.float
     """how long its longest-waiting job has waited (0: none waits)"""
+    finished: _builtins.int
+    """runs finished since the node started (rates: the dashboard)"""
     @_builtins.property
     def waiting_by_priority(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """index = priority, 0 (first) to 9"""
@@ -204,10 +207,11 @@ class QueueStats(_message.Message):
         mean_run_s: _builtins.float = ...,
         max_depth: _builtins.int = ...,
         oldest_s: _builtins.float = ...,
+        finished: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "free_slots", b"free_slots", "max_depth", b"max_depth", "mean_run_s", b"mean_run_s", "oldest_s", b"oldest_s", "queue", b"queue", "waiting_by_priority", b"waiting_by_priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "finished", b"finished", "free_slots", b"free_slots", "max_depth", b"max_depth", "mean_run_s", b"mean_run_s", "oldest_s", b"oldest_s", "queue", b"queue", "waiting_by_priority", b"waiting_by_priority"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,6 +40,7 @@ ANSWER = ["Hello", " from", " the", " fake", " provider"]
 NO_SNAPSHOT = "\u2013"  # what admin.html shows in #sockets until a snapshot comes
 OVERLOADED = api_error("The server is overloaded or not ready yet.", "server_error")
 SECONDS = re.compile(r"^\d+\.\d$")  # how the page shows a wait or a lag
+NONZERO_RATE = re.compile(r"^(0\.[1-9]|[1-9]\d*\.\d)$")  # a throughput above 0, as shown
 
 
 def ms(seconds: float) -> float:
@@ -179,8 +180,10 @@ async def test_a_task_shows_up_progresses_and_leaves_the_list_when_done(
                 assert pushes[-1][0] == "llm_response", pushes[-3:]
             finally:
                 follower.cancel()
-            # Ended: no longer an active task, gone at the next snapshot.
+            # Ended: no longer an active task, gone at the next snapshot, and counted in its
+            # queue's runs finished per second (over the last 10 s: at least 0.1).
             await expect(dashboard.task_row(task_id)).to_have_count(0, timeout=ms(5))
+            await expect(queue.nth(7)).to_have_text(NONZERO_RATE, timeout=ms(5))
         await dashboard.screenshot("task-done")
         assert dashboard.errors == []
 

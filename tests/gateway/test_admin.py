@@ -11,6 +11,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from gateway_svc.admin import _Board
 from gateway_svc.direct_submit import DirectSubmit
 from persistence_svc.consumer import DURABLE_NAME, consumer_config
 from svckit.catalog import ModelCatalog
@@ -146,6 +147,7 @@ async def test_the_snapshot_shows_history_backlog_and_lag_and_each_queues_oldest
                     "mean_run_s": 0.725,
                     "max_depth": 20,
                     "oldest_s": 7.25,  # the longest wait of any node
+                    "throughput_per_s": 0.0,  # one board per node: no rate yet
                 }
             ]
 
@@ -208,3 +210,23 @@ async def test_every_admin_channel_gets_the_one_snapshot_made_per_refresh() -> N
 
         await eventually(none_left)
         assert refresher.cancelled()  # the last one to leave stopped it
+
+
+def test_a_queues_throughput_is_its_runs_finished_per_second_over_the_window() -> None:
+    def stats(finished: int) -> events_pb2.QueueBoard:
+        queue = events_pb2.QueueStats(queue="default", finished=finished)
+        return events_pb2.QueueBoard(queues=[queue], node="a")
+
+    known = _Board(stats(100), 0.0)
+    known.heard(stats(100), 0.0)
+    assert known.throughput("default") == 0.0  # one board: no rate yet
+    known.heard(stats(110), 2.0)
+    known.heard(stats(130), 4.0)
+    assert known.throughput("default") == pytest.approx(7.5)  # 30 runs in 4 s
+    known.heard(stats(150), 12.0)  # the board of 0 s is out of the window now
+    assert known.throughput("default") == pytest.approx(4.0)  # 40 runs in 10 s
+    known.heard(stats(3), 13.0)  # the node restarted: its counts began again
+    assert known.throughput("default") == 0.0
+    known.heard(stats(13), 15.0)
+    assert known.throughput("default") == pytest.approx(5.0)
+    assert known.throughput("other") == 0.0
