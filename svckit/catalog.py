@@ -97,5 +97,6 @@ def job_of(request: tasks_pb2.SubmitRequest, model: ResolvedModel) -> events_pb2
         options=request.options,
         traceparent=request.traceparent,
     )
-    job.submitted_at.GetCurrentTime()
+    # Set by hand: Timestamp.GetCurrentTime goes through datetime (6 us against 0.7).
+    job.submitted_at.seconds, job.submitted_at.nanos = divmod(time.time_ns(), 1_000_000_000)
     return job
