@@ -39,6 +39,7 @@ from svckit.catalog import ModelCatalog
 from svckit.errors import ServiceError, typed
 from svckit.lifecycle import cancel_and_wait
 from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX, is_snapshot
+from svckit.preferences import check_preferences
 from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ class UserChannel:
         )
         self.deps.preferences.stored(self.user, prefs)
         response: dict[str, Any] = {
-            "preferences": {"default_model": prefs.default_model},
+            "preferences": preferences_payload(prefs),
             "counts": {**dict(counts.by_status), "total": counts.total},
         }
         last_seq = params.get("last_seq")
@@ -453,19 +454,59 @@ class UserChannel:
                 raise result
 
     async def _set_preferences(self, payload: dict[str, Any]) -> dict[str, Any]:
-        model = payload.get("default_model", "")
-        if not isinstance(model, str):
-            raise _invalid("default_model must be a string")
-        if model and self.deps.catalog is not None:
-            await self.deps.catalog.resolve(model)  # MODEL_NOT_FOUND for an unknown model
+        """Change the fields given and keep the others: read, change, write the whole back
+        (UserService stores preferences as a whole)."""
+        changes = _preference_changes(payload)
         users = self.deps.preferences.users
         ask = history_pb2.GetPreferencesRequest(user_id=self.user)
         current = await typed(users.GetPreferences(ask, timeout=CALL_TIMEOUT_S))
-        current.default_model = model
+        for key, value in changes.items():
+            if key == "extra":
+                current.extra.clear()  # given as a whole: a key left out is removed
+                current.extra.update(value)
+            else:
+                setattr(current, key, value)
+        check_preferences(current)  # refused whole if any field is bad: nothing half applied
+        model = changes.get("default_model")
+        if model and self.deps.catalog is not None:
+            await self.deps.catalog.resolve(model)  # MODEL_NOT_FOUND for an unknown model
         store = history_pb2.SetPreferencesRequest(user_id=self.user, preferences=current)
         stored = await typed(users.SetPreferences(store, timeout=CALL_TIMEOUT_S))
         self.deps.preferences.stored(self.user, stored)
-        return {"default_model": stored.default_model}
+        return preferences_payload(stored)
+
+
+def preferences_payload(prefs: history_pb2.Preferences) -> dict[str, Any]:
+    """The preferences as the join and set_preferences replies show them."""
+    return {
+        "default_model": prefs.default_model,
+        "name": prefs.name,
+        "email": prefs.email,
+        "extra": dict(prefs.extra),
+    }
+
+
+def _preference_changes(payload: dict[str, Any]) -> dict[str, Any]:
+    """The fields set_preferences was given, of the right JSON types (their values are
+    checked with the merged whole, by svckit/preferences.py)."""
+    changes: dict[str, Any] = {}
+    for key in ("default_model", "name", "email"):
+        if key in payload:
+            changes[key] = _string(payload[key], key)
+    if "extra" in payload:
+        extra = payload["extra"]
+        if not isinstance(extra, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in extra.items()
+        ):
+            raise _invalid("extra must be an object of strings")
+        changes["extra"] = dict(extra)
+    return changes
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise _invalid(f"{key} must be a string")
+    return value
 
 
 def _kind_name(kind: events_pb2.LifecycleKind.ValueType) -> str:

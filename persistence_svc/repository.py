@@ -31,7 +31,6 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from alembic.util import CommandError as AlembicError
-from google.protobuf.json_format import MessageToDict
 from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -43,6 +42,7 @@ from persistence_svc.events import STATUS_NAMES, ParsedEvent, parse_event
 from persistence_svc.known_users import KnownUsers
 from persistence_svc.plan import plan_batch
 from persistence_svc.rows import (
+    preferences_json,
     task_select,
     to_history_task,
     to_lifecycle_event,
@@ -472,7 +472,7 @@ class Repository:
                 {
                     "id": uuid.uuid4(),
                     "external_id": ext,
-                    "name": ext,
+                    "name": "",  # until the user gives one (set_preferences)
                     "email": None,
                     "preferences": {},
                     "created_at": now,
@@ -591,22 +591,27 @@ class Repository:
         return [to_lifecycle_event(payload) for payload in payloads]
 
     async def get_preferences(self, user_id: str) -> history_pb2.Preferences:
-        """A user's preferences (external id); the user row is created on first sight."""
+        """A user's preferences, name and email (external id); the user row is created on
+        first sight."""
+        users = models.users
         await self.ensure_schema()
         async with boundary(), self.engine.begin() as conn:
             await self._ensure_users({user_id}, conn, datetime.now(UTC))
-            stored = (
+            stored, name, email = (
                 await conn.execute(
-                    select(models.users.c.preferences).where(models.users.c.external_id == user_id)
+                    select(users.c.preferences, users.c.name, users.c.email).where(
+                        users.c.external_id == user_id
+                    )
                 )
-            ).scalar_one()
-        return to_preferences(stored)
+            ).one()
+        return to_preferences(stored, name, email)
 
     async def set_preferences(
         self, user_id: str, preferences: history_pb2.Preferences
     ) -> history_pb2.Preferences:
-        """Replace a user's preferences as a whole; returns what is stored."""
-        value = MessageToDict(preferences, preserving_proto_field_name=True)
+        """Replace a user's preferences, name and email as a whole; returns what is stored."""
+        value = preferences_json(preferences)
+        email = preferences.email or None  # none given: NULL, as for a user never asked
         now = datetime.now(UTC)
         await self.ensure_schema()
         async with boundary(), self.engine.begin() as conn:
@@ -614,9 +619,9 @@ class Repository:
             await conn.execute(
                 update(models.users)
                 .where(models.users.c.external_id == user_id)
-                .values(preferences=value, updated_at=now)
+                .values(preferences=value, name=preferences.name, email=email, updated_at=now)
             )
-        return to_preferences(value)
+        return to_preferences(value, preferences.name, email)
 
 
 def _event_row(event: ParsedEvent) -> dict[str, Any]:

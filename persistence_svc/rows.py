@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from google.protobuf.json_format import ParseDict, ParseError
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from sqlalchemy import Row, Text, func, select
 
 from persistence_svc import models
@@ -72,8 +72,25 @@ def to_lifecycle_event(payload: dict[str, Any]) -> events_pb2.LifecycleEvent:
         raise StorageRejected(f"unreadable event payload: {error}") from error
 
 
-def to_preferences(stored: dict[str, Any] | None) -> history_pb2.Preferences:
+def to_preferences(
+    stored: dict[str, Any] | None, name: str | None = "", email: str | None = None
+) -> history_pb2.Preferences:
+    """A user's Preferences from the row: the preferences JSON, and name and email from
+    their own columns (email NULL when none is given)."""
     try:
-        return ParseDict(stored or {}, history_pb2.Preferences(), ignore_unknown_fields=True)
+        preferences = ParseDict(stored or {}, history_pb2.Preferences(), ignore_unknown_fields=True)
     except ParseError as error:
         raise StorageRejected(f"unreadable preferences: {error}") from error
+    # The columns win over anything the JSON held: they are where these are written.
+    preferences.name, preferences.email = name or "", email or ""
+    return preferences
+
+
+def preferences_json(preferences: history_pb2.Preferences) -> dict[str, Any]:
+    """What users.preferences holds of `preferences`: all but name and email, which have
+    columns of their own (one place each, so the two can never disagree)."""
+    rest = history_pb2.Preferences()
+    rest.CopyFrom(preferences)
+    rest.ClearField("name")
+    rest.ClearField("email")
+    return MessageToDict(rest, preserving_proto_field_name=True)

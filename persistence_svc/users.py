@@ -14,14 +14,9 @@ from cachetools import TTLCache
 
 from persistence_svc.repository import Repository
 from persistence_svc.service import Context, call_storage, require_user
-from svckit.errors import Code, ServiceError, rpc
+from svckit.errors import rpc
+from svckit.preferences import check_preferences
 from switchboard.v1 import history_pb2, history_pb2_grpc
-
-# Limits that keep one user's preferences small (the row is read on every cache miss).
-MAX_MODEL_NAME = 255
-MAX_EXTRA_ENTRIES = 64
-MAX_EXTRA_KEY = 128
-MAX_EXTRA_VALUE = 4096
 
 
 class PreferencesCache:
@@ -53,25 +48,6 @@ class PreferencesCache:
         return len(self._entries)
 
 
-def validate_preferences(preferences: history_pb2.Preferences) -> None:
-    texts = [preferences.default_model, *preferences.extra.keys(), *preferences.extra.values()]
-    if any("\x00" in text for text in texts):
-        raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "preferences cannot hold NUL")
-    if len(preferences.default_model) > MAX_MODEL_NAME:
-        raise ServiceError(Code.ERROR_CODE_INVALID_REQUEST, "default_model is too long")
-    if len(preferences.extra) > MAX_EXTRA_ENTRIES:
-        raise ServiceError(
-            Code.ERROR_CODE_INVALID_REQUEST, f"at most {MAX_EXTRA_ENTRIES} extra preferences"
-        )
-    for key, value in preferences.extra.items():
-        if not key or len(key) > MAX_EXTRA_KEY or len(value) > MAX_EXTRA_VALUE:
-            raise ServiceError(
-                Code.ERROR_CODE_INVALID_REQUEST,
-                f"extra keys must be 1-{MAX_EXTRA_KEY} characters, values at most "
-                f"{MAX_EXTRA_VALUE}",
-            )
-
-
 class UserService(history_pb2_grpc.UserServiceServicer):
     def __init__(self, repository: Repository, cache: PreferencesCache | None = None) -> None:
         self.repository = repository
@@ -94,7 +70,7 @@ class UserService(history_pb2_grpc.UserServiceServicer):
         self, request: history_pb2.SetPreferencesRequest, context: Context
     ) -> history_pb2.Preferences:
         require_user(request.user_id)
-        validate_preferences(request.preferences)
+        check_preferences(request.preferences)
         stored = await call_storage(
             self.repository.set_preferences(request.user_id, request.preferences)
         )

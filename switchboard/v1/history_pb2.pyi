@@ -399,6 +399,10 @@ Global___TaskSnapshot: _TypeAlias = TaskSnapshot  # noqa: Y015
 
 @_typing.final
 class Preferences(_message.Message):
+    """The user's settings and profile. default_model and extra are kept in users.preferences;
+    name and email in their own columns (users.name, users.email), so they can be queried.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -423,8 +427,14 @@ class Preferences(_message.Message):
 
     DEFAULT_MODEL_FIELD_NUMBER: _builtins.int
     EXTRA_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
     default_model: _builtins.str
     """empty: the service default"""
+    name: _builtins.str
+    """the user's display name; empty: none given"""
+    email: _builtins.str
+    """empty: none given (stored as NULL)"""
     @_builtins.property
     def extra(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -432,10 +442,12 @@ class Preferences(_message.Message):
         *,
         default_model: _builtins.str = ...,
         extra: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        name: _builtins.str = ...,
+        email: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_model", b"default_model", "extra", b"extra"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_model", b"default_model", "email", b"email", "extra", b"extra", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -359,7 +359,8 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetPreferences(self, request, context):
-        """Replaces the user's preferences as a whole and returns what is stored.
+        """Replaces the user's preferences as a whole (name and email too) and returns what is
+        stored: to change one field, read, change it, and write the whole back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

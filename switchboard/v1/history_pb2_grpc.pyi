@@ -132,7 +132,9 @@ class UserServiceStub:
     def __new__(cls, channel: _aio.Channel) -> UserServiceAsyncStub: ...
     GetPreferences: _grpc.UnaryUnaryMultiCallable[_history_pb2.GetPreferencesRequest, _history_pb2.Preferences]
     SetPreferences: _grpc.UnaryUnaryMultiCallable[_history_pb2.SetPreferencesRequest, _history_pb2.Preferences]
-    """Replaces the user's preferences as a whole and returns what is stored."""
+    """Replaces the user's preferences as a whole (name and email too) and returns what is
+    stored: to change one field, read, change it, and write the whole back.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -144,7 +146,9 @@ class UserServiceAsyncStub(UserServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetPreferences: _aio.UnaryUnaryMultiCallable[_history_pb2.GetPreferencesRequest, _history_pb2.Preferences]  # type: ignore[assignment]
     SetPreferences: _aio.UnaryUnaryMultiCallable[_history_pb2.SetPreferencesRequest, _history_pb2.Preferences]  # type: ignore[assignment]
-    """Replaces the user's preferences as a whole and returns what is stored."""
+    """Replaces the user's preferences as a whole (name and email too) and returns what is
+    stored: to change one field, read, change it, and write the whole back.
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """---- Users' preferences --------------------------------------------------------------
@@ -165,6 +169,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _history_pb2.SetPreferencesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_history_pb2.Preferences, _abc.Awaitable[_history_pb2.Preferences]]:
-        """Replaces the user's preferences as a whole and returns what is stored."""
+        """Replaces the user's preferences as a whole (name and email too) and returns what is
+        stored: to change one field, read, change it, and write the whole back.
+        """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -107,7 +107,14 @@ async def test_preferences_choose_the_model_when_a_push_names_none(
             refused = await history.push("set_preferences", {"default_model": "nope-9"})
             assert not refused.ok and refused.response["reason"] == "model_not_found"
             stored = await history.push("set_preferences", {"default_model": MODEL})
-            assert stored.ok and stored.response == {"default_model": MODEL}
+            assert stored.ok, stored.response
+            # The reply is the whole stored profile; the fields not given are as they were.
+            assert stored.response == {
+                "default_model": MODEL,
+                "name": "",
+                "email": "",
+                "extra": {},
+            }
 
             task = await client.join(f"task:{uuid.uuid4()}")
             ack = await task.push("llm_generate", {"prompt": "Which model am I?"})

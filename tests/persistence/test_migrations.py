@@ -330,3 +330,34 @@ async def test_0004_keys_tombstones_by_task_and_user_and_its_downgrade_keeps_one
     }
     await migrate.upgrade(empty_database_url)
     assert await _inspect(empty_database_url, _diff) == []
+
+
+async def test_0005_clears_the_names_that_were_copies_of_the_external_id(
+    empty_database_url: str,
+) -> None:
+    await migrate.upgrade(empty_database_url, "0004")
+    engine = create_engine(empty_database_url)
+    users = models.users
+    try:
+        async with engine.begin() as conn:
+            now = datetime.now(UTC)
+            for external_id, name in (("alice", "alice"), ("bob", "Bob B.")):
+                await conn.execute(
+                    insert(users).values(
+                        id=uuid.uuid4(),
+                        external_id=external_id,
+                        name=name,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+    finally:
+        await engine.dispose()
+    await migrate.upgrade(empty_database_url)
+
+    def names(connection: Connection) -> dict[str, str]:
+        rows = connection.execute(select(users.c.external_id, users.c.name))
+        return {external_id: name for external_id, name in rows}
+
+    # alice's name was her id, as rows were created before: cleared; bob's own is kept.
+    assert await _inspect(empty_database_url, names) == {"alice": "", "bob": "Bob B."}

@@ -53,6 +53,38 @@ async def test_set_replaces_the_preferences_as_a_whole(repository: Repository) -
     assert await repository.get_preferences("bob") == history_pb2.Preferences()
 
 
+async def profile_row(repo: Repository, user_id: str) -> tuple[str, str | None, object]:
+    users = models.users
+    query = select(users.c.name, users.c.email, users.c.preferences).where(
+        users.c.external_id == user_id
+    )
+    async with repo.engine.connect() as conn:
+        name, email, stored = (await conn.execute(query)).one()
+        return name, email, stored
+
+
+async def test_name_and_email_are_stored_in_their_columns_and_read_back(
+    repository: Repository,
+) -> None:
+    await repository.get_preferences("erin")  # first sight: no name, no email
+    assert await profile_row(repository, "erin") == ("", None, {})
+    wanted = history_pb2.Preferences(
+        default_model="gpt-x", extra={"theme": "dark"}, name="Erin Ö", email="erin@example.com"
+    )
+    assert await repository.set_preferences("erin", wanted) == wanted
+    assert await repository.get_preferences("erin") == wanted
+    # In users.name and users.email, and only there: the JSON keeps the rest.
+    assert await profile_row(repository, "erin") == (
+        "Erin Ö",
+        "erin@example.com",
+        {"default_model": "gpt-x", "extra": {"theme": "dark"}},
+    )
+    cleared = history_pb2.Preferences(default_model="gpt-x", name="Erin Ö")
+    assert await repository.set_preferences("erin", cleared) == cleared
+    assert (await profile_row(repository, "erin"))[:2] == ("Erin Ö", None)  # cleared: NULL
+    assert await repository.get_preferences("erin") == cleared
+
+
 def test_cache_is_a_bounded_lru_with_a_time_to_live() -> None:
     now = [0.0]
     cache = PreferencesCache(max_entries=2, ttl_s=10.0, clock=lambda: now[0])
@@ -118,6 +150,7 @@ async def test_preferences_over_grpc_write_through(
     )
     assert empty == history_pb2.Preferences()
     wanted = prefs("gpt-x", theme="dark")
+    wanted.name, wanted.email = "Alice", "alice@example.com"
     stored = await users.SetPreferences(
         history_pb2.SetPreferencesRequest(user_id="alice", preferences=wanted),
         timeout=timeout(5),
@@ -149,6 +182,16 @@ async def test_preferences_over_grpc_write_through(
         history_pb2.SetPreferencesRequest(user_id="alice", preferences=prefs(**{"k": "v" * 5000})),
         history_pb2.SetPreferencesRequest(
             user_id="alice", preferences=prefs(**{f"k{i}": "v" for i in range(65)})
+        ),
+        # Name and email: their columns' bounds, and an address's shape (svckit/preferences.py).
+        history_pb2.SetPreferencesRequest(
+            user_id="alice", preferences=history_pb2.Preferences(name="n" * 256)
+        ),
+        history_pb2.SetPreferencesRequest(
+            user_id="alice", preferences=history_pb2.Preferences(email="not an address")
+        ),
+        history_pb2.SetPreferencesRequest(
+            user_id="alice", preferences=history_pb2.Preferences(name="a\x00b")
         ),
     ],
 )
