@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -48,15 +46,6 @@ from tests.persistence.factory import completed_lifecycle
 from tests.persistence.helpers import Stubs, served
 
 Status = common_pb2.TaskStatus
-
-
-@pytest.fixture
-async def repository(tmp_path: Path) -> AsyncIterator[Repository]:
-    repo = await Repository.open(f"sqlite+aiosqlite:///{tmp_path / 'history.db'}")
-    try:
-        yield repo
-    finally:
-        await repo.close()
 
 
 async def tombstones(repo: Repository) -> dict[tuple[str, str], bool]:

@@ -5,8 +5,6 @@ users.email; a bad value is refused with `invalid_request` and changes nothing."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,15 +15,6 @@ from persistence_svc import models
 from persistence_svc.repository import Repository
 from tests.gateway.live import running_stack
 from tests.persistence.helpers import served
-
-
-@pytest.fixture
-async def repository(tmp_path: Path) -> AsyncIterator[Repository]:
-    repo = await Repository.open(f"sqlite+aiosqlite:///{tmp_path / 'history.db'}")
-    try:
-        yield repo
-    finally:
-        await repo.close()
 
 
 async def columns(repo: Repository, user_id: str) -> tuple[str, str | None]:
