@@ -140,6 +140,16 @@ class Dashboard:
     _round: int = 0
     _published: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def watchers(self) -> int:
+        """Admin channels joined now."""
+        return self._watchers
+
+    @property
+    def refresher(self) -> asyncio.Task[None] | None:
+        """The task making the shared snapshots (None while no admin watches)."""
+        return self._refresher
+
     async def start(self) -> None:
         if self.nc is not None:
             self._sub = await self.nc.subscribe(QUEUE_BOARD_SUBJECT, cb=self._heard)

@@ -196,17 +196,17 @@ async def test_every_admin_channel_gets_the_one_snapshot_made_per_refresh() -> N
             await first.close()
 
             async def one_admin_left() -> bool:
-                return dashboard._watchers == 1
+                return dashboard.watchers == 1
 
             await eventually(one_admin_left)
-            refresher = dashboard._refresher
+            refresher = dashboard.refresher
             assert refresher is not None and not refresher.done()
             after_first_left = len(made)
             while (await recv(second))[4]["made"] <= after_first_left:
                 pass  # older ones, sent before: still refreshed for the one left
 
         async def none_left() -> bool:
-            return dashboard._refresher is None
+            return dashboard.refresher is None
 
         await eventually(none_left)
         assert refresher.cancelled()  # the last one to leave stopped it

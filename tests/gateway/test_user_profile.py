@@ -5,6 +5,8 @@ users.email; a bad value is refused with `invalid_request` and changes nothing."
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,6 +17,17 @@ from persistence_svc import models
 from persistence_svc.repository import Repository
 from tests.gateway.live import running_stack
 from tests.persistence.helpers import served
+
+
+@contextlib.asynccontextmanager
+async def alices_socket(repository: Repository) -> AsyncIterator[PhoenixClient]:
+    """alice's socket on a gateway whose history is a real UserService on `repository`."""
+    async with (
+        served(repository) as history,
+        running_stack(history_svc_addr=history.address) as stack,
+        await PhoenixClient.connect(stack.base, token=stack.token("alice")) as alice,
+    ):
+        yield alice
 
 
 async def columns(repo: Repository, user_id: str) -> tuple[str, str | None]:
@@ -36,11 +49,7 @@ PROFILE: dict[str, Any] = {
 async def test_set_then_rejoin_shows_the_profile_and_unset_fields_are_kept(
     repository: Repository,
 ) -> None:
-    async with (
-        served(repository) as history,
-        running_stack(history_svc_addr=history.address) as stack,
-        await PhoenixClient.connect(stack.base, token=stack.token("alice")) as alice,
-    ):
+    async with alices_socket(repository) as alice:
         channel = await alice.join("user:alice")
         assert channel.join_response["preferences"] == {
             "default_model": "",
@@ -87,11 +96,7 @@ async def test_set_then_rejoin_shows_the_profile_and_unset_fields_are_kept(
 async def test_bad_values_are_refused_with_invalid_request_and_change_nothing(
     repository: Repository, payload: dict[str, Any], message: str
 ) -> None:
-    async with (
-        served(repository) as history,
-        running_stack(history_svc_addr=history.address) as stack,
-        await PhoenixClient.connect(stack.base, token=stack.token("alice")) as alice,
-    ):
+    async with alices_socket(repository) as alice:
         channel = await alice.join("user:alice")
         assert (await channel.push("set_preferences", PROFILE)).ok
         # A good field beside the bad one is not applied either.
