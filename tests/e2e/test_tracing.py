@@ -101,7 +101,7 @@ async def test_a_generation_is_one_trace_across_the_four_services(
         # client has its answer, so wait for the whole set rather than for four services.
         async def the_generation_trace() -> set[tuple[str, str]] | None:
             for spans in receiver.by_trace().values():
-                if EXPECTED <= spans:
+                if EXPECTED.issubset(spans):
                     return spans
             return None
 
