@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import faulthandler
 import gc
 import logging
 import os
@@ -23,6 +24,12 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 Main = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+# A shutdown still going after this long is stuck on something: what every task is waiting
+# on is logged, and every thread's stack is written to stderr a second later (faulthandler's
+# own thread, so even a blocked event loop is seen), before a launcher's kill (tests: 20 s,
+# Kubernetes: terminationGracePeriodSeconds) leaves nothing to read.
+SLOW_SHUTDOWN_S = 15.0
 
 
 def install_stop_handlers(stop: asyncio.Event) -> None:
@@ -87,11 +94,36 @@ def run_service(name: str, main: Main, log_level: str = "INFO") -> None:
     async def entry() -> None:
         stop = asyncio.Event()
         install_stop_handlers(stop)
-        await main(stop)
+        watchdog = asyncio.create_task(report_slow_shutdown(stop), name="shutdown watchdog")
+        try:
+            await main(stop)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            await cancel_and_wait(watchdog)
 
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(entry())
     log.info("stopped")
+
+
+async def report_slow_shutdown(stop: asyncio.Event, after_s: float = SLOW_SHUTDOWN_S) -> None:
+    """Once `stop` is set, wait `after_s`; if the process is still shutting down by then,
+    log what each asyncio task is waiting on (and have faulthandler dump the threads)."""
+    await stop.wait()
+    faulthandler.dump_traceback_later(after_s + 1, exit=False)
+    await asyncio.sleep(after_s)
+    current = asyncio.current_task()
+    waiting = [_where(task) for task in asyncio.all_tasks() if task is not current]
+    log.error("shutdown is slow; still waiting", extra={"after_s": after_s, "tasks": waiting})
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    frames = task.get_stack()
+    where = " <- ".join(
+        f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})"
+        for frame in reversed(frames)
+    )
+    return f"{task.get_name()}: {where or 'not started'}"
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:

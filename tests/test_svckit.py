@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import random
 from collections.abc import AsyncGenerator
@@ -22,6 +23,7 @@ from svckit import tracing
 from svckit.backoff import full_jitter
 from svckit.errors import ERRORS, ServiceError
 from svckit.grpc_server import GrpcServer, insecure_channel
+from svckit.lifecycle import cancel_and_wait, report_slow_shutdown
 from svckit.logs import JsonFormatter
 from svckit.nats import (
     NO_PEERS_FOR_PLACEMENT,
@@ -227,3 +229,28 @@ async def _logs(msg: str) -> None:
 async def _no_events() -> AsyncGenerator[int, None]:
     return
     yield  # pragma: no cover - makes this an async generator
+
+
+async def test_a_stuck_shutdown_logs_what_each_task_waits_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stuck = asyncio.Event()
+
+    async def hand_over_forever() -> None:
+        await stuck.wait()
+
+    holder = asyncio.create_task(hand_over_forever(), name="shard 3")
+    stop = asyncio.Event()
+    watchdog = asyncio.create_task(report_slow_shutdown(stop, after_s=0.01))
+    try:
+        await asyncio.sleep(0)
+        assert not watchdog.done()  # nothing is reported before shutdown starts
+        with caplog.at_level(logging.ERROR, logger="svckit.lifecycle"):
+            stop.set()
+            await watchdog
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        await cancel_and_wait(holder, watchdog)
+    [record] = [r for r in caplog.records if r.getMessage() == "shutdown is slow; still waiting"]
+    [line] = [t for t in record.tasks if t.startswith("shard 3:")]  # type: ignore[attr-defined]
+    assert "hand_over_forever" in line and "test_svckit.py" in line

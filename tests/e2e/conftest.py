@@ -46,8 +46,9 @@ async def running_stack(
             yield stack
         finally:
             codes = await stack.stop()
-            _dump_logs_on_failure(request, config.var_dir)
-        assert all(code == 0 for code in codes.values()), f"unclean shutdown: {codes}"
+            clean = all(code == 0 for code in codes.values())
+            _dump_logs_on_failure(request, config.var_dir, clean)
+        assert clean, f"unclean shutdown: {codes}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -63,12 +64,12 @@ async def sqlite_stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield running
 
 
-def _dump_logs_on_failure(request: pytest.FixtureRequest, var_dir: Path) -> None:
+def _dump_logs_on_failure(request: pytest.FixtureRequest, var_dir: Path, clean: bool) -> None:
     report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
+    if not clean or (report is not None and report.failed):
         for log in sorted((var_dir / "logs").glob("*.log")):
-            print(f"----- {log.name} (last 60 lines)")
-            print("\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+            print(f"----- {log.name} (last 150 lines)")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-150:]))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
