@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from svckit.catalog import ModelCatalog, job_of
 from svckit.errors import ServiceError
 from svckit.nats import QUEUE_BOARD_SUBJECT, close_nats, store_job
+from svckit.pubacks import AckedPublisher
 from svckit.queueing import eta_ms, queue_full
 from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
 
@@ -94,7 +95,7 @@ class DirectSubmit:
     ) -> None:
         self.nc = nc
         self.llm_channel = llm_channel  # the catalogue's, closed with this
-        self.js = nc.jetstream()
+        self.acks = AckedPublisher(nc)
         self.catalog = catalog
         self.max_age_s = max_age_s
         self.board = QueueBoard()
@@ -128,9 +129,7 @@ class DirectSubmit:
         job = job_of(request, resolved)
         try:
             data = job.SerializeToString()
-            ack = await store_job(
-                self.nc, self.js, request.task_id, resolved.queue, data, request.task_id
-            )
+            ack = await store_job(self.acks, request.task_id, resolved.queue, data, request.task_id)
         except (nats.errors.Error, OSError, TimeoutError) as error:
             log.warning(
                 "job not stored here; task_svc will",

@@ -64,7 +64,7 @@ class _Watch:
 
     def waiting(self, wait_s: float) -> None:
         self.due = min(self.loop.time() + wait_s, self.deadline_at)
-        self.task = task = asyncio.current_task()
+        self.task = task = asyncio.current_task(self.loop)  # the loop given: no lookup
         assert task is not None
         self.cancelling = task.cancelling()
         if self.timer is None or self.timer.when() > self.due:

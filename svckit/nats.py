@@ -23,6 +23,7 @@ from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
+from svckit.pubacks import AckedPublisher
 from svckit.shards import JOBS_SUBJECT_PREFIX, job_subject, shard_of
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,15 @@ class NotConnected(nats.errors.Error):
 
 
 async def store_job(
-    nc: Client, js: JetStreamContext, task_id: str, queue: str, job: bytes, msg_id: str
+    publisher: AckedPublisher, task_id: str, queue: str, job: bytes, msg_id: str
 ) -> PubAck:
     """Store a job on SB_JOBS and await its PubAck: the one way in, for the gateway's acks
     and task_svc's Submit alike. Deduplicated on `msg_id` within the duplicate window.
     Refused at once while NATS is disconnected: the publish would only wait in the reconnect
     buffer for a PubAck that cannot come in time."""
-    if not nc.is_connected:
+    if not publisher.nc.is_connected:
         raise NotConnected
-    return await js.publish(
+    return await publisher.publish(
         job_subject(shard_of(task_id), queue),
         job,
         timeout=PUBLISH_TIMEOUT_S,

@@ -27,6 +27,7 @@ from svckit.nats import (
     jobs_stream_config,
     task_events_stream_config,
 )
+from svckit.pubacks import AckedPublisher
 from switchboard.v1 import llm_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from task_svc.config import Settings, advertise_addr, engine_config, node_id
 from task_svc.events import LifecyclePublisher
@@ -94,7 +95,7 @@ class TaskApp:
         await ensure_stream(js, task_events_stream_config(replicas))
         llm_channel = insecure_channel(settings.llm_svc_addr)
         llm = llm_pb2_grpc.LlmServiceStub(llm_channel)
-        publisher = LifecyclePublisher(js)
+        publisher = LifecyclePublisher(AckedPublisher(nc))
         llm_client = LlmClient(llm, settings.task_llm_streams)
         store = JetStreamJobStore(
             nc,

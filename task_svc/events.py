@@ -33,6 +33,7 @@ from svckit.nats import (
     is_snapshot,
     snapshot_subject,
 )
+from svckit.pubacks import AckedPublisher
 from svckit.tracing import TRACEPARENT
 from switchboard.v1 import events_pb2, history_pb2
 from task_svc.task_state import TERMINAL
@@ -65,12 +66,12 @@ class _Item:
 class LifecyclePublisher:
     def __init__(
         self,
-        js: JetStreamContext,
+        acks: AckedPublisher,
         *,
         publish_timeout_s: float = 5.0,
         max_backoff_s: float = 2.0,
     ) -> None:
-        self.js = js
+        self.acks = acks
         self.publish_timeout_s = publish_timeout_s
         self.max_backoff_s = max_backoff_s
         self._chains: dict[str, collections.deque[_Item]] = {}  # by task id: not yet acked
@@ -135,7 +136,7 @@ class LifecyclePublisher:
         backoff = 0.05
         while True:
             try:
-                await self.js.publish(
+                await self.acks.publish(
                     item.subject, item.data, timeout=self.publish_timeout_s, headers=headers
                 )
                 return

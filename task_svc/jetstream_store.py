@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from svckit.nats import JOBS_STREAM, PUBLISH_TIMEOUT_S, store_job
+from svckit.pubacks import AckedPublisher
 from svckit.shards import queue_of, shard_subjects
 from switchboard.v1 import events_pb2, tasks_pb2
 from task_svc.consumer import JobConsumer
@@ -59,6 +60,7 @@ class JetStreamJobStore:
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        self.acks = AckedPublisher(nc)
         self.consumer_name = consumer
         self.ack_wait_s = ack_wait_s
         self.max_ack_pending = max_ack_pending
@@ -130,7 +132,7 @@ class JetStreamJobStore:
     async def put(self, spec: TaskSpec, msg_id: str) -> Put:
         with unavailable():
             job = spec.to_job().SerializeToString()
-            ack = await store_job(self.nc, self.js, spec.task_id, spec.queue, job, msg_id)
+            ack = await store_job(self.acks, spec.task_id, spec.queue, job, msg_id)
         return Put(ack.seq, bool(ack.duplicate))
 
     async def _job(self, consumer: JobConsumer, msg: Msg) -> Pending | None:

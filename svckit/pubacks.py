@@ -1,0 +1,98 @@
+"""JetStream publishes whose PubAcks come back on one reply subscription.
+
+nats-py's `js.publish` is a request: per message a random token (`secrets`, so a system
+call), an `asyncio.wait_for`, a done-callback and a `json.loads`; about 45 us of CPU on
+the client, twice what the publish itself needs (22 us measured side by side). Every
+accepted job and every lifecycle event is such a publish, on the ack's path and on the
+stream's, so `AckedPublisher` does the same thing the short way: one wildcard subscription
+on an inbox of its own, a counter for the reply subject, one timer per message.
+
+The semantics are js.publish's: the call returns the PubAck once JetStream has stored the
+message, raises `nats.js.errors.APIError` when JetStream refuses it, `NoStreamResponseError`
+when no stream takes the subject, `nats.errors.TimeoutError` when no answer comes in time
+(the message may have been stored: publish again with the same `Nats-Msg-Id` and JetStream
+keeps one). Replies lost in a reconnect time out the same way. The subscription ends with
+the connection (its drain or close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import PubAck
+
+NO_RESPONDERS = "503"  # the Status header NATS puts on a request nobody can answer
+
+
+class AckedPublisher:
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self._prefix = ""  # the reply subjects' inbox, once subscribed
+        self._subscribing: asyncio.Lock | None = None
+        self._tokens = itertools.count()
+        self._waiting: dict[str, asyncio.Future[PubAck]] = {}
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+    ) -> PubAck:
+        """Publish to JetStream and wait for its PubAck (see the module docstring)."""
+        if not self._prefix:
+            await self._subscribe()
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[PubAck] = loop.create_future()
+        self._waiting[token] = future
+        timer = loop.call_later(timeout, _time_out, future)
+        try:
+            await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            return await future
+        finally:
+            timer.cancel()
+            del self._waiting[token]
+
+    async def _subscribe(self) -> None:
+        if self._subscribing is None:
+            self._subscribing = asyncio.Lock()
+        async with self._subscribing:
+            if self._prefix:
+                return  # another publish subscribed meanwhile
+            inbox = self.nc.new_inbox()
+            await self.nc.subscribe(f"{inbox}.*", cb=self._answered)
+            self._prefix = f"{inbox}."
+
+    async def _answered(self, msg: Msg) -> None:
+        future = self._waiting.get(msg.subject[len(self._prefix) :])
+        if future is None or future.done():
+            return  # timed out meanwhile
+        try:
+            future.set_result(_pub_ack(msg))
+        except nats.errors.Error as error:
+            future.set_exception(error)
+
+
+def _pub_ack(msg: Msg) -> PubAck:
+    if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+        raise nats.js.errors.NoStreamResponseError
+    try:
+        answer = orjson.loads(msg.data)
+    except orjson.JSONDecodeError:
+        raise nats.js.errors.APIError(description="unreadable PubAck") from None
+    if "error" in answer:
+        raise nats.js.errors.APIError.from_error(answer["error"])
+    return PubAck.from_response(answer)
+
+
+def _time_out(future: asyncio.Future[PubAck]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
