@@ -37,7 +37,14 @@ async def move_legacy_jobs(js: JetStreamContext, old_consumer: str) -> int:
     """Move every pre-sharding job to its shard's subject; how many were moved."""
     with contextlib.suppress(NotFoundError):
         await js.delete_consumer(JOBS_STREAM, old_consumer)
+    # Named, and removed first: a work-queue stream takes one consumer per filter, so one
+    # left by an attempt cut short (a NATS node killed mid-request) would refuse every
+    # new one, and shard 0 with it, until its inactivity threshold ran out.
+    mover = f"{old_consumer}-legacy-move"
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(JOBS_STREAM, mover)
     config = ConsumerConfig(
+        durable_name=mover,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         filter_subject=LEGACY_SUBJECTS,

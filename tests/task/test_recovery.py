@@ -17,8 +17,9 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from svckit.grpc_server import insecure_channel
 from svckit.nats import ensure_stream, jobs_stream_config
 from svckit.shards import job_subject, shard_of
-from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from switchboard.v1 import common_pb2, events_pb2, tasks_pb2, tasks_pb2_grpc
 from task_svc.consumer import JobConsumer
+from task_svc.legacy_jobs import move_legacy_jobs
 from task_svc.task_state import TaskCore, TaskSpec
 from tests.conftest import eventually, timeout
 from tests.task.conftest import (
@@ -322,3 +323,28 @@ async def test_a_job_run_before_is_recovered_even_when_it_arrives_after_the_take
     assert events[0].progress.message == "restarted"
     assert events[0].seq > seen
     assert events[-1].completed.content == "hold twice"
+
+
+async def test_a_move_of_old_jobs_cut_short_does_not_block_the_next(nc: Client) -> None:
+    """A NATS node killed while shard 0's taker moved the old jobs left its mover consumer
+    behind; a work-queue stream takes one consumer per filter, so the next attempt must
+    not be refused (it was, until the leftover's inactivity threshold ran out)."""
+    js = nc.jetstream()
+    await ensure_stream(js, jobs_stream_config())
+    task_ids = [new_id(), new_id()]
+    for task_id in task_ids:
+        job = TaskSpec(task_id, "alice", "from before", "fake-small", 0).to_job()
+        await js.publish("switchboard.jobs.default", job.SerializeToString())
+    leftover = ConsumerConfig(
+        durable_name="task_svc-legacy-move",
+        ack_policy=AckPolicy.EXPLICIT,
+        filter_subject="switchboard.jobs.*",
+        inactive_threshold=60.0,
+    )
+    await js.add_consumer("SB_JOBS", leftover)
+
+    assert await move_legacy_jobs(js, "task_svc") == 2
+    for task_id in task_ids:
+        moved = await js.get_last_msg("SB_JOBS", job_subject(shard_of(task_id), "default"))
+        assert events_pb2.Job.FromString(moved.data or b"").task_id == task_id
+    assert [c.name for c in await js.consumers_info("SB_JOBS")] == []
