@@ -35,10 +35,15 @@ def task_id_of(topic: str) -> str | None:
         return None
 
 
+# Looked up for every progress push: protobuf's enum Name() is a Python-level call each time.
+_STATUS_NAMES = {
+    value: name.removeprefix("TASK_STATUS_").lower()
+    for name, value in common_pb2.TaskStatus.items()
+} | {Status.TASK_STATUS_UNSPECIFIED: "new"}
+
+
 def status_name(status: common_pb2.TaskStatus.ValueType) -> str:
-    if status == Status.TASK_STATUS_UNSPECIFIED:
-        return "new"
-    return common_pb2.TaskStatus.Name(status).removeprefix("TASK_STATUS_").lower()
+    return _STATUS_NAMES.get(status, "unknown")  # unknown: a status newer than this gateway
 
 
 def usage_payload(usage: common_pb2.Usage) -> dict[str, int]:

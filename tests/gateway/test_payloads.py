@@ -210,3 +210,16 @@ def test_a_handover_says_which_model_and_at_which_seq() -> None:
     name, payload = pushed
     assert name == "progress" and payload["fallback"] == {"model": "backup", "at_seq": 12}
     assert "reset" not in payload and not tp.coalescable(name, payload)
+
+
+def test_every_status_has_its_socket_name_and_a_newer_one_is_unknown() -> None:
+    names = {status: tp.status_name(status) for status in common_pb2.TaskStatus.values()}
+    assert names == {
+        common_pb2.TASK_STATUS_UNSPECIFIED: "new",
+        common_pb2.TASK_STATUS_QUEUED: "queued",
+        common_pb2.TASK_STATUS_PROCESSING: "processing",
+        common_pb2.TASK_STATUS_COMPLETED: "completed",
+        common_pb2.TASK_STATUS_FAILED: "failed",
+        common_pb2.TASK_STATUS_CANCELLED: "cancelled",
+    }
+    assert tp.status_name(99) == "unknown"  # type: ignore[arg-type]
