@@ -25,10 +25,11 @@ PR_SET_PDEATHSIG = 1  # prctl(2)
 
 Main = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
-# A shutdown still going after this long is stuck on something: what every task is waiting
-# on is logged, and every thread's stack is written to stderr a second later (faulthandler's
-# own thread, so even a blocked event loop is seen), before a launcher's kill (tests: 20 s,
-# Kubernetes: terminationGracePeriodSeconds) leaves nothing to read.
+# A shutdown still going after this long is waiting on running work (task_svc's graces add up
+# to more) or stuck: what every task is waiting on is logged, and every thread's stack is
+# written to stderr a second later (faulthandler's own thread, so even a blocked event loop is
+# seen), before a launcher's kill (tests: 20 s, Kubernetes: terminationGracePeriodSeconds)
+# leaves nothing to read.
 SLOW_SHUTDOWN_S = 15.0
 
 
@@ -114,7 +115,7 @@ async def report_slow_shutdown(stop: asyncio.Event, after_s: float = SLOW_SHUTDO
     await asyncio.sleep(after_s)
     current = asyncio.current_task()
     waiting = [_where(task) for task in asyncio.all_tasks() if task is not current]
-    log.error("shutdown is slow; still waiting", extra={"after_s": after_s, "tasks": waiting})
+    log.warning("shutdown still running", extra={"after_s": after_s, "tasks": waiting})
 
 
 def _where(task: asyncio.Task[Any]) -> str:
