@@ -49,7 +49,6 @@ from gateway_svc.routes import Owner, TaskRoutes
 from svckit.errors import ServiceError, typed
 from svckit.grpc_server import insecure_channel
 from svckit.lifecycle import cancel_and_wait
-from svckit.membership import MembershipView
 from svckit.metrics import sample
 from svckit.nats import QUEUE_BOARD_SUBJECT, TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX
 from svckit.service_auth import ADMIN
@@ -123,7 +122,6 @@ class Dashboard:
     routes: TaskRoutes
     metrics: GatewayMetrics
     llm_addr: str
-    view: MembershipView | None = None
     nc: Client | None = None
     interval_s: float = 1.0
     wall: Callable[[], float] = time.time  # against JetStream's timestamps (history lag)
@@ -191,14 +189,6 @@ class Dashboard:
             self._channels.append(channel)
             self._llm = llm_pb2_grpc.LlmServiceStub(channel)
         return self._llm
-
-    def _nodes(self) -> dict[str, str]:
-        """Every live task_svc node's address by node id (the fallback without NATS)."""
-        if self.view is not None:
-            live = {node: m.address for node, m in self.view.live().items() if m.address}
-            if live:
-                return live
-        return {"": self.routes.fallback.address}
 
     # -- the shared snapshots ----------------------------------------------------------
 
@@ -303,7 +293,7 @@ class Dashboard:
         request = tasks_pb2.ListActiveTasksRequest(limit=LIST_LIMIT)
         calls = [
             self._stub(address).ListActiveTasks(request, timeout=CALL_TIMEOUT_S)
-            for address in self._nodes().values()
+            for address in self.routes.addresses().values()
         ]
         tasks = []
         for answer in await asyncio.gather(*calls):

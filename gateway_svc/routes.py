@@ -90,11 +90,17 @@ class TaskRoutes:
             return self.fallback
         return self._at(lease.address, lease.node)
 
-    def nodes(self) -> list[Owner]:
-        """Every live task_svc node (the fallback alone while none is known)."""
+    def addresses(self) -> dict[str, str]:
+        """Every live task_svc node's address by node id (the fallback's alone, under "",
+        while none is known)."""
         live = self.view.live() if self.view is not None else {}
-        owners = {m.address: self._at(m.address, node) for node, m in live.items() if m.address}
-        return list(owners.values()) or [self.fallback]
+        addresses = {node: m.address for node, m in live.items() if m.address}
+        return addresses or {"": self.fallback.address}
+
+    def nodes(self) -> list[Owner]:
+        """Every live task_svc node, one Owner per address."""
+        owners = {address: self._at(address, node) for node, address in self.addresses().items()}
+        return list(owners.values())
 
     def _at(self, address: str, node: str) -> Owner:
         if address == self.fallback.address:

@@ -130,7 +130,6 @@ class Gateway:
             self.routes,
             self.metrics,
             settings.llm_svc_addr,
-            membership,
             direct.nc if direct is not None else None,
         )
         self.deps = ChannelDeps(

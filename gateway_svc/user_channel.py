@@ -40,6 +40,7 @@ from svckit.errors import ServiceError, typed
 from svckit.lifecycle import cancel_and_wait
 from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX, is_snapshot
 from svckit.preferences import check_preferences
+from svckit.requests import InvalidRequest
 from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -343,11 +344,11 @@ class UserChannel:
                 return await self._delete(_task_id(payload))
             case "delete_all":
                 if payload.get("confirm") != CONFIRM_DELETE_ALL:
-                    raise _invalid(f'delete_all needs "confirm": "{CONFIRM_DELETE_ALL}"')
+                    raise InvalidRequest(f'delete_all needs "confirm": "{CONFIRM_DELETE_ALL}"')
                 return await self._delete_all()
             case "set_preferences":
                 return await self._set_preferences(payload)
-        raise _invalid(f"unknown event {event!r}")
+        raise InvalidRequest(f"unknown event {event!r}")
 
     async def _list(self, payload: dict[str, Any]) -> dict[str, Any]:
         limit, cursor, status = (
@@ -356,9 +357,9 @@ class UserChannel:
             payload.get("status"),
         )
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= PAGE_MAX:
-            raise _invalid(f"limit must be 1 to {PAGE_MAX}")
+            raise InvalidRequest(f"limit must be 1 to {PAGE_MAX}")
         if not isinstance(cursor, str):
-            raise _invalid("cursor must be a string")
+            raise InvalidRequest("cursor must be a string")
         request = history_pb2.ListTasksRequest(
             user_id=self.user, page_size=limit, cursor=cursor, preview_chars=PREVIEW_CHARS
         )
@@ -498,14 +499,14 @@ def _preference_changes(payload: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(extra, dict) or not all(
             isinstance(key, str) and isinstance(value, str) for key, value in extra.items()
         ):
-            raise _invalid("extra must be an object of strings")
+            raise InvalidRequest("extra must be an object of strings")
         changes["extra"] = dict(extra)
     return changes
 
 
 def _string(value: object, key: str) -> str:
     if not isinstance(value, str):
-        raise _invalid(f"{key} must be a string")
+        raise InvalidRequest(f"{key} must be a string")
     return value
 
 
@@ -513,15 +514,11 @@ def _kind_name(kind: events_pb2.LifecycleKind.ValueType) -> str:
     return events_pb2.LifecycleKind.Name(kind).removeprefix("LIFECYCLE_KIND_").lower()
 
 
-def _invalid(message: str) -> ServiceError:
-    return ServiceError(common_pb2.ERROR_CODE_INVALID_REQUEST, message)
-
-
 def _task_id(payload: dict[str, Any]) -> str:
     task_id = payload.get("task_id")
     canonical = tp.task_id_of(f"{tp.TOPIC_PREFIX}{task_id}") if isinstance(task_id, str) else None
     if canonical is None:
-        raise _invalid("task_id must be a UUID")
+        raise InvalidRequest("task_id must be a UUID")
     return canonical
 
 
@@ -531,4 +528,4 @@ def _status(name: object) -> common_pb2.TaskStatus.ValueType:
             return Status.Value(f"TASK_STATUS_{name.upper()}")
         except ValueError:
             pass
-    raise _invalid(f"unknown status {name!r}")
+    raise InvalidRequest(f"unknown status {name!r}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from svckit.errors import ServiceError
-from switchboard.v1 import common_pb2, history_pb2
+from svckit.requests import InvalidRequest
+from switchboard.v1 import history_pb2
 
 MAX_MODEL = 255
 MAX_NAME = 255
@@ -26,26 +26,22 @@ EMAIL_SHAPE = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
 
 
 def check_preferences(prefs: history_pb2.Preferences) -> None:
-    """Raise INVALID_REQUEST, saying what is wrong, unless `prefs` may be stored."""
+    """Raise InvalidRequest, saying what is wrong, unless `prefs` may be stored."""
     for key, limit in (("default_model", MAX_MODEL), ("name", MAX_NAME), ("email", MAX_EMAIL)):
         check_text(getattr(prefs, key), key, limit)
     if prefs.email and not EMAIL_SHAPE.fullmatch(prefs.email):
-        raise invalid("email must look like name@example.com, or be empty to clear it")
+        raise InvalidRequest("email must look like name@example.com, or be empty to clear it")
     if len(prefs.extra) > MAX_EXTRA_KEYS:
-        raise invalid(f"extra holds at most {MAX_EXTRA_KEYS} keys")
+        raise InvalidRequest(f"extra holds at most {MAX_EXTRA_KEYS} keys")
     for key, value in prefs.extra.items():
-        if not key or len(key) > MAX_EXTRA_KEY:
-            raise invalid(f"extra keys must be 1 to {MAX_EXTRA_KEY} characters")
+        if not key:
+            raise InvalidRequest("an extra key cannot be empty")
         check_text(key, "an extra key", MAX_EXTRA_KEY)
         check_text(value, f"extra[{key!r}]", MAX_EXTRA_VALUE)
 
 
 def check_text(value: str, key: str, limit: int) -> None:
     if "\x00" in value:  # PostgreSQL cannot store it in text: refused here, clearly
-        raise invalid(f"{key} cannot hold NUL")
+        raise InvalidRequest(f"{key} cannot hold NUL")
     if len(value) > limit:
-        raise invalid(f"{key} must be at most {limit} characters")
-
-
-def invalid(message: str) -> ServiceError:
-    return ServiceError(common_pb2.ERROR_CODE_INVALID_REQUEST, message)
+        raise InvalidRequest(f"{key} must be at most {limit} characters")

@@ -34,7 +34,7 @@ class AckedPublisher:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self._prefix = ""  # the reply subjects' inbox, once subscribed
-        self._subscribing: asyncio.Lock | None = None
+        self._subscribing = asyncio.Lock()
         self._tokens = itertools.count()
         self._waiting: dict[str, asyncio.Future[PubAck]] = {}
 
@@ -62,8 +62,6 @@ class AckedPublisher:
             del self._waiting[token]
 
     async def _subscribe(self) -> None:
-        if self._subscribing is None:
-            self._subscribing = asyncio.Lock()
         async with self._subscribing:
             if self._prefix:
                 return  # another publish subscribed meanwhile

@@ -95,10 +95,12 @@ class TaskApp:
         await ensure_stream(js, task_events_stream_config(replicas))
         llm_channel = insecure_channel(settings.llm_svc_addr)
         llm = llm_pb2_grpc.LlmServiceStub(llm_channel)
-        publisher = LifecyclePublisher(AckedPublisher(nc))
+        acks = AckedPublisher(nc)  # one reply subscription for every publish of this node
+        publisher = LifecyclePublisher(acks)
         llm_client = LlmClient(llm, settings.task_llm_streams)
         store = JetStreamJobStore(
             nc,
+            acks,
             consumer=settings.task_consumer,
             ack_wait_s=settings.task_job_ack_wait_s,
             max_ack_pending=settings.task_max_ack_pending,

@@ -53,6 +53,7 @@ class JetStreamJobStore:
     def __init__(
         self,
         nc: Client,
+        acks: AckedPublisher,
         *,
         consumer: str,
         ack_wait_s: float,
@@ -60,7 +61,7 @@ class JetStreamJobStore:
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
-        self.acks = AckedPublisher(nc)
+        self.acks = acks  # where jobs are stored (store_job)
         self.consumer_name = consumer
         self.ack_wait_s = ack_wait_s
         self.max_ack_pending = max_ack_pending

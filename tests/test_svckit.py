@@ -243,8 +243,6 @@ async def test_a_stuck_shutdown_logs_what_each_task_waits_on(
     stop = asyncio.Event()
     watchdog = asyncio.create_task(report_slow_shutdown(stop, after_s=0.01))
     try:
-        await asyncio.sleep(0)
-        assert not watchdog.done()  # nothing is reported before shutdown starts
         with caplog.at_level(logging.WARNING, logger="svckit.lifecycle"):
             stop.set()
             await watchdog
