@@ -291,8 +291,13 @@ async def test_cancel_a_queued_task(make_app: AppFactory, fake_llm: FakeLlm, nc:
         await observed.wait("scheduled", queued)
         reply = await stub.Cancel(tasks_pb2.CancelRequest(task_id=queued, user_id="alice"))
         assert reply.state.status == Status.TASK_STATUS_CANCELLED
-        # Its job was acked: only the blocker's job is left on the work queue.
-        assert (await nc.jetstream().stream_info("SB_JOBS")).state.messages == 1
+
+        # Its job is acked (after its CANCELLED event, which the reply waited for): only
+        # the blocker's job is left on the work queue.
+        async def only_the_blockers_job() -> bool:
+            return (await nc.jetstream().stream_info("SB_JOBS")).state.messages == 1
+
+        await eventually(only_the_blockers_job)
         events = events_of(await watch_all(stub, queued))
         assert [kind(e) for e in events] == ["queued", "cancelled"]
         fake_llm.release(blocker)
