@@ -37,7 +37,7 @@ async def serve(settings: Settings, secret: bytes, stop: asyncio.Event) -> None:
     channel = insecure_channel(settings.task_svc_addr)  # every socket's Watch streams
     # Submits (one SubmitMany stream) and Cancel on a connection of their own: an ack never
     # queues behind the watches' traffic.
-    control = insecure_channel(settings.task_svc_addr, own_connection=True)
+    control = insecure_channel(settings.task_svc_addr)
     direct = await direct_submit(settings)
     health = GrpcServer(settings.gateway_grpc_listen, lambda _server: None, [SERVICE_NAME])
     # The process-wide registry: it also holds the process collector (RSS, CPU, open fds).

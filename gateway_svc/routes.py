@@ -54,7 +54,7 @@ class Owner:
         channel = insecure_channel(address)
         # Submits and Cancel on a connection of their own: an ack never queues behind the
         # watches' traffic.
-        control = insecure_channel(address, own_connection=True)
+        control = insecure_channel(address)
         stub = tasks_pb2_grpc.TaskServiceStub(control)
         return cls(
             address,

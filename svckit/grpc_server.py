@@ -110,18 +110,19 @@ class GrpcServer:
             await self.health.set(name, status)
 
 
-def insecure_channel(
-    target: str, *, own_connection: bool = False, caller: str | None = None
-) -> grpc.aio.Channel:
+def insecure_channel(target: str, *, caller: str | None = None) -> grpc.aio.Channel:
     """A channel whose every call carries a service token for `caller` (default: this
     process's service, `service_auth.CALLER`).
 
-    `own_connection`: not shared with other channels to the same target (gRPC's global
-    subchannel pool would share one TCP connection): calls on it get their own HTTP/2 flow
-    control window, so they never wait behind another channel's streaming traffic."""
-    options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
-    if own_connection:
-        options.append(("grpc.use_local_subchannel_pool", 1))
+    Each channel has its own connection (gRPC's global subchannel pool would share one
+    between channels to the same target): its calls get their own HTTP/2 flow control
+    window, so they never wait behind another channel's streaming traffic, and a channel
+    made for a node that came back at an old address never inherits another channel's
+    failed connection to the one before it (which would fail its first calls at once)."""
+    options: list[tuple[str, int | str]] = [
+        *CHANNEL_OPTIONS,
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
     channel = grpc.aio.insecure_channel(target, options=options)
     minter = Minter(caller or service_auth.CALLER, internal_secret())
     return AuthenticatedChannel(channel, minter)

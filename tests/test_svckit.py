@@ -33,6 +33,7 @@ from svckit.nats import (
     while_forming,
 )
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
+from tests.conftest import timeout
 from tests.traces import in_memory_traces, json_lines, trace_id
 
 Code = common_pb2.ErrorCode
@@ -85,6 +86,33 @@ async def test_typed_error_survives_a_grpc_hop_and_health_reports_serving() -> N
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(0)
+
+
+async def test_a_new_channel_to_a_server_back_at_an_old_address_is_not_failed_by_an_old_one() -> (
+    None
+):
+    # A channel left open to a server that is gone keeps its connection failing; a new
+    # channel to a server started later on the same port must not share that connection
+    # (gRPC's global subchannel pool would, and fail the new channel's first call at once).
+    names = ["switchboard.v1.TaskService"]
+    first = GrpcServer("127.0.0.1:0", lambda _server: None, names)
+    await first.start()
+    port = first.port
+    request = health_pb2.HealthCheckRequest()
+    async with insecure_channel(f"127.0.0.1:{port}") as old:
+        await health_pb2_grpc.HealthStub(old).Check(request, timeout=timeout(5))
+        await first.stop(0)
+        async with asyncio.timeout(timeout(10)):
+            while (state := old.get_state()) != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                await old.wait_for_state_change(state)
+        second = GrpcServer(f"127.0.0.1:{port}", lambda _server: None, names)
+        await second.start()
+        try:
+            async with insecure_channel(f"127.0.0.1:{port}") as new:
+                reply = await health_pb2_grpc.HealthStub(new).Check(request, timeout=timeout(5))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            await second.stop(0)
 
 
 def test_full_jitter_doubles_its_ceiling_up_to_the_cap() -> None:
