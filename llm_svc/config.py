@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     # Deltas arriving within this many ms of the last event sent travel as one (the first
     # is never held back; see coalesce.py). 0 sends every delta on its own.
     llm_coalesce_ms: float = 50.0
+    # With many streams open the window widens, so that together they send at most about
+    # this many events a second (each one's window at least streams / this, at most
+    # LLM_COALESCE_MAX_MS). 0 keeps LLM_COALESCE_MS whatever the load.
+    llm_coalesce_events_per_s: float = 3000.0
+    llm_coalesce_max_ms: float = 250.0
 
     # A provider is configured (its models offered) when its key is set and not empty.
     # Base URLs as the providers' own SDKs take them: OpenAI's includes /v1 (any

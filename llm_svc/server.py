@@ -16,6 +16,7 @@ import grpc
 from llm_svc.breaker import Breakers
 from llm_svc.cache import MemoryResponseCache
 from llm_svc.catalogue import Catalogue
+from llm_svc.coalesce import Window
 from llm_svc.config import Settings
 from llm_svc.fleet import Fleet
 from llm_svc.generation import Generator
@@ -82,7 +83,11 @@ class LlmServer:
         self.servicer = LlmServicer(
             self.generator,
             self.catalogue,
-            coalesce_s=settings.llm_coalesce_ms / 1000,
+            window=Window(
+                settings.llm_coalesce_ms / 1000,
+                settings.llm_coalesce_events_per_s,
+                settings.llm_coalesce_max_ms / 1000,
+            ),
             breakers=self.breakers,
             providers=sorted(self.providers),
         )

@@ -10,7 +10,7 @@ import grpc
 
 from llm_svc.breaker import Breakers, State
 from llm_svc.catalogue import Catalogue
-from llm_svc.coalesce import coalesce
+from llm_svc.coalesce import Window, coalesce
 from llm_svc.generation import Generator
 from llm_svc.metrics import ProviderTotals
 from llm_svc.multiplex import serve_many
@@ -25,13 +25,14 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         generator: Generator,
         catalogue: Catalogue,
         *,
-        coalesce_s: float = 0.0,
+        window: Window | None = None,
         breakers: Breakers | None = None,
         providers: Sequence[str] | None = None,
     ) -> None:
         self.generator = generator
         self.catalogue = catalogue
-        self.coalesce_s = coalesce_s  # see coalesce.py; 0: every delta as it comes
+        # See coalesce.py; none given: every delta as it comes.
+        self.window = window if window is not None else Window(0.0)
         # ListProviders: the generator's breakers (none given: every circuit reads closed),
         # and the configured providers (none given: the generator's).
         self.breakers = breakers if breakers is not None else Breakers()
@@ -57,7 +58,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
 
     def events(self, request: llm_pb2.GenerateRequest) -> AsyncGenerator[llm_pb2.GenerateEvent]:
         """One generation's events, coalesced (coalesce.py)."""
-        return coalesce(self.generator.generate(request), self.coalesce_s)
+        return coalesce(self.generator.generate(request), self.window)
 
     async def ListModels(
         self, request: llm_pb2.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
-from llm_svc.coalesce import coalesce
+from llm_svc.coalesce import Window, coalesce
 from llm_svc.providers.local import compose_answer
 from llm_svc.server import LlmServer
 from svckit.grpc_server import insecure_channel
@@ -62,7 +62,7 @@ async def test_a_burst_becomes_first_delta_then_one_delta_then_final() -> None:
         final("abc"),
     )
     source.end()
-    async with aclosing(coalesce(source.events(), window_s=60)) as stream:
+    async with aclosing(coalesce(source.events(), window=60)) as stream:
         events = [event async for event in stream]
     assert kinds(events) == ["delta", "delta", "final"]
     assert [e.delta.text for e in events[:2]] == ["a", "bc"]
@@ -73,7 +73,7 @@ async def test_a_burst_becomes_first_delta_then_one_delta_then_final() -> None:
 
 async def test_held_text_goes_out_when_the_window_closes_without_waiting_for_more() -> None:
     source = Source()
-    stream = coalesce(source.events(), window_s=0.05)
+    stream = coalesce(source.events(), window=0.05)
     source.put(delta("first"))
     assert (await anext(stream)).delta.text == "first"  # never held back
     source.put(delta(" second"), delta(" third"))
@@ -91,7 +91,7 @@ async def test_a_delta_after_a_quiet_window_goes_out_at_once() -> None:
     # without waiting for a timer (one would not fire within the test's bounded wait).
     now = [0.0]
     source = Source()
-    stream = coalesce(source.events(), window_s=60, clock=lambda: now[0])
+    stream = coalesce(source.events(), window=60, clock=lambda: now[0])
     source.put(delta("a"))
     await anext(stream)
     now[0] = 61.0
@@ -100,12 +100,52 @@ async def test_a_delta_after_a_quiet_window_goes_out_at_once() -> None:
     await stream.aclose()
 
 
+def test_the_window_widens_with_the_streams_open_up_to_its_cap() -> None:
+    window = Window(base_s=0.05, events_per_s=1000, max_s=0.25)
+    assert window.seconds() == 0.05  # none open
+    window.streams = 50  # 20 events a second each is within the budget
+    assert window.seconds() == 0.05
+    window.streams = 100
+    assert window.seconds() == 0.1
+    window.streams = 10_000
+    assert window.seconds() == 0.25
+    assert Window(base_s=0.05, events_per_s=0).seconds() == 0.05  # no budget: fixed
+
+
+async def burst_after(window: Window, now: list[float]) -> list[str]:
+    """A stream's texts when its first delta goes out at 0 and two more come at 1.5 s."""
+    source = Source()
+    async with aclosing(coalesce(source.events(), window, clock=lambda: now[0])) as stream:
+        now[0] = 0.0
+        source.put(delta("a"))
+        texts = [(await anext(stream)).delta.text]
+        now[0] = 1.5
+        source.put(delta("b"), delta("c"))
+        source.end()
+        return texts + [event.delta.text async for event in stream]
+
+
+async def test_while_other_streams_are_open_a_stream_holds_its_deltas_longer() -> None:
+    now = [0.0]
+    window = Window(base_s=1.0, events_per_s=1.0, max_s=60.0)
+    # Alone: 1.5 s after the last event is past the 1 s window, "b" goes out at once.
+    assert await burst_after(window, now) == ["a", "b", "c"]
+    other = Source()
+    async with aclosing(coalesce(other.events(), window)) as open_stream:
+        other.put(delta("x"))
+        await anext(open_stream)
+        assert window.streams == 1
+        # Two open: a 2 s window, so "b" is held and leaves with "c".
+        assert await burst_after(window, now) == ["a", "bc"]
+    assert window.streams == 0
+
+
 async def test_an_error_flushes_what_is_held_first() -> None:
     source = Source()
     error = Event(error=common_pb2.Error(code=common_pb2.ERROR_CODE_NETWORK, message="x"))
     source.put(delta("a"), delta("b"), error)
     source.end()
-    async with aclosing(coalesce(source.events(), window_s=60)) as stream:
+    async with aclosing(coalesce(source.events(), window=60)) as stream:
         events = [event async for event in stream]
     assert kinds(events) == ["delta", "delta", "error"]
 
@@ -115,7 +155,7 @@ async def test_a_handover_to_the_next_model_is_never_merged_away() -> None:
     handover = Event(progress=llm_pb2.GenerationProgress(progress=0.3, fallback_model="backup"))
     source.put(delta("a"), delta("b"), handover, delta("c", 0.5), final("abc"))
     source.end()
-    async with aclosing(coalesce(source.events(), window_s=60)) as stream:
+    async with aclosing(coalesce(source.events(), window=60)) as stream:
         events = [event async for event in stream]
     assert kinds(events) == ["delta", "delta", "progress", "delta", "final"]
     assert [e.delta.text for e in events if e.HasField("delta")] == ["a", "b", "c"]
@@ -124,7 +164,7 @@ async def test_a_handover_to_the_next_model_is_never_merged_away() -> None:
 
 async def test_closing_the_stream_closes_the_source() -> None:
     source = Source()
-    stream = coalesce(source.events(), window_s=60)
+    stream = coalesce(source.events(), window=60)
     source.put(delta("a"))
     await anext(stream)
     await stream.aclose()
@@ -135,7 +175,7 @@ async def test_window_zero_passes_every_event_through() -> None:
     source = Source()
     source.put(delta("a"), delta("b"), final("ab"))
     source.end()
-    async with aclosing(coalesce(source.events(), window_s=0)) as stream:
+    async with aclosing(coalesce(source.events(), window=0)) as stream:
         assert kinds([e async for e in stream]) == ["delta", "delta", "final"]
 
 
