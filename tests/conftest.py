@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from nats.aio.client import Client
 
 from tools.natsserver import NatsServer, free_port, start_nats
 from tools.stack import METRICS_LISTEN
@@ -40,6 +41,21 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], seconds: float = 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.05)
+
+
+async def publish_until_heard(
+    nc: Client, messages: Sequence[tuple[str, bytes]], heard: Callable[[], bool]
+) -> None:
+    """Publish the core NATS `messages` again on every look until `heard()`, as task_svc
+    sends its queue boards a few times a second: a core message is delivered at most once,
+    and a single one was once never heard in CI."""
+
+    async def probe() -> bool:
+        for subject, data in messages:
+            await nc.publish(subject, data)
+        return heard()
+
+    await eventually(probe)
 
 
 @pytest.fixture

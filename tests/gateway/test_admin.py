@@ -24,7 +24,7 @@ from svckit.nats import (
     task_events_stream_config,
 )
 from switchboard.v1 import events_pb2
-from tests.conftest import eventually
+from tests.conftest import eventually, publish_until_heard
 from tests.gateway.live import Stack, recv, running_stack, send
 from tools.natsserver import free_port
 
@@ -124,15 +124,11 @@ async def test_the_snapshot_shows_history_backlog_and_lag_and_each_queues_oldest
             dashboard = stack.gateway.dashboard
             dashboard.wall = lambda: stored_at[0] + 30.0
             await direct.nc.flush()  # the dashboard's subscription is on the server
-
-            async def both_boards_heard() -> bool:
-                # Published on every look, as task_svc does: a board is a core NATS message
-                # (at most once), and a single one was once never heard in CI.
-                await nc.publish(QUEUE_BOARD_SUBJECT, board("a", 2.5, [1, 1]))
-                await nc.publish(QUEUE_BOARD_SUBJECT, board("b", 7.25, [2]))
-                return len(dashboard.boards) == 2
-
-            await eventually(both_boards_heard)
+            boards = [
+                (QUEUE_BOARD_SUBJECT, board("a", 2.5, [1, 1])),
+                (QUEUE_BOARD_SUBJECT, board("b", 7.25, [2])),
+            ]
+            await publish_until_heard(nc, boards, lambda: len(dashboard.boards) == 2)
             async with connect(stack.url("admin")) as ws:
                 await send(ws, ["1", "1", "admin:dashboard", "phx_join", {}])
                 joined = await recv(ws)

@@ -25,7 +25,7 @@ from svckit.nats import (
 )
 from svckit.shards import job_subject, shard_of
 from switchboard.v1 import common_pb2, events_pb2, llm_pb2, tasks_pb2
-from tests.conftest import eventually, timeout
+from tests.conftest import eventually, publish_until_heard, timeout
 from tests.gateway.fake_tasks import FakeTask
 from tests.gateway.live import recv, running_stack, send, topic
 from tools.natsserver import NatsServer
@@ -121,14 +121,11 @@ async def test_an_unknown_model_and_a_full_queue_are_refused_before_anything_is_
         await direct.submit(request("t-2", model="nope"))
     assert unknown.value.code == Code.ERROR_CODE_MODEL_NOT_FOUND
     full = events_pb2.QueueBoard(queues=[stats("fast", waiting_by_priority=[10])])
-
-    async def heard() -> bool:
-        # Published on every look, as task_svc does a few times a second: a board is a core
-        # NATS message (at most once), and a single one was once never heard in CI.
-        await nc.publish(QUEUE_BOARD_SUBJECT, full.SerializeToString())
-        return direct.board.fresh("fast", now=time.monotonic()) is not None
-
-    await eventually(heard)
+    await publish_until_heard(
+        nc,
+        [(QUEUE_BOARD_SUBJECT, full.SerializeToString())],
+        lambda: direct.board.fresh("fast", now=time.monotonic()) is not None,
+    )
     with pytest.raises(ServiceError) as overloaded:
         await direct.submit(request("t-3"))
     assert overloaded.value.code == Code.ERROR_CODE_OVERLOADED
