@@ -24,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
-from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from svckit.nats import (
     TASK_EVENTS_STREAM,
@@ -33,7 +31,7 @@ from svckit.nats import (
     is_snapshot,
     snapshot_subject,
 )
-from svckit.pubacks import AckedPublisher
+from svckit.pubacks import AckedPublisher, last_message
 from svckit.tracing import TRACEPARENT
 from switchboard.v1 import events_pb2, history_pb2
 from task_svc.task_state import TERMINAL
@@ -186,17 +184,18 @@ class Stored:
         return self.lifecycle is not None and self.lifecycle.status in TERMINAL
 
 
-async def read_stored(js: JetStreamContext, task_id: str) -> Stored | None:
+async def read_stored(requests: AckedPublisher, task_id: str) -> Stored | None:
     """The last message stored for a task (JetStream's last-by-subject lookup accepts a
     wildcard), or None if none is stored."""
-    try:
-        raw = await js.get_last_msg(TASK_EVENTS_STREAM, f"{TASK_EVENTS_SUBJECT_PREFIX}.{task_id}.>")
-    except NotFoundError:
+    raw = await last_message(
+        requests, TASK_EVENTS_STREAM, f"{TASK_EVENTS_SUBJECT_PREFIX}.{task_id}.>"
+    )
+    if raw is None:
         return None
-    if is_snapshot(raw.subject or ""):
-        state = history_pb2.TaskSnapshot.FromString(raw.data or b"").state
+    if is_snapshot(raw.subject):
+        state = history_pb2.TaskSnapshot.FromString(raw.data).state
         return Stored(
             state.seq, state.user_id, state.attempts, content=state.content, progress=state.progress
         )
-    event = events_pb2.LifecycleEvent.FromString(raw.data or b"")
+    event = events_pb2.LifecycleEvent.FromString(raw.data)
     return Stored(event.seq, event.user_id, event.attempt, event)

@@ -61,7 +61,7 @@ class JetStreamJobStore:
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
-        self.acks = acks  # where jobs are stored (store_job)
+        self.acks = acks  # where jobs are stored (store_job) and stored events read
         self.consumer_name = consumer
         self.ack_wait_s = ack_wait_s
         self.max_ack_pending = max_ack_pending
@@ -173,7 +173,7 @@ class JetStreamJobStore:
 
     async def last_stored(self, task_id: str) -> Stored | None:
         with unavailable():
-            return await read_stored(self.js, task_id)
+            return await read_stored(self.acks, task_id)
 
     async def put_dead_letter(self, letter: tasks_pb2.DeadLetter) -> None:
         with unavailable():

@@ -13,7 +13,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
-from svckit.pubacks import AckedPublisher
+from svckit.pubacks import AckedPublisher, StoredMessage, last_message
 
 STREAM = "PUBACKS"
 
@@ -62,3 +62,17 @@ async def test_refusals_and_silence_raise_what_js_publish_raises(nc: Client) -> 
 
 async def _ignore(_msg: object) -> None:
     pass
+
+
+async def test_last_message_reads_the_last_of_a_wildcard_and_none_when_nothing_is_stored(
+    nc: Client,
+) -> None:
+    acks = AckedPublisher(nc)
+    await acks.publish("pa.t1.queued", b"first", timeout=5)
+    await acks.publish("pa.t2.queued", b"other task", timeout=5)
+    await acks.publish("pa.t1.done", b"last", timeout=5)
+    assert await last_message(acks, STREAM, "pa.t1.>") == StoredMessage("pa.t1.done", b"last")
+    assert await last_message(acks, STREAM, "pa.t3.>") is None
+    with pytest.raises(nats.js.errors.APIError) as missing:
+        await last_message(acks, "NO_SUCH_STREAM", "pa.t1.>")
+    assert missing.value.code == 404 and missing.value.err_code != 10037
