@@ -217,9 +217,9 @@ class Connection:
 
         Fast path, the common case: nothing is queued, the transport's buffer is empty and the
         frame is small, so it is framed at once (websockets' sans-I/O protocol) and written
-        with the others of this loop iteration (`_flush`); nothing can wait on drain (the
-        buffer stays under the write limit). No task, no queue. Otherwise the frame joins
-        the outbox behind the others."""
+        with the others of this loop iteration (`_flush`), a reply at once; nothing can wait
+        on drain (the buffer stays under the write limit). No task, no queue. Otherwise the
+        frame joins the outbox behind the others."""
         if self._closing:
             return
         self.metrics.frames_out += 1
@@ -235,7 +235,11 @@ class Connection:
             except InvalidState:
                 self._closing = True  # the read loop notices the close and cleans up
                 return
-            if not self._flush_soon:
+            if message.ref is not None:
+                # A reply (an llm_generate's ack among them) leaves now, with whatever was
+                # framed before it: it does not wait for the rest of this loop iteration.
+                self._flush()
+            elif not self._flush_soon:
                 self._flush_soon = True
                 asyncio.get_running_loop().call_soon(self._flush)
             return
