@@ -206,6 +206,7 @@ class Gateway:
         await self.dashboard.close()
         assert self.deps.users is not None
         await self.deps.users.feed.close()
+        await self.deps.users.preferences.close()
         await self._history_channel.close()
         await self.routes.close()
 

@@ -179,31 +179,59 @@ def _update_of_msg(msg: Msg, users: Any) -> tuple[str, Update] | None:
 
 @dataclass
 class Preferences:
-    """Each user's stored default model, cached for PREFERENCES_TTL_S (a change made on this
-    gateway is seen at once; one made on another, within the TTL)."""
+    """Each user's stored default model, which an llm_generate without a model needs on its
+    ack's path. Read once per user and kept: older than PREFERENCES_TTL_S it is still used,
+    while one read in the background refreshes it, so an ack waits for UserService only on
+    a user's first generation here, and a burst of them makes one read, not one each. A
+    change made on this gateway is seen at once; one made on another, by the generations
+    after the next refresh."""
 
     users: history_pb2_grpc.UserServiceStub
+    clock: Callable[[], float] = time.monotonic
     _cache: dict[str, tuple[float, str]] = field(default_factory=dict)
+    _reading: dict[str, asyncio.Task[str]] = field(default_factory=dict)
 
     async def default_model(self, user: str) -> str:
         """The user's default model, or "" (none stored, or the database is away)."""
         cached = self._cache.get(user)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < PREFERENCES_TTL_S:
-            return cached[1]
+        if cached is None:
+            return await asyncio.shield(self._read(user))  # a caller's cancel ends only its wait
+        if self.clock() - cached[0] >= PREFERENCES_TTL_S:
+            self._read(user)
+        return cached[1]
+
+    def stored(self, user: str, prefs: history_pb2.Preferences) -> None:
+        self._cache[user] = (self.clock(), prefs.default_model)
+
+    async def close(self) -> None:
+        await cancel_and_wait(*self._reading.values())
+
+    def _read(self, user: str) -> asyncio.Task[str]:
+        task = self._reading.get(user)
+        if task is None:
+            task = asyncio.create_task(self._get(user, self.clock()), name=f"preferences {user}")
+            self._reading[user] = task
+            task.add_done_callback(lambda done: self._forget(user, done))
+        return task
+
+    def _forget(self, user: str, task: asyncio.Task[str]) -> None:
+        if self._reading.get(user) is task:
+            del self._reading[user]
+
+    async def _get(self, user: str, asked: float) -> str:
         try:
             prefs = await self.users.GetPreferences(
                 history_pb2.GetPreferencesRequest(user_id=user), timeout=CALL_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
             log.info("preferences not read", extra={"user": user, "code": error.code().name})
-            return ""
-        model = str(prefs.default_model)
-        self._cache[user] = (now, model)
-        return model
-
-    def stored(self, user: str, prefs: history_pb2.Preferences) -> None:
-        self._cache[user] = (time.monotonic(), prefs.default_model)
+            cached = self._cache.get(user)
+            return cached[1] if cached is not None else ""
+        cached = self._cache.get(user)
+        if cached is not None and cached[0] > asked:
+            return cached[1]  # set here while this read was under way: that one is newer
+        self._cache[user] = (asked, prefs.default_model)
+        return str(prefs.default_model)
 
 
 @dataclass
