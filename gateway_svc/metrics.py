@@ -50,6 +50,13 @@ class GatewayMetrics:
             buckets=ACK_BUCKETS,
             registry=r,
         )
+        self.ack_store = Histogram(
+            "switchboard_ack_store_seconds",
+            "The part of an llm_generate's ack spent storing its job from the gateway "
+            "(direct_submit.py: the model resolved, the publish, its PubAck).",
+            buckets=ACK_BUCKETS,
+            registry=r,
+        )
         self.first_chunk = Histogram(
             "switchboard_first_chunk_seconds",
             "Accepted llm_generate to the task's first chunk pushed, by model.",

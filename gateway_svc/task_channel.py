@@ -346,7 +346,11 @@ class TaskChannel:
             return None
         if self.deps.clock() - new_since > direct.max_age_s:
             return None
-        return await direct.submit(request)
+        started = time.monotonic()
+        response = await direct.submit(request)
+        if response is not None:
+            self.metrics.ack_store.observe(time.monotonic() - started)
+        return response
 
     async def _cancel(self, message: Message) -> None:
         async with self._out:

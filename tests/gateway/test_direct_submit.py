@@ -150,6 +150,7 @@ async def test_only_the_first_push_on_a_new_task_is_stored_by_the_gateway(
         ack = await recv(ws)
         assert ack[4]["status"] == "ok" and ack[4]["response"]["status"] == "queued"
         assert stack.fake.submits == []  # stored here, not by task_svc
+        assert stack.metric("switchboard_ack_store_seconds_count") == 1
         subject = job_subject(shard_of(new.split(":")[1]), "fast")
         stored = await nc.jetstream().get_last_msg(JOBS_STREAM, subject)
         assert events_pb2.Job.FromString(stored.data or b"").task_id == new.split(":")[1]
@@ -157,6 +158,8 @@ async def test_only_the_first_push_on_a_new_task_is_stored_by_the_gateway(
         await send(ws, ["1", "3", new, "llm_generate", {"prompt": "hi"}])
         await recv(ws)
         assert [s.task_id for s in stack.fake.submits] == [new.split(":")[1]]
+        assert stack.metric("switchboard_ack_store_seconds_count") == 1  # that one not here
+        assert stack.metric("switchboard_ack_seconds_count") == 2
 
 
 async def test_a_task_the_join_found_submitted_goes_to_task_svc(
