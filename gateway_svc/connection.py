@@ -238,7 +238,7 @@ class Connection:
             if message.ref is not None:
                 # A reply (an llm_generate's ack among them) leaves now, with whatever was
                 # framed before it: it does not wait for the rest of this loop iteration.
-                self._flush()
+                self._write_framed()
             elif not self._flush_soon:
                 self._flush_soon = True
                 asyncio.get_running_loop().call_soon(self._flush)
@@ -250,6 +250,9 @@ class Connection:
         events often arrive together (one batch from task_svc), and one write is one system
         call, where websockets' own send makes one per frame."""
         self._flush_soon = False
+        self._write_framed()
+
+    def _write_framed(self) -> None:
         chunks = self.ws.protocol.data_to_send()
         if all(chunks):
             if chunks and not self.ws.transport.is_closing():

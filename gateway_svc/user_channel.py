@@ -225,11 +225,11 @@ class Preferences:
             )
         except grpc.aio.AioRpcError as error:
             log.info("preferences not read", extra={"user": user, "code": error.code().name})
-            cached = self._cache.get(user)
-            return cached[1] if cached is not None else ""
+            prefs = None
         cached = self._cache.get(user)
-        if cached is not None and cached[0] > asked:
-            return cached[1]  # set here while this read was under way: that one is newer
+        if prefs is None or (cached is not None and cached[0] > asked):
+            # Unread (what is cached stands), or set here while this read was under way.
+            return cached[1] if cached is not None else ""
         self._cache[user] = (asked, prefs.default_model)
         return str(prefs.default_model)
 

@@ -100,14 +100,11 @@ def _handover(event: Event) -> bool:
 
 async def coalesce(
     events: AsyncIterator[Event],
-    window: Window | float,
+    window: Window,
     clock: Callable[[], float] | None = None,
 ) -> AsyncGenerator[Event, None]:
-    """`events` with deltas and progress merged per the module docstring (`window` in
-    seconds: a fixed one). Closing the result (or cancelling its consumer) stops reading
-    `events` and closes it."""
-    if not isinstance(window, Window):
-        window = Window(window)
+    """`events` with deltas and progress merged per the module docstring. Closing the result
+    (or cancelling its consumer) stops reading `events` and closes it."""
     if not window.holds:
         async for event in events:
             yield event

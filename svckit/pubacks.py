@@ -98,9 +98,7 @@ class AckedPublisher:
 
 
 def _pub_ack(msg: Msg) -> PubAck:
-    if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
-        raise nats.js.errors.NoStreamResponseError
-    answer = _api_answer(msg)
+    answer = _api_answer(msg, nats.js.errors.NoStreamResponseError)
     if "error" in answer:
         raise nats.js.errors.APIError.from_error(answer["error"])
     return PubAck.from_response(answer)
@@ -128,7 +126,7 @@ async def last_message(
         orjson.dumps({"last_by_subj": subject}),
         timeout=timeout,
     )
-    answer = _api_answer(msg)
+    answer = _api_answer(msg, nats.errors.NoRespondersError)
     if "error" in answer:
         if answer["error"].get("err_code") == NO_MESSAGE_FOUND:
             return None
@@ -137,9 +135,10 @@ async def last_message(
     return StoredMessage(message["subject"], base64.b64decode(message.get("data") or ""))
 
 
-def _api_answer(msg: Msg) -> dict[str, Any]:
+def _api_answer(msg: Msg, nobody: type[Exception]) -> dict[str, Any]:
+    """A JetStream answer's JSON; `nobody` is raised when NATS says no one could answer."""
     if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
-        raise nats.errors.NoRespondersError
+        raise nobody
     try:
         answer: dict[str, Any] = orjson.loads(msg.data)
     except orjson.JSONDecodeError:

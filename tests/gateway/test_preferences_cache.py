@@ -21,6 +21,7 @@ class FakeUsers:
     def __init__(self, model: str) -> None:
         self.model = model
         self.asked = 0
+        self.reading = asyncio.Event()  # a read has come in
         self.answer = asyncio.Event()
         self.answer.set()
 
@@ -28,6 +29,7 @@ class FakeUsers:
         self, request: history_pb2.GetPreferencesRequest, timeout: float
     ) -> history_pb2.Preferences:
         self.asked += 1
+        self.reading.set()
         await self.answer.wait()
         return history_pb2.Preferences(default_model=self.model)
 
@@ -56,7 +58,8 @@ async def test_generations_asking_at_once_for_a_new_user_make_one_read() -> None
     users.answer.clear()
     cache = preferences(users, Clock())
     waiting = [asyncio.create_task(cache.default_model("alice")) for _ in range(20)]
-    await asyncio.sleep(0)  # every one of them is waiting on the read
+    async with asyncio.timeout(timeout(5)):
+        await users.reading.wait()  # the read is held while all twenty wait on it
     users.answer.set()
     async with asyncio.timeout(timeout(5)):
         assert await asyncio.gather(*waiting) == ["local"] * 20
@@ -87,7 +90,8 @@ async def test_a_change_made_here_during_a_read_is_not_overwritten_by_it() -> No
     await cache.default_model("alice")
     users.answer.clear()
     clock.now += PREFERENCES_TTL_S
-    await cache.default_model("alice")  # a refresh starts, and waits on UserService
+    async with asyncio.timeout(timeout(5)):
+        await cache.default_model("alice")  # a refresh starts, and waits on UserService
     clock.now += 1
     cache.stored("alice", history_pb2.Preferences(default_model="fast"))
     users.answer.set()

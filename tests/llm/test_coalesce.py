@@ -62,7 +62,7 @@ async def test_a_burst_becomes_first_delta_then_one_delta_then_final() -> None:
         final("abc"),
     )
     source.end()
-    async with aclosing(coalesce(source.events(), window=60)) as stream:
+    async with aclosing(coalesce(source.events(), window=Window(60))) as stream:
         events = [event async for event in stream]
     assert kinds(events) == ["delta", "delta", "final"]
     assert [e.delta.text for e in events[:2]] == ["a", "bc"]
@@ -73,7 +73,7 @@ async def test_a_burst_becomes_first_delta_then_one_delta_then_final() -> None:
 
 async def test_held_text_goes_out_when_the_window_closes_without_waiting_for_more() -> None:
     source = Source()
-    stream = coalesce(source.events(), window=0.05)
+    stream = coalesce(source.events(), window=Window(0.05))
     source.put(delta("first"))
     assert (await anext(stream)).delta.text == "first"  # never held back
     source.put(delta(" second"), delta(" third"))
@@ -91,7 +91,7 @@ async def test_a_delta_after_a_quiet_window_goes_out_at_once() -> None:
     # without waiting for a timer (one would not fire within the test's bounded wait).
     now = [0.0]
     source = Source()
-    stream = coalesce(source.events(), window=60, clock=lambda: now[0])
+    stream = coalesce(source.events(), window=Window(60), clock=lambda: now[0])
     source.put(delta("a"))
     await anext(stream)
     now[0] = 61.0
@@ -145,7 +145,7 @@ async def test_an_error_flushes_what_is_held_first() -> None:
     error = Event(error=common_pb2.Error(code=common_pb2.ERROR_CODE_NETWORK, message="x"))
     source.put(delta("a"), delta("b"), error)
     source.end()
-    async with aclosing(coalesce(source.events(), window=60)) as stream:
+    async with aclosing(coalesce(source.events(), window=Window(60))) as stream:
         events = [event async for event in stream]
     assert kinds(events) == ["delta", "delta", "error"]
 
@@ -155,7 +155,7 @@ async def test_a_handover_to_the_next_model_is_never_merged_away() -> None:
     handover = Event(progress=llm_pb2.GenerationProgress(progress=0.3, fallback_model="backup"))
     source.put(delta("a"), delta("b"), handover, delta("c", 0.5), final("abc"))
     source.end()
-    async with aclosing(coalesce(source.events(), window=60)) as stream:
+    async with aclosing(coalesce(source.events(), window=Window(60))) as stream:
         events = [event async for event in stream]
     assert kinds(events) == ["delta", "delta", "progress", "delta", "final"]
     assert [e.delta.text for e in events if e.HasField("delta")] == ["a", "b", "c"]
@@ -164,7 +164,7 @@ async def test_a_handover_to_the_next_model_is_never_merged_away() -> None:
 
 async def test_closing_the_stream_closes_the_source() -> None:
     source = Source()
-    stream = coalesce(source.events(), window=60)
+    stream = coalesce(source.events(), window=Window(60))
     source.put(delta("a"))
     await anext(stream)
     await stream.aclose()
@@ -175,7 +175,7 @@ async def test_window_zero_passes_every_event_through() -> None:
     source = Source()
     source.put(delta("a"), delta("b"), final("ab"))
     source.end()
-    async with aclosing(coalesce(source.events(), window=0)) as stream:
+    async with aclosing(coalesce(source.events(), window=Window(0))) as stream:
         assert kinds([e async for e in stream]) == ["delta", "delta", "final"]
 
 

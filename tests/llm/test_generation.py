@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from llm_svc.catalogue import Catalogue, ModelEntry
-from llm_svc.coalesce import coalesce
+from llm_svc.coalesce import Window, coalesce
 from llm_svc.generation import Generator
 from llm_svc.policy import Attempt, CachedAnswer, RetryPolicy
 from llm_svc.providers.base import (
@@ -397,7 +397,7 @@ async def test_what_llm_svc_logs_during_a_traced_generation_carries_its_trace_id
         traced.traceparent = tracing.traceparent(caller)
         between = set()
         # As LlmServicer.events serves it: coalesced, so read by a task of coalesce's own.
-        async with aclosing(coalesce(generator.generate(traced), 0.01)) as events:
+        async with aclosing(coalesce(generator.generate(traced), Window(0.01))) as events:
             async for _ in events:
                 between.add(tracing.current_trace_id())
         tracing.end(caller)
