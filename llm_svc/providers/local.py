@@ -11,7 +11,7 @@ import asyncio
 import functools
 import hashlib
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from llm_svc.providers.base import Finish, ProviderEvent, ProviderRequest, TextDelta, TokenUsage
@@ -118,14 +118,33 @@ def _after(tokens: tuple[str, ...], prefix: str) -> tuple[str, ...]:
     return () if text == prefix else tokens
 
 
+# At zero delay the answer is all there at once, as a provider's stream read from a full
+# socket buffer: tokens follow one another without a loop turn each (every turn waited
+# behind every other stream's work), but the loop still gets a turn every this many tokens,
+# so a cancel is seen within a few tokens.
+TOKENS_PER_TURN = 8
+
+
 class LocalProvider:
-    """Streams `complete(...)` one token every `token_delay_s` seconds (0: no pause, but it
-    still yields to the event loop between tokens, so cancellation is seen at once)."""
+    """Streams `complete(...)` at one token every `token_delay_s` seconds, the way a
+    provider's stream arrives: token n is due `n * token_delay_s` after the stream began,
+    whatever the process was doing meanwhile. Tokens a busy process is late for come
+    back-to-back, as they would from a socket's buffer, instead of each waiting its full
+    delay after the last was read (which stretched a generation by every loop turn it
+    waited). `sleep` and `clock` are the event loop's unless a test passes its own."""
 
     name = PROVIDER_NAME
 
-    def __init__(self, token_delay_s: float = 0.03) -> None:
+    def __init__(
+        self,
+        token_delay_s: float = 0.03,
+        *,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.token_delay_s = token_delay_s
+        self._sleep = sleep
+        self._clock = clock
 
     def estimate_tokens(self, request: ProviderRequest) -> int | None:
         return len(complete(request.prompt, request.max_tokens, request.system).tokens)
@@ -133,10 +152,38 @@ class LocalProvider:
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
         completion = complete(request.prompt, request.max_tokens, request.system)
         tokens = _after(completion.tokens, request.continue_from)
-        for token in tokens:
-            await asyncio.sleep(self.token_delay_s)
+        loop = asyncio.get_running_loop()
+        sleep = self._sleep or functools.partial(_sleep_on, loop)
+        clock = self._clock or loop.time
+        due = clock()
+        for index, token in enumerate(tokens):
+            due += self.token_delay_s
+            wait = due - clock()
+            if wait > 0:
+                await sleep(wait)
+            elif index % TOKENS_PER_TURN == 0:
+                await sleep(0)
             yield TextDelta(token)
         yield Finish(completion.finish_reason, completion.usage)
 
     async def aclose(self) -> None:
         return None
+
+
+async def _sleep_on(loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+    """`asyncio.sleep(seconds)` on a loop already at hand: asyncio.sleep looks the running
+    loop up, a getpid() system call on Python 3.11, once per token of every stream."""
+    if seconds <= 0:
+        await asyncio.sleep(0)  # a bare yield: no lookup, no timer
+        return
+    woken = loop.create_future()
+    timer = loop.call_later(seconds, _wake, woken)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)

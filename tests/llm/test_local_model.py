@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -9,6 +10,7 @@ from llm_svc.catalogue import DEFAULT_MODELS_FILE, Catalogue
 from llm_svc.providers.base import Finish, ProviderRequest, TextDelta
 from llm_svc.providers.local import (
     DEFAULT_MAX_TOKENS,
+    TOKENS_PER_TURN,
     LocalProvider,
     answer_text,
     complete,
@@ -89,3 +91,46 @@ async def test_a_paced_stream_gives_the_same_tokens() -> None:
     request = ProviderRequest(model="switchboard-local-1", prompt="Pace me", max_tokens=3)
     events = [event async for event in LocalProvider(token_delay_s=0.001).stream(request)]
     assert [e.text for e in events if isinstance(e, TextDelta)] == compose_answer("Pace me", 3)
+
+
+class _Clock:
+    """A clock a test moves, and a sleep that moves it (recording each wait)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(round(seconds, 6))
+        self.now += seconds
+
+
+async def test_tokens_a_busy_process_is_late_for_come_back_to_back() -> None:
+    clock = _Clock()
+    provider = LocalProvider(token_delay_s=0.02, sleep=clock.sleep, clock=clock.time)
+    request = ProviderRequest(model="switchboard-local-1", prompt="Pace me", max_tokens=5)
+    texts = []
+    async for event in provider.stream(request):
+        if isinstance(event, TextDelta):
+            texts.append(event.text)
+            if len(texts) == 1:
+                clock.now += 0.05  # busy elsewhere: tokens 2 and 3 fall due meanwhile
+    assert texts == compose_answer("Pace me", 5)
+    # Token n is due at n * 20 ms, not 20 ms after the last one was read: no wait for
+    # tokens 2 and 3 (due at 40 and 60 ms, read at 70), 10 ms for the 4th, 20 for the 5th.
+    assert clock.waits == [0.02, 0.01, 0.02]
+    assert clock.now == pytest.approx(0.10)
+
+
+async def test_at_zero_delay_the_loop_gets_a_turn_every_few_tokens() -> None:
+    clock = _Clock()
+    provider = LocalProvider(token_delay_s=0, sleep=clock.sleep, clock=clock.time)
+    prompt = "Tell me a long story " * 3
+    request = ProviderRequest(model="switchboard-local-1", prompt=prompt, max_tokens=0)
+    events = [event async for event in provider.stream(request)]
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) > 2 * TOKENS_PER_TURN
+    assert clock.waits == [0.0] * -(-len(deltas) // TOKENS_PER_TURN)
