@@ -73,6 +73,7 @@ class Connection:
         "_drained",
         "_events",
         "_flush_soon",
+        "_loop",
         "_outbox",
         "_writer",
         "channels",
@@ -106,7 +107,9 @@ class Connection:
         self._closer: asyncio.Task[None] | None = None
         self._closing = False  # no frame is queued any more
         self._flush_soon = False  # frames written directly wait for the end of this iteration
-        self.last_seen = asyncio.get_running_loop().time()
+        # Looked up once: on Python 3.11 every lookup of the running loop is a getpid().
+        self._loop = asyncio.get_running_loop()
+        self.last_seen = self._loop.time()
         self._events = SocketBucket(settings.gateway_socket_events_burst, self.last_seen)
 
     async def run(self) -> None:
@@ -156,7 +159,7 @@ class Connection:
         )
 
     async def _read_loop(self) -> None:
-        ws, loop = self.ws, asyncio.get_running_loop()
+        ws, loop = self.ws, self._loop
         while not self._closing:
             try:
                 data = await ws.recv()
@@ -241,7 +244,7 @@ class Connection:
                 self._write_framed()
             elif not self._flush_soon:
                 self._flush_soon = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._loop.call_soon(self._flush)
             return
         self._enqueue(message, data)
 

@@ -33,6 +33,7 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
+from svckit.inbox import Inbox
 from switchboard.v1 import llm_pb2
 
 Event = llm_pb2.GenerateEvent
@@ -111,7 +112,7 @@ async def coalesce(
         return
     loop = asyncio.get_running_loop()
     now = clock or loop.time
-    out: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
+    out: Inbox[Event | BaseException | None] = Inbox()
     held = _Held()
     last_sent = -math.inf
     timer: asyncio.TimerHandle | None = None
@@ -120,7 +121,7 @@ async def coalesce(
         nonlocal timer, last_sent
         timer = None
         if held:
-            out.put_nowait(held.take())
+            out.put(held.take())
             last_sent = now()
 
     async def pump() -> None:
@@ -132,7 +133,7 @@ async def coalesce(
                     if timer is not None:
                         timer.cancel()
                     flush()
-                    out.put_nowait(event)
+                    out.put(event)
                     continue
                 held.add(event)
                 if timer is None:
@@ -144,9 +145,9 @@ async def coalesce(
             if timer is not None:
                 timer.cancel()
             flush()
-            out.put_nowait(None)
+            out.put(None)
         except Exception as error:  # re-raised by the consumer, in its own task
-            out.put_nowait(error)
+            out.put(error)
 
     reader = asyncio.create_task(pump(), name="coalesce")
     window.streams += 1

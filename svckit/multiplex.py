@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from svckit.errors import ServiceError
+from svckit.inbox import Inbox
 from switchboard.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,8 @@ class _Link(Generic[Item]):
         self.call = call
         self.name = name
         self._pack = pack
-        self.queues: dict[int, asyncio.Queue[Item | ServiceError]] = {}
-        self.commands: asyncio.Queue[Any] = asyncio.Queue()
+        self.queues: dict[int, Inbox[Item | ServiceError]] = {}
+        self.commands: Inbox[Any] = Inbox()
         self.broken: ServiceError | None = None
         self._split = split
         self._writer = asyncio.create_task(self._write(), name=f"{name} commands")
@@ -153,10 +154,7 @@ class _Link(Generic[Item]):
         # client starting at once) must not cost a turn each.
         try:
             while True:
-                commands = [await self.commands.get()]
-                while not self.commands.empty():
-                    commands.append(self.commands.get_nowait())
-                await self.call.write(self._pack(commands))
+                await self.call.write(self._pack(await self.commands.get_all()))
         except grpc.aio.AioRpcError as error:
             self.fail(ServiceError.from_rpc_error(error))
         except asyncio.InvalidStateError:  # the call ended; the reader says why
@@ -171,7 +169,7 @@ class _Link(Generic[Item]):
                 for key, item in self._split(batch):
                     queue = self.queues.get(key)
                     if queue is not None:
-                        queue.put_nowait(item)
+                        queue.put(item)
         except grpc.aio.AioRpcError as error:
             self.fail(ServiceError.from_rpc_error(error))
         except ServiceError as error:
@@ -188,7 +186,7 @@ class _Link(Generic[Item]):
                 extra={"stream": self.name, "code": error.reason, "error": error.message},
             )
         for queue in self.queues.values():
-            queue.put_nowait(error)
+            queue.put(error)
         self.queues.clear()
         self.call.cancel()
         self._writer.cancel()  # nothing it holds can be sent any more
@@ -205,13 +203,13 @@ class MuxCall(Generic[Item]):
     def __init__(self, link: _Link[Item], key: int) -> None:
         self.id = key
         self._link = link
-        self._queue: asyncio.Queue[Item | ServiceError] = asyncio.Queue()
+        self._queue: Inbox[Item | ServiceError] = Inbox()
         link.queues[key] = self._queue
 
     def send(self, command: Any) -> None:
         """Queue a command (dropped once the stream is broken: nothing is listening)."""
         if self._link.broken is None:
-            self._link.commands.put_nowait(command)
+            self._link.commands.put(command)
 
     async def get(self) -> Item:
         """The next item for this call; the stream's break raises its ServiceError."""

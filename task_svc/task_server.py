@@ -41,6 +41,7 @@ from opentelemetry.trace import Span
 
 from svckit import tracing
 from svckit.errors import ServiceError
+from svckit.inbox import Inbox
 from switchboard.v1 import common_pb2, events_pb2, history_pb2, tasks_pb2
 from task_svc.supervisor import Supervisor
 from task_svc.task_state import TaskCore, Transition
@@ -67,30 +68,25 @@ class Watcher:
     """One Watch stream's view of a task: a bounded queue of live events."""
 
     def __init__(self, limit: int) -> None:
-        self.queue: asyncio.Queue[WatchItem] = asyncio.Queue(maxsize=limit)
+        self.queue: Inbox[WatchItem] = Inbox(maxsize=limit)
         self.dropped = False
 
     def push(self, event: tasks_pb2.TaskEvent) -> bool:
         """Queue an event; False (and the watcher is marked dropped) on overflow."""
-        try:
-            self.queue.put_nowait(event)
+        if not self.queue.full():
+            self.queue.put(event)
             return True
-        except asyncio.QueueFull:
-            self.dropped = True
-            # Free the queue so the stream sees DROPPED next, not a stale tail.
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            self.queue.put_nowait(DROPPED)
-            return False
+        self.dropped = True
+        # Free the queue so the stream sees DROPPED next, not a stale tail.
+        self.queue.clear()
+        self.queue.put(DROPPED)
+        return False
 
     def end(self, why: _Dropped) -> None:
         """Queue `why` after what is queued (or instead of it, when the queue is full)."""
-        try:
-            self.queue.put_nowait(why)
-        except asyncio.QueueFull:
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            self.queue.put_nowait(why)
+        if self.queue.full():
+            self.queue.clear()
+        self.queue.put(why)
 
     async def get(self) -> WatchItem:
         return await self.queue.get()

@@ -92,7 +92,7 @@ async def test_a_cast_to_a_parked_running_server_is_applied_at_once() -> None:
     assert watcher is not None
     await settle()  # the loop parks, waiting for mail
     server.cast(lambda c: c.chunk("a"))
-    assert server.core.content == "a" and watcher.queue.qsize() == 1
+    assert server.core.content == "a" and len(watcher.queue) == 1
     await sup.stop()
 
 
@@ -288,7 +288,7 @@ async def test_task_server_subscription_has_no_gap_between_replay_and_live() -> 
     await asyncio.gather(first, second)
     watcher, _, backlog = await subscribed
     assert watcher is not None
-    live = [await watcher.get() for _ in range(watcher.queue.qsize())]
+    live = [await watcher.get() for _ in range(len(watcher.queue))]
     seqs = [e.seq for e in backlog] + [e.seq for e in live]  # type: ignore[union-attr]
     assert seqs == [2, 3]
     await sup.stop()
