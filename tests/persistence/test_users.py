@@ -1,5 +1,5 @@
-"""Users and their preferences: created on first sight, read and written over gRPC
-(UserService) through a write-through cache."""
+"""Users and their preferences: created on first sight (a task's event or a write), read
+and written over gRPC (UserService) through a write-through cache."""
 
 from __future__ import annotations
 
@@ -31,14 +31,16 @@ async def user_rows(repo: Repository) -> dict[str, object]:
         return {external_id: stored for external_id, stored in rows}
 
 
-async def test_first_sight_creates_the_user_with_empty_preferences(
+async def test_a_user_never_seen_reads_empty_preferences_and_the_read_writes_nothing(
     repository: Repository,
 ) -> None:
     assert await repository.get_preferences("carol") == history_pb2.Preferences()
-    assert await user_rows(repository) == {"carol": {}}
-    # The same user seen again in a lifecycle event is the same row.
+    assert await user_rows(repository) == {}
+    # First sight is a task's lifecycle event (or a write of preferences): one row.
     await repository.apply(completed_lifecycle(new_task_id(), user="carol"))
-    assert list(await user_rows(repository)) == ["carol"]
+    await repository.apply(completed_lifecycle(new_task_id(), user="carol"))
+    assert await user_rows(repository) == {"carol": {}}
+    assert await repository.get_preferences("carol") == history_pb2.Preferences()
 
 
 async def test_set_replaces_the_preferences_as_a_whole(repository: Repository) -> None:
@@ -66,8 +68,8 @@ async def profile_row(repo: Repository, user_id: str) -> tuple[str, str | None, 
 async def test_name_and_email_are_stored_in_their_columns_and_read_back(
     repository: Repository,
 ) -> None:
-    await repository.get_preferences("erin")  # first sight: no name, no email
-    assert await profile_row(repository, "erin") == ("", None, {})
+    await repository.apply(completed_lifecycle(new_task_id(), user="erin"))  # first sight
+    assert await profile_row(repository, "erin") == ("", None, {})  # no name, no email
     wanted = history_pb2.Preferences(
         default_model="gpt-x", extra={"theme": "dark"}, name="Erin Ö", email="erin@example.com"
     )
