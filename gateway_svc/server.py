@@ -302,6 +302,8 @@ class Gateway:
         self.metrics.connections.inc()
         self.metrics.connects.inc()
         connection = Connection(ws, ws.auth, self.settings, self.deps)
+        if self.deps.users is not None:  # its first llm_generate seldom waits for it then
+            self.deps.users.preferences.prefetch(ws.auth.user)
         self._live.add(connection)
         try:
             await connection.run()

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +50,7 @@ PREVIEW_CHARS = 200
 PAGE_MAX = 100
 CATCH_UP_MAX = 10_000  # events a rejoin reads back at most to find what it missed
 PREFERENCES_TTL_S = 30.0
+PREFERENCES_MAX_USERS = 100_000  # users' default models one gateway keeps (about 30 MB)
 CALL_TIMEOUT_S = 5.0
 CONFIRM_DELETE_ALL = "delete all my tasks"
 # delete_all: cancels at once (each waits for its task's end), and rounds of listing and
@@ -181,14 +182,17 @@ def _update_of_msg(msg: Msg, users: Any) -> tuple[str, Update] | None:
 class Preferences:
     """Each user's stored default model, which an llm_generate without a model needs on its
     ack's path. Read once per user and kept: older than PREFERENCES_TTL_S it is still used,
-    while one read in the background refreshes it, so an ack waits for UserService only on
-    a user's first generation here, and a burst of them makes one read, not one each. A
-    change made on this gateway is seen at once; one made on another, by the generations
-    after the next refresh."""
+    while one read in the background refreshes it, and a burst of generations makes one
+    read, not one each. The read starts when the user's socket connects (`prefetch`), so
+    that even a user's first generation here seldom waits for UserService, which answers
+    from persistence_svc, the process served last when the CPUs are busy. A change made on
+    this gateway is seen at once; one made on another, by the generations after the next
+    refresh. The users least recently asked for are forgotten past `max_users`."""
 
     users: history_pb2_grpc.UserServiceStub
     clock: Callable[[], float] = time.monotonic
-    _cache: dict[str, tuple[float, str]] = field(default_factory=dict)
+    max_users: int = PREFERENCES_MAX_USERS
+    _cache: OrderedDict[str, tuple[float, str]] = field(default_factory=OrderedDict)
     _reading: dict[str, asyncio.Task[str]] = field(default_factory=dict)
 
     async def default_model(self, user: str) -> str:
@@ -196,12 +200,24 @@ class Preferences:
         cached = self._cache.get(user)
         if cached is None:
             return await asyncio.shield(self._read(user))  # a caller's cancel ends only its wait
+        self._cache.move_to_end(user)
         if self.clock() - cached[0] >= PREFERENCES_TTL_S:
             self._read(user)
         return cached[1]
 
+    def prefetch(self, user: str) -> None:
+        """Start reading `user`'s default model unless it is known or being read."""
+        if user not in self._cache:
+            self._read(user)
+
     def stored(self, user: str, prefs: history_pb2.Preferences) -> None:
-        self._cache[user] = (self.clock(), prefs.default_model)
+        self._keep(user, (self.clock(), prefs.default_model))
+
+    def _keep(self, user: str, entry: tuple[float, str]) -> None:
+        self._cache[user] = entry
+        self._cache.move_to_end(user)
+        while len(self._cache) > self.max_users:
+            self._cache.popitem(last=False)
 
     async def close(self) -> None:
         await cancel_and_wait(*self._reading.values())
@@ -230,7 +246,7 @@ class Preferences:
         if prefs is None or (cached is not None and cached[0] > asked):
             # Unread (what is cached stands), or set here while this read was under way.
             return cached[1] if cached is not None else ""
-        self._cache[user] = (asked, prefs.default_model)
+        self._keep(user, (asked, prefs.default_model))
         return str(prefs.default_model)
 
 

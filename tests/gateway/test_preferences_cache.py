@@ -48,9 +48,9 @@ async def refreshed(cache: Preferences) -> None:
         await asyncio.gather(*cache._reading.values())
 
 
-def preferences(users: FakeUsers, clock: Clock) -> Preferences:
+def preferences(users: FakeUsers, clock: Clock, max_users: int = 1000) -> Preferences:
     fake: Any = users  # the stub's one method the cache calls
-    return Preferences(fake, clock=clock)
+    return Preferences(fake, clock=clock, max_users=max_users)
 
 
 async def test_generations_asking_at_once_for_a_new_user_make_one_read() -> None:
@@ -113,3 +113,36 @@ async def test_an_unreadable_service_gives_the_cached_model_or_none() -> None:
     assert await cache.default_model("alice") == ""
     assert await cache.default_model("alice") == ""  # nothing cached: asked again
     assert cache._cache == {}
+
+
+async def test_a_prefetch_is_the_read_the_first_generation_then_waits_for() -> None:
+    users = FakeUsers("fast")
+    users.answer.clear()
+    cache = preferences(users, Clock())
+    cache.prefetch("alice")  # the socket connected
+    async with asyncio.timeout(timeout(5)):
+        await users.reading.wait()
+    cache.prefetch("alice")  # a second socket of the same user: no second read
+    first = asyncio.create_task(cache.default_model("alice"))
+    users.answer.set()
+    async with asyncio.timeout(timeout(5)):
+        assert await first == "fast"
+    cache.prefetch("alice")  # known: nothing to read
+    assert users.asked == 1
+    await cache.close()
+
+
+async def test_the_users_least_recently_asked_for_are_forgotten_past_the_bound() -> None:
+    users = FakeUsers("fast")
+    cache = preferences(users, Clock(), max_users=2)
+    for user in ("a", "b"):
+        assert await cache.default_model(user) == "fast"
+    assert await cache.default_model("a") == "fast"  # a is now the most recent
+    cache.stored("c", history_pb2.Preferences(default_model="slow"))  # b is forgotten
+    assert users.asked == 2
+    assert await cache.default_model("c") == "slow"
+    assert await cache.default_model("a") == "fast"
+    assert users.asked == 2
+    assert await cache.default_model("b") == "fast"  # read again
+    assert users.asked == 3
+    await cache.close()
