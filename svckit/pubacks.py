@@ -48,6 +48,10 @@ class AckedPublisher:
         self._tokens = itertools.count()
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
 
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
     async def publish(
         self,
         subject: str,
@@ -98,7 +102,14 @@ class AckedPublisher:
 
 
 def _pub_ack(msg: Msg) -> PubAck:
-    answer = _api_answer(msg, nats.js.errors.NoStreamResponseError)
+    status = msg.headers.get("Status", "") if msg.headers else ""
+    return pub_ack_of(msg.data, status)
+
+
+def pub_ack_of(data: bytes, status: str) -> PubAck:
+    """The PubAck a publish's reply (`data`, and the Status header's code or "") carries;
+    raises as js.publish does for a refusal or no stream."""
+    answer = _api_answer(data, status, nats.js.errors.NoStreamResponseError)
     if "error" in answer:
         raise nats.js.errors.APIError.from_error(answer["error"])
     return PubAck.from_response(answer)
@@ -126,7 +137,8 @@ async def last_message(
         orjson.dumps({"last_by_subj": subject}),
         timeout=timeout,
     )
-    answer = _api_answer(msg, nats.errors.NoRespondersError)
+    status = msg.headers.get("Status", "") if msg.headers else ""
+    answer = _api_answer(msg.data, status, nats.errors.NoRespondersError)
     if "error" in answer:
         if answer["error"].get("err_code") == NO_MESSAGE_FOUND:
             return None
@@ -135,12 +147,12 @@ async def last_message(
     return StoredMessage(message["subject"], base64.b64decode(message.get("data") or ""))
 
 
-def _api_answer(msg: Msg, nobody: type[Exception]) -> dict[str, Any]:
+def _api_answer(data: bytes, status: str, nobody: type[Exception]) -> dict[str, Any]:
     """A JetStream answer's JSON; `nobody` is raised when NATS says no one could answer."""
-    if not msg.data and msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
+    if not data and status == NO_RESPONDERS:
         raise nobody
     try:
-        answer: dict[str, Any] = orjson.loads(msg.data)
+        answer: dict[str, Any] = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise nats.js.errors.APIError(description="unreadable JetStream answer") from None
     return answer
