@@ -19,6 +19,7 @@ from gateway_svc.server import Gateway
 from gateway_svc.tokens import SecretConfigError, secret_from
 from svckit import tracing
 from svckit.catalog import ModelCatalog
+from svckit.direct_publisher import DirectPublisher
 from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.lifecycle import freeze_startup_objects, run_service
 from svckit.membership import MembershipView
@@ -90,7 +91,8 @@ async def direct_submit(settings: Settings) -> DirectSubmit | None:
     catalog = ModelCatalog(
         llm_pb2_grpc.LlmServiceStub(llm_channel), settings.gateway_models_cache_s
     )
-    direct = DirectSubmit(nc, catalog, llm_channel=llm_channel)
+    publisher = DirectPublisher(settings.nats_url, "gateway_svc acks")
+    direct = DirectSubmit(nc, catalog, llm_channel=llm_channel, publisher=publisher)
     await direct.start()
     return direct
 

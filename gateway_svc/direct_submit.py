@@ -3,6 +3,10 @@ replies as soon as JetStream confirms it, with no hop through task_svc, whose ev
 busy with every stream's events. task_svc's job consumer then hands the job to the engine
 (task_svc/consumer.py), which runs it exactly as a job it stored itself.
 
+The job goes out on a NATS connection of the acks' own (svckit/direct_publisher.py: the
+PubAck wakes the ack from the socket's read callback, without nats-py's task hops), or through
+nats-py while that one is down.
+
 Taken only for a task the channel knows to be new: its join said so, its watch has seen no
 event since, and the join is recent (`max_age_s`, well inside JetStream's duplicate window).
 Everything else goes to TaskService.Submit, which knows what became of a task submitted
@@ -29,8 +33,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from svckit.catalog import ModelCatalog, job_of
+from svckit.direct_publisher import DirectPublisher
 from svckit.errors import ServiceError
-from svckit.nats import QUEUE_BOARD_SUBJECT, close_nats, store_job
+from svckit.nats import QUEUE_BOARD_SUBJECT, JobPublisher, close_nats, store_job
 from svckit.pubacks import AckedPublisher
 from svckit.queueing import eta_ms, queue_full
 from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
@@ -92,10 +97,13 @@ class DirectSubmit:
         *,
         llm_channel: grpc.aio.Channel | None = None,
         max_age_s: float = MAX_AGE_S,
+        publisher: DirectPublisher | None = None,
     ) -> None:
         self.nc = nc
         self.llm_channel = llm_channel  # the catalogue's, closed with this
         self.acks = AckedPublisher(nc)
+        # The acks' own connection (svckit/direct_publisher.py); nats-py's while it is down.
+        self.publisher = publisher
         self.catalog = catalog
         self.max_age_s = max_age_s
         self.board = QueueBoard()
@@ -103,12 +111,21 @@ class DirectSubmit:
     async def start(self) -> None:
         await self.nc.subscribe(QUEUE_BOARD_SUBJECT, cb=self._heard)
         await self.nc.flush()  # subscribed on the server: no board is missed from here on
+        if self.publisher is not None:
+            self.publisher.start()
 
     async def close(self) -> None:
+        if self.publisher is not None:
+            await self.publisher.close()
         await self.catalog.close()
         if self.llm_channel is not None:
             await self.llm_channel.close()
         await close_nats(self.nc)
+
+    def _jobs(self) -> JobPublisher:
+        if self.publisher is not None and self.publisher.connected:
+            return self.publisher
+        return self.acks
 
     async def _heard(self, msg: Msg) -> None:
         try:
@@ -129,7 +146,9 @@ class DirectSubmit:
         job = job_of(request, resolved)
         try:
             data = job.SerializeToString()
-            ack = await store_job(self.acks, request.task_id, resolved.queue, data, request.task_id)
+            ack = await store_job(
+                self._jobs(), request.task_id, resolved.queue, data, request.task_id
+            )
         except (nats.errors.Error, OSError, TimeoutError) as error:
             log.warning(
                 "job not stored here; task_svc will",

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import nats
 import nats.errors
@@ -23,7 +23,6 @@ from nats.js.api import PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from svckit.pubacks import AckedPublisher
 from svckit.shards import JOBS_SUBJECT_PREFIX, job_subject, shard_of
 
 log = logging.getLogger(__name__)
@@ -54,14 +53,25 @@ class NotConnected(nats.errors.Error):
         return "nats: not connected"
 
 
+class JobPublisher(Protocol):
+    """What stores a job: AckedPublisher (nats-py) or DirectPublisher (the acks' own)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def publish(
+        self, subject: str, payload: bytes, *, timeout: float, headers: dict[str, str]
+    ) -> PubAck: ...
+
+
 async def store_job(
-    publisher: AckedPublisher, task_id: str, queue: str, job: bytes, msg_id: str
+    publisher: JobPublisher, task_id: str, queue: str, job: bytes, msg_id: str
 ) -> PubAck:
     """Store a job on SB_JOBS and await its PubAck: the one way in, for the gateway's acks
     and task_svc's Submit alike. Deduplicated on `msg_id` within the duplicate window.
     Refused at once while NATS is disconnected: the publish would only wait in the reconnect
     buffer for a PubAck that cannot come in time."""
-    if not publisher.nc.is_connected:
+    if not publisher.connected:
         raise NotConnected
     return await publisher.publish(
         job_subject(shard_of(task_id), queue),

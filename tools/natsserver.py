@@ -84,11 +84,18 @@ def guarded(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "tools.with_parent", str(os.getpid()), *args]
 
 
-async def start_nats(store_dir: Path, port: int = 0, log_file: Path | None = None) -> NatsServer:
-    """Start nats-server on 127.0.0.1 and wait until it accepts connections."""
+async def start_nats(
+    store_dir: Path,
+    port: int = 0,
+    log_file: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> NatsServer:
+    """Start nats-server on 127.0.0.1 and wait until it accepts connections (`extra_args`:
+    more of its options, e.g. `--user`, `--pass`)."""
     port = port or free_port()
     store_dir.mkdir(parents=True, exist_ok=True)
     args = [str(binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)]
+    args += extra_args
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
         guarded(args), stdout=out, stderr=out, start_new_session=True, cwd=ROOT

@@ -15,6 +15,7 @@ from websockets.asyncio.client import connect
 
 from gateway_svc.direct_submit import BOARD_STALE_S, DirectSubmit, QueueBoard
 from svckit.catalog import ModelCatalog
+from svckit.direct_publisher import DirectPublisher
 from svckit.errors import ServiceError
 from svckit.nats import (
     JOBS_STREAM,
@@ -80,12 +81,21 @@ async def nc(nats_url: str) -> AsyncIterator[Client]:
         await client.close()
 
 
-@pytest.fixture
-async def direct(nats_url: str, nc: Client) -> AsyncIterator[DirectSubmit]:
+@pytest.fixture(params=["nats-py", "own connection"])
+async def direct(
+    request: pytest.FixtureRequest, nats_url: str, nc: Client
+) -> AsyncIterator[DirectSubmit]:
+    """The acks' path storing jobs through nats-py, or through its own connection
+    (svckit/direct_publisher.py, as gateway_svc runs it)."""
     gateway_nc = await connect_nats(nats_url, "gateway")
-    submit = DirectSubmit(gateway_nc, ModelCatalog(Models()))  # type: ignore[arg-type]
+    own = DirectPublisher(nats_url, "test acks") if request.param == "own connection" else None
+    catalog = ModelCatalog(Models())  # type: ignore[arg-type]
+    submit = DirectSubmit(gateway_nc, catalog, publisher=own)
     await submit.start()
     try:
+        if own is not None:
+            async with asyncio.timeout(timeout(10)):
+                await own.wait_connected()
         yield submit
     finally:
         await submit.close()

@@ -1,0 +1,192 @@
+"""svckit/direct_publisher.py: the acks' own NATS connection, against a real nats-server:
+PubAcks and refusals as js.publish gives them, a lost server failing what waits at once and
+a returning one taken up again, credentials from the URL, a server it cannot speak to left
+alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+import pytest
+import uvloop
+from nats.aio.client import Client
+
+from svckit.direct_publisher import DirectPublisher, NotConnected
+from svckit.nats import JOBS_STREAM, connect_nats, ensure_stream, jobs_stream_config
+from tests.conftest import timeout
+from tools.natsserver import start_nats
+
+SUBJECT = "switchboard.jobs.3.default"
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    client = await connect_nats(nats_url, "test")
+    await ensure_stream(client.jetstream(), jobs_stream_config())
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def connected(url: str) -> DirectPublisher:
+    publisher = DirectPublisher(url, "test acks")
+    publisher.start()
+    async with asyncio.timeout(timeout(10)):
+        await publisher.wait_connected()
+    return publisher
+
+
+async def test_a_publish_returns_its_pub_ack_and_a_repeat_is_a_duplicate(
+    nats_url: str, nc: Client
+) -> None:
+    publisher = await connected(nats_url)
+    try:
+        headers = {"Nats-Msg-Id": "t-1"}
+        ack = await publisher.publish(SUBJECT, b"job", timeout=5, headers=headers)
+        assert (ack.stream, ack.seq, ack.duplicate) == (JOBS_STREAM, 1, None)
+        again = await publisher.publish(SUBJECT, b"job", timeout=5, headers=headers)
+        assert again.duplicate and again.seq == 1
+        stored = await nc.jetstream().get_last_msg(JOBS_STREAM, SUBJECT)
+        assert stored.data == b"job" and (stored.headers or {}).get("Nats-Msg-Id") == "t-1"
+        # Many at once: each answer goes to its own publish.
+        acks = await asyncio.gather(
+            *(
+                publisher.publish(SUBJECT, b"x", timeout=5, headers={"Nats-Msg-Id": f"m-{i}"})
+                for i in range(50)
+            )
+        )
+        assert sorted(a.seq for a in acks) == list(range(2, 52))
+    finally:
+        await publisher.close()
+    assert not publisher.connected
+
+
+async def test_a_subject_no_stream_takes_raises_as_js_publish_does(
+    nats_url: str, nc: Client
+) -> None:
+    publisher = await connected(nats_url)
+    try:
+        with pytest.raises(nats.js.errors.NoStreamResponseError):
+            await publisher.publish("nowhere.at.all", b"x", timeout=5, headers={})
+        # A refusal by the stream itself (a wrong expected stream) is an APIError.
+        with pytest.raises(nats.js.errors.APIError):
+            await publisher.publish(
+                SUBJECT, b"x", timeout=5, headers={"Nats-Expected-Stream": "OTHER"}
+            )
+    finally:
+        await publisher.close()
+
+
+async def test_a_lost_server_fails_what_waits_and_a_returning_one_is_taken_up(
+    tmp_path: Path,
+) -> None:
+    server = await start_nats(tmp_path / "js")
+    client = await connect_nats(server.url, "test")
+    await ensure_stream(client.jetstream(), jobs_stream_config())
+    await client.close()
+    publisher = await connected(server.url)
+    try:
+        server.process.send_signal(19)  # SIGSTOP: the publish waits for an answer...
+        waiting = asyncio.create_task(publisher.publish(SUBJECT, b"x", timeout=30, headers={}))
+        await asyncio.sleep(0)
+        server.process.kill()  # ...that cannot come: the connection's end fails it at once
+        server.process.wait()
+        async with asyncio.timeout(timeout(10)):
+            with pytest.raises(nats.errors.ConnectionClosedError):
+                await waiting
+        assert not publisher.connected
+        with pytest.raises(NotConnected):
+            await publisher.publish(SUBJECT, b"x", timeout=5, headers={})
+        back = await start_nats(tmp_path / "js", port=server.port)
+        try:
+            async with asyncio.timeout(timeout(20)):
+                await publisher.wait_connected()
+            ack = await publisher.publish(SUBJECT, b"y", timeout=5, headers={})
+            assert ack.stream == JOBS_STREAM
+        finally:
+            back.stop()
+    finally:
+        await publisher.close()
+        server.stop()
+
+
+async def test_user_and_password_come_from_the_url(tmp_path: Path) -> None:
+    server = await start_nats(tmp_path / "js", extra_args=["--user", "ack", "--pass", "s3cret"])
+    try:
+        url = f"nats://ack:s3cret@127.0.0.1:{server.port}"
+        client = await connect_nats(url, "test")
+        await ensure_stream(client.jetstream(), jobs_stream_config())
+        await client.close()
+        publisher = await connected(url)
+        try:
+            ack = await publisher.publish(SUBJECT, b"x", timeout=5, headers={})
+            assert ack.seq == 1
+        finally:
+            await publisher.close()
+        refused = DirectPublisher(f"nats://ack:wrong@127.0.0.1:{server.port}", "test acks")
+        refused.start()
+        try:
+            with pytest.raises(TimeoutError):  # refused on every attempt: never connected
+                async with asyncio.timeout(1.5):
+                    await refused.wait_connected()
+        finally:
+            await refused.close()
+    finally:
+        server.stop()
+
+
+async def test_a_token_comes_from_the_url(tmp_path: Path) -> None:
+    server = await start_nats(tmp_path / "js", extra_args=["--auth", "t0ken"])
+    try:
+        url = f"nats://t0ken@127.0.0.1:{server.port}"
+        client = await connect_nats(url, "test")
+        await ensure_stream(client.jetstream(), jobs_stream_config())
+        await client.close()
+        publisher = await connected(url)
+        try:
+            assert (await publisher.publish(SUBJECT, b"x", timeout=5, headers={})).seq == 1
+        finally:
+            await publisher.close()
+    finally:
+        server.stop()
+
+
+async def test_a_server_asking_for_tls_is_left_to_nats_py() -> None:
+    async def tls_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"tls","tls_required":true}\r\n')
+        await writer.drain()
+        await reader.read()  # until the publisher hangs up
+        writer.close()
+
+    server = await asyncio.start_server(tls_only, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    publisher = DirectPublisher(f"nats://127.0.0.1:{port}", "test acks")
+    publisher.start()
+    try:
+        assert publisher._runner is not None
+        async with asyncio.timeout(timeout(10)):
+            await publisher._runner  # it gives up on this server for good
+        assert not publisher.connected
+    finally:
+        await publisher.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_it_runs_on_uvloop_as_the_services_do(nats_url: str, nc: Client) -> None:
+    """uvloop's transports differ from asyncio's (they are not asyncio.Transport
+    subclasses): the connection must come up and publish there too."""
+
+    async def publish_once() -> int:
+        publisher = await connected(nats_url)
+        try:
+            return (await publisher.publish(SUBJECT, b"x", timeout=5, headers={})).seq
+        finally:
+            await publisher.close()
+
+    assert uvloop.run(publish_once()) == 1
