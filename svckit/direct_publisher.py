@@ -38,7 +38,8 @@ from svckit.pubacks import pub_ack_of
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 2.0
-RECONNECT_WAIT_S = 0.5
+RECONNECT_WAIT_S = 0.5  # doubled after each failed attempt, up to RECONNECT_MAX_S
+RECONNECT_MAX_S = 4.0
 PING_INTERVAL_S = 20.0
 MAX_BUFFERED = 1 << 20  # bytes waiting to be sent: past it the connection is not keeping up
 REPLY_SID = "1"
@@ -103,16 +104,21 @@ class DirectPublisher:
 
     async def _run(self) -> None:
         assert self._up is not None
+        failures = 0
         for server in itertools.cycle(self._servers):
             try:
                 link = await self._connect(server)
             except Unsupported as why:
                 log.warning("acks publish through nats-py", extra={"why": str(why)})
                 return
-            except (OSError, TimeoutError, ConnectionError) as error:
-                log.info("acks' nats connection not up", extra={"e": repr(error)})
-                await asyncio.sleep(RECONNECT_WAIT_S)
+            except (OSError, TimeoutError) as error:
+                # Once per outage, not on every attempt (nats-py logs the outage too).
+                level = logging.INFO if failures == 0 else logging.DEBUG
+                log.log(level, "acks' nats connection not up", extra={"e": repr(error)})
+                await asyncio.sleep(min(RECONNECT_WAIT_S * 2**failures, RECONNECT_MAX_S))
+                failures += 1
                 continue
+            failures = 0
             self._link = link
             self._up.set()
             try:
