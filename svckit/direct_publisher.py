@@ -55,7 +55,8 @@ class Unsupported(Exception):
 
 
 class DirectPublisher:
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, ping_interval_s: float = PING_INTERVAL_S) -> None:
+        self._ping_interval_s = ping_interval_s
         self._servers = [urlsplit(part.strip()) for part in url.split(",") if part.strip()]
         self._name = name
         self._prefix = f"_SB_ACK.{secrets.token_hex(8)}."  # the replies' subjects
@@ -134,7 +135,9 @@ class DirectPublisher:
         loop = asyncio.get_running_loop()
         host, port = server.hostname or "127.0.0.1", server.port or 4222
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            _, link = await loop.create_connection(lambda: _Link(self._prefix), host, port)
+            _, link = await loop.create_connection(
+                lambda: _Link(self._prefix, self._ping_interval_s), host, port
+            )
             try:
                 info = await link.info
                 if info.get("tls_required"):
@@ -173,9 +176,10 @@ class DirectPublisher:
 class _Link(asyncio.Protocol):
     """One TCP connection to one server: parses what comes and answers what waits."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, ping_interval_s: float) -> None:
         loop = asyncio.get_running_loop()
         self.prefix = prefix
+        self.ping_interval_s = ping_interval_s
         self.parser = nats_wire.Parser()
         self.waiting: dict[str, asyncio.Future[nats_wire.Message]] = {}
         self.info: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -234,7 +238,7 @@ class _Link(asyncio.Protocol):
         """Until the connection is lost, or its server stops answering pings."""
         while True:
             try:
-                async with asyncio.timeout(PING_INTERVAL_S):
+                async with asyncio.timeout(self.ping_interval_s):
                     await asyncio.shield(self.lost)
                 return
             except TimeoutError:

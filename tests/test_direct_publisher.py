@@ -6,6 +6,7 @@ alone."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from nats.aio.client import Client
 
 from svckit.direct_publisher import DirectPublisher, NotConnected
 from svckit.nats import JOBS_STREAM, connect_nats, ensure_stream, jobs_stream_config
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tools.natsserver import start_nats
 
 SUBJECT = "switchboard.jobs.3.default"
@@ -91,7 +92,7 @@ async def test_a_lost_server_fails_what_waits_and_a_returning_one_is_taken_up(
     await client.close()
     publisher = await connected(server.url)
     try:
-        server.process.send_signal(19)  # SIGSTOP: the publish waits for an answer...
+        server.process.send_signal(signal.SIGSTOP)  # the publish waits for an answer...
         waiting = asyncio.create_task(publisher.publish(SUBJECT, b"x", timeout=30, headers={}))
         await asyncio.sleep(0)
         server.process.kill()  # ...that cannot come: the connection's end fails it at once
@@ -111,6 +112,30 @@ async def test_a_lost_server_fails_what_waits_and_a_returning_one_is_taken_up(
         finally:
             back.stop()
     finally:
+        await publisher.close()
+        server.stop()
+
+
+async def test_a_server_that_stops_answering_pings_is_dropped_and_taken_up_again(
+    tmp_path: Path,
+) -> None:
+    server = await start_nats(tmp_path / "js")
+    publisher = DirectPublisher(server.url, "test acks", ping_interval_s=0.2)
+    publisher.start()
+    try:
+        async with asyncio.timeout(timeout(10)):
+            await publisher.wait_connected()
+        server.process.send_signal(signal.SIGSTOP)  # the socket stays open, nothing answers
+
+        async def dropped() -> bool:
+            return not publisher.connected
+
+        await eventually(dropped)
+        server.process.send_signal(signal.SIGCONT)
+        async with asyncio.timeout(timeout(20)):
+            await publisher.wait_connected()
+    finally:
+        server.process.send_signal(signal.SIGCONT)
         await publisher.close()
         server.stop()
 
