@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 Code = common_pb2.ErrorCode
 
 
+LOOKUP_ATTEMPTS = 5
+LOOKUP_RETRY_S = 0.25  # doubled after each failed lookup: 3.75 s of patience in all
+
+
 def not_stored() -> ServiceError:
     return ServiceError(Code.ERROR_CODE_OVERLOADED, "the task could not be stored; try again")
 
@@ -105,7 +109,10 @@ class Intake:
         """The store knew the id: submitted before a restart, and not pending any more (or
         recovery would have rebuilt it). What was stored says how it ended, or where its seq
         must continue."""
-        stored = await self.last_stored(job.task_id)
+        try:
+            stored = await self.last_stored(job)
+        except StoreUnavailable as error:
+            raise not_stored() from error
         if stored is not None and stored.user_id and stored.user_id != job.spec.user_id:
             self._drop(job)
             raise forbidden(job.task_id)
@@ -161,11 +168,16 @@ class Intake:
 
     async def recover(self, pending: list[Pending]) -> None:
         """Rebuild the jobs a previous incarnation left, all of them before this returns:
-        each as a redelivered arrival (it may have run, and even finished)."""
-        await asyncio.gather(*(self.arrived(replace(item, redelivered=True)) for item in pending))
+        each as a redelivered arrival (it may have run, and even finished). Raises
+        StoreUnavailable when what was stored about one could not be read (the shard's
+        take-over is tried again)."""
+        arrivals = (self.arrived(replace(item, redelivered=True)) for item in pending)
+        for result in await asyncio.gather(*arrivals, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
 
     async def _recover(self, job: Job) -> None:
-        stored = await self.last_stored(job.task_id)
+        stored = await self.last_stored(job)
         last = stored.lifecycle if stored is not None and stored.terminal else None
         log.info("job recovered", extra={"task_id": job.task_id, "finished": last is not None})
         if last is not None:
@@ -177,13 +189,27 @@ class Intake:
         continue_seq(job, stored, self.seq_reserve)
         self._enqueue(job, RESTARTED, text=(stored.content, stored.progress))
 
-    async def last_stored(self, task_id: str) -> Stored | None:
-        """What was stored about a task; a failed lookup is logged and read as nothing."""
-        try:
-            return await self.store.last_stored(task_id)
-        except StoreUnavailable as error:
-            log.warning("stored state lookup failed", extra={"task_id": task_id, "e": repr(error)})
-            return None
+    async def last_stored(self, job: Job) -> Stored | None:
+        """What was stored about the task of a job that may have run before. A failed
+        lookup is asked again, a few times; then the job is dropped here and
+        StoreUnavailable raised (its message stays stored, for another try). Never read as
+        nothing stored: a task that had finished then ran a second time, and its history
+        held two COMPLETED (a NATS node killed mid-stream, the lookup timing out)."""
+        delay = LOOKUP_RETRY_S
+        for attempt in range(1, LOOKUP_ATTEMPTS + 1):
+            try:
+                return await self.store.last_stored(job.task_id)
+            except StoreUnavailable as error:
+                log.warning(
+                    "stored state lookup failed",
+                    extra={"task_id": job.task_id, "attempt": attempt, "e": repr(error)},
+                )
+                if attempt == LOOKUP_ATTEMPTS:
+                    self._drop(job)
+                    raise
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
 
     # -- the steps every way in takes --------------------------------------------------
 

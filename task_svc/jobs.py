@@ -208,7 +208,11 @@ class JobEngine:
         server = self.registry.get(task_id)
         if server is not None or task_id in self.jobs:
             return server
-        stored = await self.intake.last_stored(task_id)
+        try:
+            stored = await self.store.last_stored(task_id)
+        except StoreUnavailable as error:  # read as not found: nothing runs on it
+            log.warning("stored state lookup failed", extra={"task_id": task_id, "e": repr(error)})
+            return None
         if stored is None or stored.lifecycle is None or not stored.terminal:
             return None
         server = self.registry.get(task_id)  # someone else may have rebuilt it meanwhile

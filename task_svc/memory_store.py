@@ -3,7 +3,8 @@ stays until `done`, message ids deduplicate, pending jobs are held until done or
 close), and every operation recorded in `log` so a test can check what was stored in which
 order. One instance may outlive an engine: a second engine on it is "the next start".
 
-Set `unavailable` to make every write fail as an unreachable store would. `stored` (what
+Set `unavailable` to make every write fail as an unreachable store would, `lookups_failing`
+to make the next lookups of what was stored fail. `stored` (what
 SB_TASK_EVENTS would answer) is the test's to fill, usually by the lifecycle publisher.
 `store_elsewhere` is a gateway storing a job itself: it comes to the engine through
 `arrivals`; with `echo_puts`, so does every job the engine stores itself, as JetStream's
@@ -35,6 +36,7 @@ class MemoryJobStore:
         self.letters: dict[str, tasks_pb2.DeadLetter] = {}  # oldest first
         self.log: list[tuple[str, str | int]] = []
         self.unavailable = False
+        self.lookups_failing = 0  # the next this many `last_stored` fail
         self._next_seq = 1
 
     def _write(self, what: str, key: str | int) -> None:
@@ -107,6 +109,9 @@ class MemoryJobStore:
         self.jobs.pop(seq, None)
 
     async def last_stored(self, task_id: str) -> Stored | None:
+        if self.lookups_failing > 0:
+            self.lookups_failing -= 1
+            raise StoreUnavailable(f"last stored {task_id}: the store is unavailable")
         return self.stored.get(task_id)
 
     async def put_dead_letter(self, letter: tasks_pb2.DeadLetter) -> None:

@@ -17,11 +17,13 @@ from svckit import tracing
 from svckit.errors import ServiceError
 from svckit.shards import shard_of
 from switchboard.v1 import common_pb2
+from task_svc import intake
 from task_svc.config import Settings, engine_config
 from task_svc.events import Stored
+from task_svc.intake import LOOKUP_ATTEMPTS
 from task_svc.jobs import JobEngine
 from task_svc.memory_store import MemoryJobStore
-from task_svc.store import Pending
+from task_svc.store import Pending, StoreUnavailable
 from task_svc.task_state import TaskCore, TaskSpec
 from tests.conftest import eventually, timeout
 from tests.task.fakes import Recorder, ScriptedLlm
@@ -408,6 +410,70 @@ async def test_a_redelivered_job_of_a_finished_task_is_restored_not_rerun(
     assert task.task_id not in llm.order
     assert (await e.state(task.task_id)).status == Status.TASK_STATUS_CANCELLED
     assert ("remove", 7) in store.log
+
+
+@pytest.fixture
+def quick_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(intake, "LOOKUP_RETRY_S", 0.001)
+
+
+@pytest.mark.usefixtures("quick_lookups")
+async def test_a_finished_task_whose_stored_state_is_slow_to_read_is_still_not_rerun(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    """Its lookup fails twice (a NATS node killed): asked again, not read as nothing."""
+    e = await make_engine()
+    task = spec("finished elsewhere")
+    core = TaskCore(task)
+    core.started()
+    ended = core.cancelled()
+    assert ended is not None and ended.lifecycle is not None
+    store.stored[task.task_id] = Stored(3, "alice", 1, ended.lifecycle)
+    store.lookups_failing = 2
+    await e.engine.intake.arrived(Pending(task, seq=7, redelivered=True))
+    assert task.task_id not in llm.order
+    assert (await e.state(task.task_id)).status == Status.TASK_STATUS_CANCELLED
+    assert ("remove", 7) in store.log
+
+
+@pytest.mark.usefixtures("quick_lookups")
+async def test_a_job_whose_stored_state_cannot_be_read_is_left_stored_for_another_try(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    e = await make_engine()
+    task = spec("finished elsewhere")
+    core = TaskCore(task)
+    core.started()
+    ended = core.cancelled()
+    assert ended is not None and ended.lifecycle is not None
+    store.stored[task.task_id] = Stored(3, "alice", 1, ended.lifecycle)
+    store.lookups_failing = LOOKUP_ATTEMPTS
+    with pytest.raises(StoreUnavailable):
+        await e.engine.intake.arrived(Pending(task, seq=7, redelivered=True))
+    assert task.task_id not in llm.order and task.task_id not in e.engine.jobs
+    assert ("remove", 7) not in store.log  # held: it comes back
+    # Delivered again once the store answers: restored, not run.
+    await e.engine.intake.arrived(Pending(task, seq=7, redelivered=True))
+    assert task.task_id not in llm.order
+    assert (await e.state(task.task_id)).status == Status.TASK_STATUS_CANCELLED
+
+
+@pytest.mark.usefixtures("quick_lookups")
+async def test_a_resubmit_whose_stored_state_cannot_be_read_is_refused_not_run(
+    make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
+) -> None:
+    first = await make_engine()
+    done = await first.submit("only once")
+    await first.reached("finished", done.task_id)
+    await first.engine.shutdown(0)
+    second = await make_engine()
+    store.lookups_failing = LOOKUP_ATTEMPTS
+    error = await error_of(second.submit("only once", task_id=done.task_id))
+    assert error.code == Code.ERROR_CODE_OVERLOADED and error.retryable
+    assert llm.order == [done.task_id] and second.engine.jobs == {}
+    state, duplicate = await second.engine.submit(spec("only once", task_id=done.task_id))
+    assert duplicate and state.status == Status.TASK_STATUS_COMPLETED
+    assert llm.order == [done.task_id]
 
 
 async def test_a_job_for_an_id_another_user_claimed_is_dropped(
