@@ -33,7 +33,8 @@ import nats.errors
 from nats.js.api import PubAck
 
 from svckit import nats_wire
-from svckit.pubacks import pub_ack_of
+from svckit.nats import NotConnected, servers_of
+from svckit.pubacks import pub_ack_of, time_out
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,6 @@ MAX_BUFFERED = 1 << 20  # bytes waiting to be sent: past it the connection is no
 REPLY_SID = "1"
 
 
-class NotConnected(nats.errors.Error):
-    def __str__(self) -> str:
-        return "nats: the acks' own connection is not up"
-
-
 class Unsupported(Exception):
     """The server asks for what this connection does not speak (TLS)."""
 
@@ -57,7 +53,7 @@ class Unsupported(Exception):
 class DirectPublisher:
     def __init__(self, url: str, name: str, ping_interval_s: float = PING_INTERVAL_S) -> None:
         self._ping_interval_s = ping_interval_s
-        self._servers = [urlsplit(part.strip()) for part in url.split(",") if part.strip()]
+        self._servers = [urlsplit(server) for server in servers_of(url)]
         self._name = name
         self._prefix = f"_SB_ACK.{secrets.token_hex(8)}."  # the replies' subjects
         self._tokens = itertools.count()
@@ -94,7 +90,7 @@ class DirectPublisher:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[nats_wire.Message] = loop.create_future()
         link.waiting[token] = answer
-        timer = loop.call_later(timeout, _time_out, answer)
+        timer = loop.call_later(timeout, time_out, answer)
         try:
             link.send(nats_wire.hpub(subject, self._prefix + token, headers, payload))
             message = await answer
@@ -265,8 +261,3 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
         future.exception()  # retrieved: nobody may be waiting for it any more
-
-
-def _time_out(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(nats.errors.TimeoutError())

@@ -79,7 +79,7 @@ class AckedPublisher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
         self._waiting[token] = future
-        timer = loop.call_later(timeout, _time_out, future)
+        timer = loop.call_later(timeout, time_out, future)
         try:
             await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             return await future
@@ -115,7 +115,8 @@ def pub_ack_of(data: bytes, status: str) -> PubAck:
     return PubAck.from_response(answer)
 
 
-def _time_out(future: asyncio.Future[Msg]) -> None:
+def time_out(future: asyncio.Future[Any]) -> None:
+    """Fail a reply still awaited as nats-py's requests do when none comes in time."""
     if not future.done():
         future.set_exception(nats.errors.TimeoutError())
 

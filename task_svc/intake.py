@@ -195,8 +195,8 @@ class Intake:
         StoreUnavailable raised (its message stays stored, for another try). Never read as
         nothing stored: a task that had finished then ran a second time, and its history
         held two COMPLETED (a NATS node killed mid-stream, the lookup timing out)."""
-        delay = LOOKUP_RETRY_S
-        for attempt in range(1, LOOKUP_ATTEMPTS + 1):
+        delay, attempt = LOOKUP_RETRY_S, 1
+        while True:
             try:
                 return await self.store.last_stored(job.task_id)
             except StoreUnavailable as error:
@@ -208,8 +208,7 @@ class Intake:
                     self._drop(job)
                     raise
             await asyncio.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
+            delay, attempt = delay * 2, attempt + 1
 
     # -- the steps every way in takes --------------------------------------------------
 
