@@ -14,6 +14,7 @@ from typing import TypeVar
 import pytest
 from nats.aio.client import Client
 
+from svckit.nats import connect_nats, ensure_stream, jobs_stream_config
 from tools.natsserver import NatsServer, free_port, start_nats
 from tools.stack import METRICS_LISTEN
 
@@ -76,3 +77,20 @@ def nats_url(nats_server: NatsServer) -> str:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+async def jobs_stream_at(url: str) -> Client:
+    """A NATS connection to `url`, SB_JOBS made on it (the caller closes it)."""
+    client = await connect_nats(url, "test")
+    await ensure_stream(client.jetstream(), jobs_stream_config())
+    return client
+
+
+@pytest.fixture
+async def jobs_nc(nats_url: str) -> AsyncIterator[Client]:
+    """A NATS connection to the test's nats-server, with SB_JOBS made."""
+    client = await jobs_stream_at(nats_url)
+    try:
+        yield client
+    finally:
+        await client.close()

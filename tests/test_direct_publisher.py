@@ -6,8 +6,8 @@ alone."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats.errors
@@ -16,22 +16,12 @@ import pytest
 import uvloop
 from nats.aio.client import Client
 
-from svckit.direct_publisher import DirectPublisher, NotConnected
-from svckit.nats import JOBS_STREAM, connect_nats, ensure_stream, jobs_stream_config
-from tests.conftest import eventually, timeout
+from svckit.direct_publisher import DirectPublisher
+from svckit.nats import JOBS_STREAM, NotConnected
+from tests.conftest import eventually, jobs_stream_at, timeout
 from tools.natsserver import start_nats
 
 SUBJECT = "switchboard.jobs.3.default"
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await connect_nats(nats_url, "test")
-    await ensure_stream(client.jetstream(), jobs_stream_config())
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def connected(url: str) -> DirectPublisher:
@@ -43,7 +33,7 @@ async def connected(url: str) -> DirectPublisher:
 
 
 async def test_a_publish_returns_its_pub_ack_and_a_repeat_is_a_duplicate(
-    nats_url: str, nc: Client
+    nats_url: str, jobs_nc: Client
 ) -> None:
     publisher = await connected(nats_url)
     try:
@@ -52,7 +42,7 @@ async def test_a_publish_returns_its_pub_ack_and_a_repeat_is_a_duplicate(
         assert (ack.stream, ack.seq, ack.duplicate) == (JOBS_STREAM, 1, None)
         again = await publisher.publish(SUBJECT, b"job", timeout=5, headers=headers)
         assert again.duplicate and again.seq == 1
-        stored = await nc.jetstream().get_last_msg(JOBS_STREAM, SUBJECT)
+        stored = await jobs_nc.jetstream().get_last_msg(JOBS_STREAM, SUBJECT)
         assert stored.data == b"job" and (stored.headers or {}).get("Nats-Msg-Id") == "t-1"
         # Many at once: each answer goes to its own publish.
         acks = await asyncio.gather(
@@ -68,7 +58,7 @@ async def test_a_publish_returns_its_pub_ack_and_a_repeat_is_a_duplicate(
 
 
 async def test_a_subject_no_stream_takes_raises_as_js_publish_does(
-    nats_url: str, nc: Client
+    nats_url: str, jobs_nc: Client
 ) -> None:
     publisher = await connected(nats_url)
     try:
@@ -87,9 +77,7 @@ async def test_a_lost_server_fails_what_waits_and_a_returning_one_is_taken_up(
     tmp_path: Path,
 ) -> None:
     server = await start_nats(tmp_path / "js")
-    client = await connect_nats(server.url, "test")
-    await ensure_stream(client.jetstream(), jobs_stream_config())
-    await client.close()
+    await (await jobs_stream_at(server.url)).close()
     publisher = await connected(server.url)
     try:
         server.process.send_signal(signal.SIGSTOP)  # the publish waits for an answer...
@@ -140,43 +128,42 @@ async def test_a_server_that_stops_answering_pings_is_dropped_and_taken_up_again
         server.stop()
 
 
-async def test_user_and_password_come_from_the_url(tmp_path: Path) -> None:
-    server = await start_nats(tmp_path / "js", extra_args=["--user", "ack", "--pass", "s3cret"])
+@pytest.mark.parametrize(
+    ("server_args", "credentials", "wrong"),
+    [
+        (["--user", "ack", "--pass", "s3cret"], "ack:s3cret", "ack:wrong"),
+        (["--auth", "t0ken"], "t0ken", "wr0ng"),
+    ],
+    ids=["user and password", "token"],
+)
+async def test_credentials_come_from_the_url(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    server_args: list[str],
+    credentials: str,
+    wrong: str,
+) -> None:
+    server = await start_nats(tmp_path / "js", extra_args=server_args)
     try:
-        url = f"nats://ack:s3cret@127.0.0.1:{server.port}"
-        client = await connect_nats(url, "test")
-        await ensure_stream(client.jetstream(), jobs_stream_config())
-        await client.close()
-        publisher = await connected(url)
-        try:
-            ack = await publisher.publish(SUBJECT, b"x", timeout=5, headers={})
-            assert ack.seq == 1
-        finally:
-            await publisher.close()
-        refused = DirectPublisher(f"nats://ack:wrong@127.0.0.1:{server.port}", "test acks")
-        refused.start()
-        try:
-            with pytest.raises(TimeoutError):  # refused on every attempt: never connected
-                async with asyncio.timeout(1.5):
-                    await refused.wait_connected()
-        finally:
-            await refused.close()
-    finally:
-        server.stop()
-
-
-async def test_a_token_comes_from_the_url(tmp_path: Path) -> None:
-    server = await start_nats(tmp_path / "js", extra_args=["--auth", "t0ken"])
-    try:
-        url = f"nats://t0ken@127.0.0.1:{server.port}"
-        client = await connect_nats(url, "test")
-        await ensure_stream(client.jetstream(), jobs_stream_config())
-        await client.close()
+        url = f"nats://{credentials}@127.0.0.1:{server.port}"
+        await (await jobs_stream_at(url)).close()
         publisher = await connected(url)
         try:
             assert (await publisher.publish(SUBJECT, b"x", timeout=5, headers={})).seq == 1
         finally:
             await publisher.close()
+        caplog.set_level(logging.INFO, logger="svckit.direct_publisher")
+        refused = DirectPublisher(f"nats://{wrong}@127.0.0.1:{server.port}", "test acks")
+        refused.start()
+        try:
+
+            async def refusal_logged() -> bool:
+                return any("Authorization" in str(getattr(r, "e", "")) for r in caplog.records)
+
+            await eventually(refusal_logged)
+            assert not refused.connected
+        finally:
+            await refused.close()
     finally:
         server.stop()
 
@@ -203,7 +190,7 @@ async def test_a_server_asking_for_tls_is_left_to_nats_py() -> None:
         await server.wait_closed()
 
 
-def test_it_runs_on_uvloop_as_the_services_do(nats_url: str, nc: Client) -> None:
+def test_it_runs_on_uvloop_as_the_services_do(nats_url: str, jobs_nc: Client) -> None:
     """uvloop's transports differ from asyncio's (they are not asyncio.Transport
     subclasses): the connection must come up and publish there too."""
 

@@ -21,8 +21,6 @@ from svckit.nats import (
     JOBS_STREAM,
     QUEUE_BOARD_SUBJECT,
     connect_nats,
-    ensure_stream,
-    jobs_stream_config,
 )
 from svckit.shards import job_subject, shard_of
 from switchboard.v1 import common_pb2, events_pb2, llm_pb2, tasks_pb2
@@ -71,19 +69,9 @@ class Models:
         )
 
 
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await connect_nats(nats_url, "test")
-    await ensure_stream(client.jetstream(), jobs_stream_config())
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 @pytest.fixture(params=["nats-py", "own connection"])
 async def direct(
-    request: pytest.FixtureRequest, nats_url: str, nc: Client
+    request: pytest.FixtureRequest, nats_url: str, jobs_nc: Client
 ) -> AsyncIterator[DirectSubmit]:
     """The acks' path storing jobs through nats-py, or through its own connection
     (svckit/direct_publisher.py, as gateway_svc runs it)."""
@@ -108,49 +96,51 @@ def request(task_id: str = "t-1", model: str = "") -> tasks_pb2.SubmitRequest:
 
 
 async def test_the_job_is_stored_once_with_its_resolved_model_and_queue(
-    direct: DirectSubmit, nc: Client
+    direct: DirectSubmit, jobs_nc: Client
 ) -> None:
     response = await direct.submit(request("t-1", model="big"))
     assert response is not None and not response.duplicate
     assert response.state.status == common_pb2.TASK_STATUS_QUEUED
     assert response.state.model == "big" and response.state.queue_position == 1
-    stored = await nc.jetstream().get_last_msg(JOBS_STREAM, job_subject(shard_of("t-1"), "slow"))
+    stored = await jobs_nc.jetstream().get_last_msg(
+        JOBS_STREAM, job_subject(shard_of("t-1"), "slow")
+    )
     job = events_pb2.Job.FromString(stored.data or b"")
     assert (job.task_id, job.user_id, job.prompt, job.model) == ("t-1", "alice", "hello", "big")
     assert job.priority == 2 and job.submitted_at.seconds > 0
     assert (stored.headers or {}).get("Nats-Msg-Id") == "t-1"
     # Stored before: task_svc must answer (None), and nothing is stored twice.
     assert await direct.submit(request("t-1", model="big")) is None
-    assert (await nc.jetstream().stream_info(JOBS_STREAM)).state.messages == 1
+    assert (await jobs_nc.jetstream().stream_info(JOBS_STREAM)).state.messages == 1
 
 
 async def test_an_unknown_model_and_a_full_queue_are_refused_before_anything_is_stored(
-    direct: DirectSubmit, nc: Client
+    direct: DirectSubmit, jobs_nc: Client
 ) -> None:
     with pytest.raises(ServiceError) as unknown:
         await direct.submit(request("t-2", model="nope"))
     assert unknown.value.code == Code.ERROR_CODE_MODEL_NOT_FOUND
     full = events_pb2.QueueBoard(queues=[stats("fast", waiting_by_priority=[10])])
     await publish_until_heard(
-        nc,
+        jobs_nc,
         [(QUEUE_BOARD_SUBJECT, full.SerializeToString())],
         lambda: direct.board.fresh("fast", now=time.monotonic()) is not None,
     )
     with pytest.raises(ServiceError) as overloaded:
         await direct.submit(request("t-3"))
     assert overloaded.value.code == Code.ERROR_CODE_OVERLOADED
-    assert (await nc.jetstream().stream_info(JOBS_STREAM)).state.messages == 0
+    assert (await jobs_nc.jetstream().stream_info(JOBS_STREAM)).state.messages == 0
 
 
 async def test_without_a_stream_the_job_is_left_to_task_svc(
-    direct: DirectSubmit, nc: Client
+    direct: DirectSubmit, jobs_nc: Client
 ) -> None:
-    await nc.jetstream().delete_stream(JOBS_STREAM)
+    await jobs_nc.jetstream().delete_stream(JOBS_STREAM)
     assert await direct.submit(request("t-4")) is None
 
 
 async def test_only_the_first_push_on_a_new_task_is_stored_by_the_gateway(
-    direct: DirectSubmit, nc: Client
+    direct: DirectSubmit, jobs_nc: Client
 ) -> None:
     async with running_stack(direct=direct) as stack, connect(stack.url()) as ws:
         new = topic()
@@ -162,7 +152,7 @@ async def test_only_the_first_push_on_a_new_task_is_stored_by_the_gateway(
         assert stack.fake.submits == []  # stored here, not by task_svc
         assert stack.metric("switchboard_ack_store_seconds_count") == 1
         subject = job_subject(shard_of(new.split(":")[1]), "fast")
-        stored = await nc.jetstream().get_last_msg(JOBS_STREAM, subject)
+        stored = await jobs_nc.jetstream().get_last_msg(JOBS_STREAM, subject)
         assert events_pb2.Job.FromString(stored.data or b"").task_id == new.split(":")[1]
         # Pushed again on the same channel: task_svc answers (idempotency is its job).
         await send(ws, ["1", "3", new, "llm_generate", {"prompt": "hi"}])
@@ -173,7 +163,7 @@ async def test_only_the_first_push_on_a_new_task_is_stored_by_the_gateway(
 
 
 async def test_a_task_the_join_found_submitted_goes_to_task_svc(
-    direct: DirectSubmit, nc: Client
+    direct: DirectSubmit, jobs_nc: Client
 ) -> None:
     async with running_stack(direct=direct) as stack:
         known = topic()
@@ -188,7 +178,7 @@ async def test_a_task_the_join_found_submitted_goes_to_task_svc(
             await send(ws, ["1", "2", known, "llm_generate", {"prompt": "hi"}])
             await recv(ws)
         assert [s.task_id for s in stack.fake.submits] == [task_id]
-        assert (await nc.jetstream().stream_info(JOBS_STREAM)).state.messages == 0
+        assert (await jobs_nc.jetstream().stream_info(JOBS_STREAM)).state.messages == 0
 
 
 async def test_with_nats_away_the_job_is_left_to_task_svc_at_once(

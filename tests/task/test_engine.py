@@ -195,6 +195,15 @@ async def test_after_a_restart_an_unfinished_task_runs_on_above_its_stored_seq(
     assert final.status == Status.TASK_STATUS_COMPLETED and final.attempts == 2
 
 
+def stored_as_ended(store: MemoryJobStore, task: TaskSpec) -> None:
+    """What SB_TASK_EVENTS holds of `task` once it ended (cancelled) in an earlier run."""
+    core = TaskCore(task)
+    core.started()
+    ended = core.cancelled()
+    assert ended is not None and ended.lifecycle is not None
+    store.stored[task.task_id] = Stored(3, "alice", 1, ended.lifecycle)
+
+
 async def test_jobs_left_in_the_store_are_rebuilt_before_start_returns(
     make_engine: MakeEngine, store: MemoryJobStore, llm: ScriptedLlm
 ) -> None:
@@ -202,11 +211,7 @@ async def test_jobs_left_in_the_store_are_rebuilt_before_start_returns(
     left_seq = (await store.put(left, left.task_id)).seq
     finished_seq = (await store.put(finished, finished.task_id)).seq
     store.stored[left.task_id] = Stored(seq=5, user_id="alice", attempts=1)
-    core = TaskCore(finished)
-    core.started()
-    done = core.cancelled()
-    assert done is not None and done.lifecycle is not None
-    store.stored[finished.task_id] = Stored(3, "alice", 1, done.lifecycle)
+    stored_as_ended(store, finished)
     del store.log[:]
     e = await make_engine()
     rebuilt = await e.state(left.task_id)  # known as soon as start returns
@@ -401,11 +406,7 @@ async def test_a_redelivered_job_of_a_finished_task_is_restored_not_rerun(
 ) -> None:
     e = await make_engine()
     task = spec("finished elsewhere")
-    core = TaskCore(task)
-    core.started()
-    ended = core.cancelled()
-    assert ended is not None and ended.lifecycle is not None
-    store.stored[task.task_id] = Stored(3, "alice", 1, ended.lifecycle)
+    stored_as_ended(store, task)
     await e.engine.intake.arrived(Pending(task, seq=7, redelivered=True))
     assert task.task_id not in llm.order
     assert (await e.state(task.task_id)).status == Status.TASK_STATUS_CANCELLED
@@ -424,11 +425,7 @@ async def test_a_finished_task_whose_stored_state_is_slow_to_read_is_still_not_r
     """Its lookup fails twice (a NATS node killed): asked again, not read as nothing."""
     e = await make_engine()
     task = spec("finished elsewhere")
-    core = TaskCore(task)
-    core.started()
-    ended = core.cancelled()
-    assert ended is not None and ended.lifecycle is not None
-    store.stored[task.task_id] = Stored(3, "alice", 1, ended.lifecycle)
+    stored_as_ended(store, task)
     store.lookups_failing = 2
     await e.engine.intake.arrived(Pending(task, seq=7, redelivered=True))
     assert task.task_id not in llm.order
@@ -442,11 +439,7 @@ async def test_a_job_whose_stored_state_cannot_be_read_is_left_stored_for_anothe
 ) -> None:
     e = await make_engine()
     task = spec("finished elsewhere")
-    core = TaskCore(task)
-    core.started()
-    ended = core.cancelled()
-    assert ended is not None and ended.lifecycle is not None
-    store.stored[task.task_id] = Stored(3, "alice", 1, ended.lifecycle)
+    stored_as_ended(store, task)
     store.lookups_failing = LOOKUP_ATTEMPTS
     with pytest.raises(StoreUnavailable):
         await e.engine.intake.arrived(Pending(task, seq=7, redelivered=True))
