@@ -19,8 +19,8 @@ class Settings(BaseSettings):
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 4000
-    gateway_grpc_listen: str = "127.0.0.1:50050"
-    task_svc_addr: str = "127.0.0.1:50051"
+    gateway_grpc_listen: str = "127.0.0.1:7050"
+    task_svc_addr: str = "127.0.0.1:7051"
     # How long a task_svc node's heartbeat lives (the same TASK_LEASE_S task_svc reads): a
     # node not heard from for this long is dead to the gateway's routes (routes.py).
     task_lease_s: float = 5.0
@@ -29,8 +29,8 @@ class Settings(BaseSettings):
     # through task_svc.
     gateway_direct_submit: bool = True
     nats_url: str = "nats://127.0.0.1:4222"
-    llm_svc_addr: str = "127.0.0.1:50052"
-    history_svc_addr: str = "127.0.0.1:50053"  # the user channel's history and preferences
+    llm_svc_addr: str = "127.0.0.1:7052"
+    history_svc_addr: str = "127.0.0.1:7053"  # the user channel's history and preferences
     gateway_models_cache_s: float = 10.0
 
     # A socket that sends nothing (not even a heartbeat, every 30 s) for this long is closed.

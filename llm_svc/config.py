@@ -14,7 +14,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore")
 
     log_level: str = "INFO"
-    llm_svc_listen: str = "127.0.0.1:50052"
+    llm_svc_listen: str = "127.0.0.1:7052"
     # `host:port` of the Prometheus /metrics endpoint of `python -m llm_svc` (metrics.py,
     # svckit/metrics.py); empty = off, `host:0` = a free port (logged). make cluster gives
     # each replica its own port (tools/stack.py), tests a free one (tests/conftest.py).

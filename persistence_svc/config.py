@@ -13,7 +13,7 @@ class Settings(BaseSettings):
     switchboard_env: str = "development"
     nats_url: str = "nats://127.0.0.1:4222"
     nats_stream_replicas: int = 1  # JetStream replicas of the streams (3 on a NATS cluster)
-    history_svc_listen: str = "127.0.0.1:50053"
+    history_svc_listen: str = "127.0.0.1:7053"
     database_url: str = "sqlite+aiosqlite:///var/switchboard.db"
 
     # Our own knobs (prefix PERSISTENCE_).

@@ -35,7 +35,7 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     # backoff grows to two minutes, which would hold every task back that long.
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2_000),
-    # A target of several addresses (`ipv4:127.0.0.1:50052,127.0.0.1:50062`, as `make
+    # A target of several addresses (`ipv4:127.0.0.1:7052,127.0.0.1:7062`, as `make
     # cluster` gives task_svc for its two llm_svc) gets a connection to each, and each new
     # call goes to the next ready one; one that is down is skipped. gRPC's default
     # (pick_first) would send everything to the first address while it is up. With one

@@ -32,8 +32,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     nats_url: str = "nats://127.0.0.1:4222"  # a cluster's servers comma-separated
     nats_stream_replicas: int = 1  # JetStream replicas of the streams and buckets
-    task_svc_listen: str = "127.0.0.1:50051"
-    llm_svc_addr: str = "127.0.0.1:50052"
+    task_svc_listen: str = "127.0.0.1:7051"
+    llm_svc_addr: str = "127.0.0.1:7052"
     # GenerateMany streams to llm_svc: as many as its replicas behind LLM_SVC_ADDR, so that
     # every replica gets generations (one replica: 1, every generation on one stream).
     task_llm_streams: int = 1

@@ -75,8 +75,8 @@ def test_subjects_and_keys_read_back() -> None:
 
 
 def test_records_read_back() -> None:
-    member = Member("task-1", "10.0.0.1:50051", leaving=True)
+    member = Member("task-1", "10.0.0.1:7051", leaving=True)
     assert Member.decode("task-1", member.encode()) == member
-    lease = Lease("task-2", "10.0.0.2:50051")
+    lease = Lease("task-2", "10.0.0.2:7051")
     assert Lease.decode(lease.encode()) == lease
-    assert node_key("pod.example.com-50051") == "pod_example_com-50051"
+    assert node_key("pod.example.com-7051") == "pod_example_com-7051"

@@ -50,16 +50,16 @@ NATS_REPLICAS = 3  # every stream on all three nodes: any one may go down
 @dataclass
 class ClusterConfig:
     """Where everything listens. The defaults are `make run`'s client-facing ports (the
-    WebSocket on 4000, task_svc-1 on 50051, llm_svc-1 on 50052, persistence_svc on 50053),
+    WebSocket on 4000, task_svc-1 on 7051, llm_svc-1 on 7052, persistence_svc on 7053),
     each further instance ten above the one before; NATS clients on 4223-4225 (4222 may be
     the machine's own, older, server)."""
 
     var_dir: Path = ROOT / "var" / "cluster"
     gateway_port: int = 4000
-    gateway_grpc_ports: list[int] = field(default_factory=lambda: [50050, 50060])
-    task_ports: list[int] = field(default_factory=lambda: [50051, 50061, 50071])
-    llm_ports: list[int] = field(default_factory=lambda: [50052, 50062])
-    persistence_port: int = 50053
+    gateway_grpc_ports: list[int] = field(default_factory=lambda: [7050, 7060])
+    task_ports: list[int] = field(default_factory=lambda: [7051, 7061, 7071])
+    llm_ports: list[int] = field(default_factory=lambda: [7052, 7062])
+    persistence_port: int = 7053
     nats_ports: list[int] = field(default_factory=lambda: [4223, 4224, 4225])
     nats_cluster_ports: list[int] = field(default_factory=lambda: [6223, 6224, 6225])
     nats_monitor_ports: list[int] = field(default_factory=lambda: [8223, 8224, 8225])

@@ -71,10 +71,10 @@ class StackConfig:
     gateway_port: int = 4000
     grpc_ports: dict[str, int] = field(
         default_factory=lambda: {
-            "gateway_svc": 50050,
-            "task_svc": 50051,
-            "llm_svc": 50052,
-            "persistence_svc": 50053,
+            "gateway_svc": 7050,
+            "task_svc": 7051,
+            "llm_svc": 7052,
+            "persistence_svc": 7053,
         }
     )
     metrics_ports: dict[str, int] = field(default_factory=lambda: dict(METRICS_PORTS))

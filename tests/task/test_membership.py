@@ -68,7 +68,7 @@ async def node(
         nc.jetstream(),
         owner,
         node=name,
-        address=f"{name}:50051",
+        address=f"{name}:7051",
         lease_s=LEASE_S,
         replicas=1,
         handoff_grace_s=0.0,
