@@ -118,20 +118,23 @@ def _after(tokens: tuple[str, ...], prefix: str) -> tuple[str, ...]:
     return () if text == prefix else tokens
 
 
-# At zero delay the answer is all there at once, as a provider's stream read from a full
-# socket buffer: tokens follow one another without a loop turn each (every turn waited
-# behind every other stream's work), but the loop still gets a turn every this many tokens,
-# so a cancel is seen within a few tokens.
-TOKENS_PER_TURN = 8
+# The tokens already due when the stream gets to one (all of them at zero delay, those a
+# busy process is late for) come together as one delta, as several events of a provider's
+# stream read from a full socket buffer: every event costs the same on every hop
+# (coalescing, the TaskServer, the Watch, the socket) whatever its size, and one per token
+# was most of llm_svc's CPU at zero delay. At most this many tokens a delta, and the loop
+# gets a turn before each, so a cancel is seen within a few tokens.
+TOKENS_PER_DELTA = 8
 
 
 class LocalProvider:
     """Streams `complete(...)` at one token every `token_delay_s` seconds, the way a
     provider's stream arrives: token n is due `n * token_delay_s` after the stream began,
-    whatever the process was doing meanwhile. Tokens a busy process is late for come
-    back-to-back, as they would from a socket's buffer, instead of each waiting its full
-    delay after the last was read (which stretched a generation by every loop turn it
-    waited). `sleep` and `clock` are the event loop's unless a test passes its own."""
+    whatever the process was doing meanwhile. Tokens a busy process is late for come at
+    once, in one delta (up to TOKENS_PER_DELTA), as they would from a socket's buffer,
+    instead of each waiting its full delay after the last was read (which stretched a
+    generation by every loop turn it waited). `sleep` and `clock` are the event loop's
+    unless a test passes its own."""
 
     name = PROVIDER_NAME
 
@@ -155,15 +158,13 @@ class LocalProvider:
         loop = asyncio.get_running_loop()
         sleep = self._sleep or functools.partial(_sleep_on, loop)
         clock = self._clock or loop.time
-        due = clock()
-        for index, token in enumerate(tokens):
-            due += self.token_delay_s
-            wait = due - clock()
-            if wait > 0:
-                await sleep(wait)
-            elif index % TOKENS_PER_TURN == 0:
-                await sleep(0)
-            yield TextDelta(token)
+        delay, started, sent = self.token_delay_s, clock(), 0
+        while sent < len(tokens):
+            await sleep(max(started + (sent + 1) * delay - clock(), 0.0))
+            due = len(tokens) if delay <= 0 else int((clock() - started) / delay)
+            count = min(max(due - sent, 1), TOKENS_PER_DELTA, len(tokens) - sent)
+            yield TextDelta("".join(tokens[sent : sent + count]), tokens=count)
+            sent += count
         yield Finish(completion.finish_reason, completion.usage)
 
     async def aclose(self) -> None:

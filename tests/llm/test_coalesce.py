@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from llm_svc.coalesce import Window, coalesce
-from llm_svc.providers.local import compose_answer
+from llm_svc.providers.local import TOKENS_PER_DELTA, compose_answer
 from llm_svc.server import LlmServer
 from svckit.grpc_server import insecure_channel
 from switchboard.v1 import common_pb2, llm_pb2, llm_pb2_grpc
@@ -192,7 +192,8 @@ async def test_llm_svc_coalesces_a_fast_local_stream() -> None:
         await server.shutdown()
     tokens = compose_answer(prompt)
     assert len(tokens) > 20
-    # The first token alone, the rest in one delta with progress 1.0, then the final.
+    # The model's first delta alone (the tokens it had at once), the rest in one delta with
+    # progress 1.0, then the final.
     assert kinds(events) == ["delta", "delta", "final"]
-    assert events[0].delta.text == tokens[0]
+    assert events[0].delta.text == "".join(tokens[:TOKENS_PER_DELTA])
     assert check_stream(events).final.content == "".join(tokens)

@@ -22,7 +22,7 @@ from llm_svc.providers.base import (
     TextDelta,
     TokenUsage,
 )
-from llm_svc.providers.local import LocalProvider, complete, compose_answer
+from llm_svc.providers.local import TOKENS_PER_DELTA, LocalProvider, complete, compose_answer
 from svckit import tracing
 from svckit.errors import ServiceError
 from switchboard.v1 import common_pb2, llm_pb2
@@ -88,14 +88,18 @@ async def test_local_generation_streams_deltas_progress_and_final() -> None:
     final = check_stream(events).final
     expected = complete("Write a haiku about the sea", 256)
     assert final.content == expected.content
-    assert [e.delta.text for e in events if e.HasField("delta")] == list(expected.tokens)
+    # At zero delay the model's deltas carry TOKENS_PER_DELTA tokens each (the last, the rest).
+    n, step = len(expected.tokens), TOKENS_PER_DELTA
+    starts = range(0, n, step)
+    texts = ["".join(expected.tokens[i : i + step]) for i in starts]
+    assert [e.delta.text for e in events if e.HasField("delta")] == texts
     assert (final.model, final.finish_reason) == ("local", "stop")
     assert final.usage.completion_tokens == len(expected.tokens)
     assert final.usage.total_tokens == expected.usage.total_tokens
     assert not final.from_fallback and not final.from_cache
-    # The local model announces its length, so progress moves with every token.
+    # The local model announces its length, so progress moves with every delta.
     tokens = [report.tokens for report in progress_reports(events)]
-    assert tokens == [*range(1, len(expected.tokens) + 1), len(expected.tokens)]
+    assert tokens == [*(min(i + step, n) for i in starts), n]
 
 
 async def test_max_tokens_truncates_with_length_and_is_capped_by_the_model() -> None:

@@ -1,4 +1,5 @@
-"""The built-in local model: a pure, deterministic answer, streamed token by token."""
+"""The built-in local model: a pure, deterministic answer, streamed token by token (the tokens
+already due together)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from llm_svc.catalogue import DEFAULT_MODELS_FILE, Catalogue
 from llm_svc.providers.base import Finish, ProviderRequest, TextDelta
 from llm_svc.providers.local import (
     DEFAULT_MAX_TOKENS,
-    TOKENS_PER_TURN,
+    TOKENS_PER_DELTA,
     LocalProvider,
     answer_text,
     complete,
@@ -81,8 +82,8 @@ async def test_provider_streams_the_composed_answer() -> None:
     provider = LocalProvider(token_delay_s=0)
     request = ProviderRequest(model="switchboard-local-1", prompt="Tell me a story", max_tokens=7)
     events = [event async for event in provider.stream(request)]
-    deltas = [e.text for e in events if isinstance(e, TextDelta)]
-    assert deltas == compose_answer("Tell me a story", 7)
+    # At zero delay every token is due at once: the seven come as one delta.
+    assert events[:-1] == [TextDelta("".join(compose_answer("Tell me a story", 7)), tokens=7)]
     assert events[-1] == Finish("length", complete("Tell me a story", 7).usage)
     assert provider.estimate_tokens(request) == 7
 
@@ -90,7 +91,9 @@ async def test_provider_streams_the_composed_answer() -> None:
 async def test_a_paced_stream_gives_the_same_tokens() -> None:
     request = ProviderRequest(model="switchboard-local-1", prompt="Pace me", max_tokens=3)
     events = [event async for event in LocalProvider(token_delay_s=0.001).stream(request)]
-    assert [e.text for e in events if isinstance(e, TextDelta)] == compose_answer("Pace me", 3)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert "".join(e.text for e in deltas) == "".join(compose_answer("Pace me", 3))
+    assert sum(e.tokens for e in deltas) == 3
 
 
 class _Clock:
@@ -108,29 +111,40 @@ class _Clock:
         self.now += seconds
 
 
-async def test_tokens_a_busy_process_is_late_for_come_back_to_back() -> None:
+async def test_tokens_a_busy_process_is_late_for_come_at_once() -> None:
     clock = _Clock()
     provider = LocalProvider(token_delay_s=0.02, sleep=clock.sleep, clock=clock.time)
     request = ProviderRequest(model="switchboard-local-1", prompt="Pace me", max_tokens=5)
-    texts = []
+    deltas = []
     async for event in provider.stream(request):
         if isinstance(event, TextDelta):
-            texts.append(event.text)
-            if len(texts) == 1:
+            deltas.append(event)
+            if len(deltas) == 1:
                 clock.now += 0.05  # busy elsewhere: tokens 2 and 3 fall due meanwhile
-    assert texts == compose_answer("Pace me", 5)
-    # Token n is due at n * 20 ms, not 20 ms after the last one was read: no wait for
-    # tokens 2 and 3 (due at 40 and 60 ms, read at 70), 10 ms for the 4th, 20 for the 5th.
-    assert clock.waits == [0.02, 0.01, 0.02]
+    first, second, third, fourth, fifth = compose_answer("Pace me", 5)
+    # Token n is due at n * 20 ms, not 20 ms after the last one was read: tokens 2 and 3
+    # (due at 40 and 60 ms, read at 70) in one delta at once, 10 ms on for the 4th, 20 for
+    # the 5th.
+    assert deltas == [
+        TextDelta(first),
+        TextDelta(second + third, tokens=2),
+        TextDelta(fourth),
+        TextDelta(fifth),
+    ]
+    assert clock.waits == [0.02, 0.0, 0.01, 0.02]
     assert clock.now == pytest.approx(0.10)
 
 
-async def test_at_zero_delay_the_loop_gets_a_turn_every_few_tokens() -> None:
+async def test_at_zero_delay_deltas_of_a_few_tokens_each_after_a_turn_of_the_loop() -> None:
     clock = _Clock()
     provider = LocalProvider(token_delay_s=0, sleep=clock.sleep, clock=clock.time)
     prompt = "Tell me a long story " * 3
     request = ProviderRequest(model="switchboard-local-1", prompt=prompt, max_tokens=0)
     events = [event async for event in provider.stream(request)]
     deltas = [e for e in events if isinstance(e, TextDelta)]
-    assert len(deltas) > 2 * TOKENS_PER_TURN
-    assert clock.waits == [0.0] * -(-len(deltas) // TOKENS_PER_TURN)
+    tokens = complete(prompt, 0).tokens
+    assert len(tokens) > 2 * TOKENS_PER_DELTA
+    assert [e.tokens for e in deltas[:-1]] == [TOKENS_PER_DELTA] * (len(deltas) - 1)
+    assert sum(e.tokens for e in deltas) == len(tokens)
+    assert "".join(e.text for e in deltas) == "".join(tokens)
+    assert clock.waits == [0.0] * len(deltas)  # a cancel is seen between any two
