@@ -8,9 +8,12 @@ open and multiplex on it: LlmService.GenerateMany (llm_svc/multiplex.py) and
 TaskService.WatchMany (task_svc/watch_mux.py). Each says what a command does and what one
 logical call sends; this module owns the tasks, the outbox and the stream's end.
 
-Whatever is ready when the stream can take it leaves as one batch message, so a busy stream
-sends fewer, larger messages. The stream's end (the caller closed its side and nothing runs,
-or the call was cancelled) cancels every logical call still running: none outlives it.
+Whatever is ready when the stream can take it, and what the next turn of the event loop
+makes ready, leaves as one batch message, so a busy stream sends fewer, larger messages (at
+zero delay, 50 streams: 1.74-1.80 against 1.84-2.13 ms CPU a generation, every process,
+without that one turn, alternating runs). The stream's end (the caller closed its side and
+nothing runs, or the call was cancelled) cancels every logical call still running: none
+outlives it.
 """
 
 from __future__ import annotations
@@ -98,6 +101,11 @@ class StreamMux(Generic[Item]):
         try:
             while self._reading or self._running or self._outbox:
                 await self._ready.wait()
+                if self._outbox:
+                    # One more turn of the loop first: what the other calls make ready in it
+                    # leaves in the same message (a busy stream's items come a few per turn,
+                    # and each message costs the same on both ends whatever it holds).
+                    await asyncio.sleep(0)
                 self._ready.clear()
                 if self._outbox:
                     items = list(self._outbox)
