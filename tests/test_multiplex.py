@@ -1,0 +1,64 @@
+"""svckit/multiplex.py's server half without gRPC: a fake call context records each write."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from svckit.errors import ServiceError
+from svckit.multiplex import StreamMux
+from switchboard.v1 import common_pb2
+from tests.conftest import timeout
+
+
+class _Context:
+    """Records each message written; `all_in` is set once `expected` items were written."""
+
+    def __init__(self, expected: int) -> None:
+        self.writes: list[list[str]] = []
+        self.expected = expected
+        self.all_in = asyncio.Event()
+
+    async def write(self, message: list[str]) -> None:
+        self.writes.append(message)
+        if sum(len(write) for write in self.writes) >= self.expected:
+            self.all_in.set()
+
+
+async def _serve(calls: Callable[[StreamMux[str], int], Coroutine[Any, Any, None]]) -> _Context:
+    """Serve two logical calls, 0 and 1, until both items are written; the writes."""
+    mux: StreamMux[str] = StreamMux(list, lambda key, error: f"{key} failed: {error.message}")
+    context = _Context(expected=2)
+
+    async def commands() -> AsyncIterator[list[int]]:
+        yield [0, 1]
+        await context.all_in.wait()  # the caller's side stays open until both were sent
+
+    def handle(key: int) -> None:
+        mux.spawn(key, calls(mux, key))
+
+    async with asyncio.timeout(timeout(5)):
+        await mux.serve(commands(), lambda keys: keys, handle, context)
+    return context
+
+
+async def test_items_made_ready_one_loop_turn_apart_leave_in_one_message() -> None:
+    async def call(mux: StreamMux[str], key: int) -> None:
+        for _ in range(key):  # call 1 sends one turn of the loop after call 0
+            await asyncio.sleep(0)
+        mux.send(f"item of {key}")
+
+    context = await _serve(call)
+    assert context.writes == [["item of 0", "item of 1"]]
+
+
+async def test_a_failed_call_sends_its_error_and_the_other_goes_on() -> None:
+    async def call(mux: StreamMux[str], key: int) -> None:
+        if key == 0:
+            raise ServiceError(common_pb2.ERROR_CODE_NOT_FOUND, "no such task")
+        mux.send(f"item of {key}")
+
+    context = await _serve(call)
+    items = sorted(item for write in context.writes for item in write)
+    assert items == ["0 failed: no such task", "item of 1"]
