@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from svckit.errors import ServiceError
-from svckit.multiplex import StreamMux
+from svckit.multiplex import MuxClient, StreamMux
 from switchboard.v1 import common_pb2
 from tests.conftest import timeout
 
@@ -62,3 +62,37 @@ async def test_a_failed_call_sends_its_error_and_the_other_goes_on() -> None:
     context = await _serve(call)
     items = sorted(item for write in context.writes for item in write)
     assert items == ["0 failed: no such task", "item of 1"]
+
+
+class _Call:
+    """A stream-stream call that records each message written and never answers."""
+
+    def __init__(self, expected: int) -> None:
+        self.writes: list[list[str]] = []
+        self.expected = expected
+        self.all_in = asyncio.Event()
+        self._never = asyncio.Event()
+
+    async def write(self, message: list[str]) -> None:
+        self.writes.append(message)
+        if sum(len(write) for write in self.writes) >= self.expected:
+            self.all_in.set()
+
+    async def read(self) -> Any:
+        await self._never.wait()
+
+    def cancel(self) -> None:
+        pass
+
+
+async def test_commands_queued_one_loop_turn_apart_leave_in_one_message() -> None:
+    call = _Call(expected=2)
+    client: MuxClient[str] = MuxClient(lambda: call, lambda batch: [], list, "test")
+    first, second = client.call(), client.call()
+    first.send("start 1")
+    await asyncio.sleep(0)
+    second.send("start 2")
+    async with asyncio.timeout(timeout(5)):
+        await call.all_in.wait()
+    await client.close()
+    assert call.writes == [["start 1", "start 2"]]
