@@ -1,4 +1,4 @@
-"""svckit/multiplex.py's server half without gRPC: a fake call context records each write."""
+"""svckit/multiplex.py without gRPC, both halves: a fake call records each message written."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from switchboard.v1 import common_pb2
 from tests.conftest import timeout
 
 
-class _Context:
-    """Records each message written; `all_in` is set once `expected` items were written."""
+class _Recorder:
+    """A call of either half (the server's context, the client's stream-stream call): records
+    each message written, sets `all_in` once `expected` items were written, never answers."""
 
     def __init__(self, expected: int) -> None:
         self.writes: list[list[str]] = []
@@ -25,11 +26,17 @@ class _Context:
         if sum(len(write) for write in self.writes) >= self.expected:
             self.all_in.set()
 
+    async def read(self) -> Any:
+        await asyncio.Event().wait()
 
-async def _serve(calls: Callable[[StreamMux[str], int], Coroutine[Any, Any, None]]) -> _Context:
+    def cancel(self) -> None:
+        pass
+
+
+async def _serve(calls: Callable[[StreamMux[str], int], Coroutine[Any, Any, None]]) -> _Recorder:
     """Serve two logical calls, 0 and 1, until both items are written; the writes."""
     mux: StreamMux[str] = StreamMux(list, lambda key, error: f"{key} failed: {error.message}")
-    context = _Context(expected=2)
+    context = _Recorder(expected=2)
 
     async def commands() -> AsyncIterator[list[int]]:
         yield [0, 1]
@@ -64,33 +71,12 @@ async def test_a_failed_call_sends_its_error_and_the_other_goes_on() -> None:
     assert items == ["0 failed: no such task", "item of 1"]
 
 
-class _Call:
-    """A stream-stream call that records each message written and never answers."""
-
-    def __init__(self, expected: int) -> None:
-        self.writes: list[list[str]] = []
-        self.expected = expected
-        self.all_in = asyncio.Event()
-        self._never = asyncio.Event()
-
-    async def write(self, message: list[str]) -> None:
-        self.writes.append(message)
-        if sum(len(write) for write in self.writes) >= self.expected:
-            self.all_in.set()
-
-    async def read(self) -> Any:
-        await self._never.wait()
-
-    def cancel(self) -> None:
-        pass
-
-
 async def test_commands_queued_one_loop_turn_apart_leave_in_one_message() -> None:
-    call = _Call(expected=2)
+    call = _Recorder(expected=2)
     client: MuxClient[str] = MuxClient(lambda: call, lambda batch: [], list, "test")
     first, second = client.call(), client.call()
     first.send("start 1")
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the second command comes one turn of the loop later
     second.send("start 2")
     async with asyncio.timeout(timeout(5)):
         await call.all_in.wait()

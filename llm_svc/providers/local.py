@@ -118,23 +118,22 @@ def _after(tokens: tuple[str, ...], prefix: str) -> tuple[str, ...]:
     return () if text == prefix else tokens
 
 
-# The tokens already due when the stream gets to one (all of them at zero delay, those a
-# busy process is late for) come together as one delta, as several events of a provider's
-# stream read from a full socket buffer: every event costs the same on every hop
-# (coalescing, the TaskServer, the Watch, the socket) whatever its size, and one per token
-# was most of llm_svc's CPU at zero delay. At most this many tokens a delta, and the loop
-# gets a turn before each, so a cancel is seen within a few tokens.
+# Tokens already due go together (LocalProvider): every event costs the same on every layer
+# whatever its size, and a delta per token was a fifth of llm_svc's CPU at zero delay. At
+# most this many a delta, and the loop gets a turn before each, so a cancel is seen within a
+# few tokens.
 TOKENS_PER_DELTA = 8
 
 
 class LocalProvider:
     """Streams `complete(...)` at one token every `token_delay_s` seconds, the way a
     provider's stream arrives: token n is due `n * token_delay_s` after the stream began,
-    whatever the process was doing meanwhile. Tokens a busy process is late for come at
-    once, in one delta (up to TOKENS_PER_DELTA), as they would from a socket's buffer,
-    instead of each waiting its full delay after the last was read (which stretched a
-    generation by every loop turn it waited). `sleep` and `clock` are the event loop's
-    unless a test passes its own."""
+    whatever the process was doing meanwhile. The tokens already due when the stream gets
+    to one (all of them at zero delay, those a busy process is late for) come at once, in
+    one delta of up to TOKENS_PER_DELTA, as they would from a full socket buffer, instead
+    of each waiting its full delay after the last was read (which stretched a generation
+    by every loop turn it waited). `sleep` and `clock` are the event loop's unless a test
+    passes its own."""
 
     name = PROVIDER_NAME
 
