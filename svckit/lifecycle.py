@@ -32,6 +32,12 @@ Main = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 # leaves nothing to read.
 SLOW_SHUTDOWN_S = 15.0
 
+# A cancel can be lost: on Python 3.11, asyncio.wait_for (under every nats-py request, KV
+# operation and fetch) returns the result instead of raising when the future it waits on
+# completes in the loop turn the cancel comes in, and a loop around it goes on. A shutdown
+# that waited for such a loop waited forever; `cancel_and_wait` cancels again after this.
+CANCEL_AGAIN_S = 1.0
+
 
 def install_stop_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
@@ -127,12 +133,25 @@ def _where(task: asyncio.Task[Any]) -> str:
     return f"{task.get_name()}: {where or 'not started'}"
 
 
-async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
-    """Cancel tasks and wait for them to finish; exceptions other than cancellation are
-    logged, since shutdown must go on."""
-    live = [t for t in tasks if t is not None and not t.done()]
-    for task in live:
-        task.cancel()
-    for result in await asyncio.gather(*live, return_exceptions=True):
-        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-            log.error("task failed during shutdown", exc_info=result)
+async def cancel_and_wait(
+    *tasks: asyncio.Task[Any] | None, again_after_s: float = CANCEL_AGAIN_S
+) -> None:
+    """Cancel tasks and wait for them to finish; one still running `again_after_s` after
+    its cancel is cancelled again (a cancel can be lost: CANCEL_AGAIN_S). Exceptions other
+    than cancellation are logged, since shutdown must go on."""
+    live = {t for t in tasks if t is not None and not t.done()}
+    ended: list[asyncio.Task[Any]] = []
+    while live:
+        for task in live:
+            task.cancel()
+        done, live = await asyncio.wait(live, timeout=again_after_s)
+        ended += done
+        if live:
+            log.warning("a cancel was lost; cancelling again", extra={"tasks": _names(live)})
+    for task in ended:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("task failed during shutdown", exc_info=error)
+
+
+def _names(tasks: set[asyncio.Task[Any]]) -> list[str]:
+    return sorted(task.get_name() for task in tasks)

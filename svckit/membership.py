@@ -24,6 +24,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from svckit.lifecycle import cancel_and_wait
 from svckit.nats import while_forming
 from svckit.shards import NODES_BUCKET, SHARDS_BUCKET, Lease, Member, shard_of, shard_of_key
 
@@ -102,9 +103,7 @@ class MembershipView:
                 await asyncio.gather(*(event.wait() for event in loaded))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
 
     # -- reading ----------------------------------------------------------------------

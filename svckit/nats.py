@@ -232,5 +232,7 @@ async def close_nats(nc: Client) -> None:
             await nc.drain()
     except (nats.errors.Error, OSError, TimeoutError) as error:
         log.warning("nats drain failed; closing", extra={"error": repr(error)})
-        with contextlib.suppress(nats.errors.Error, OSError):  # the server may be gone
+        # The server may be gone. Then nats-py's close writes what it had pending to a
+        # transport already closed, which uvloop refuses with a RuntimeError.
+        with contextlib.suppress(nats.errors.Error, OSError, RuntimeError):
             await nc.close()

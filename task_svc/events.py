@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import nats.errors
 
+from svckit.lifecycle import cancel_and_wait
 from svckit.nats import (
     TASK_EVENTS_STREAM,
     TASK_EVENTS_SUBJECT_PREFIX,
@@ -161,10 +162,7 @@ class LifecyclePublisher:
             if self._tasks:
                 log.warning("lifecycle events left unpublished", extra={"count": self.pending})
         self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
 
 
 @dataclass(frozen=True)

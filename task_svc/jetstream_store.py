@@ -23,6 +23,7 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from svckit.lifecycle import cancel_and_wait
 from svckit.nats import JOBS_STREAM, PUBLISH_TIMEOUT_S, store_job
 from svckit.pubacks import AckedPublisher
 from svckit.shards import queue_of, shard_subjects
@@ -98,10 +99,7 @@ class JetStreamJobStore:
         return [job for msg in msgs if (job := await self._job(consumer, msg)) is not None]
 
     async def release(self, shard: int) -> None:
-        follow = self._follows.pop(shard, None)
-        if follow is not None:
-            follow.cancel()
-            await asyncio.gather(follow, return_exceptions=True)
+        await cancel_and_wait(self._follows.pop(shard, None))
         consumer = self.consumers.pop(shard, None)
         if consumer is not None:
             await consumer.close()

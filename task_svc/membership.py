@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import nats.js.errors
 from nats.js.client import JetStreamContext
 
+from svckit.lifecycle import cancel_and_wait
 from svckit.membership import KV_ERRORS, MembershipView, ensure_buckets, node_gone
 from svckit.shards import SHARD_COUNT, Lease, Member, preferred, shard_key
 
@@ -109,9 +110,7 @@ class NodeMembership:
         for shard in list(self.held):
             self._start(shard, self._hand_over(shard))
         await self._settle()
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+        await cancel_and_wait(self._loop)
         assert self.view.nodes_kv is not None
         with contextlib.suppress(*KV_ERRORS):
             await self.view.nodes_kv.delete(self.node)
@@ -119,12 +118,7 @@ class NodeMembership:
 
     async def close(self) -> None:
         """Stop without handing over (the engine stops its work itself)."""
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-        for task in self._busy.values():
-            task.cancel()
-        await asyncio.gather(*self._busy.values(), return_exceptions=True)
+        await cancel_and_wait(self._loop, *self._busy.values())
         await self.view.close()
 
     # -- the loop ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 from svckit import tracing
 from svckit.errors import ServiceError
+from svckit.lifecycle import cancel_and_wait
 from svckit.nats import PUBLISH_TIMEOUT_S
 from switchboard.v1 import common_pb2, events_pb2, tasks_pb2
 from task_svc.deadletters import dead_letter
@@ -298,9 +299,7 @@ class Runner:
             if job.state in WAITING_IN_QUEUE:
                 self._withdraw(job)
                 job.move(Step.RELEASE)
-        for task in list(self._owned):
-            task.cancel()
-        await asyncio.gather(*self._owned, return_exceptions=True)
+        await cancel_and_wait(*self._owned)
 
     async def release(self, jobs: list[Job], grace_s: float, *, keep_text: bool = True) -> None:
         """A shard's hand-over: its waiting jobs are let go at once, its running ones may

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from svckit.backoff import exponential
+from svckit.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,4 @@ class Supervisor:
     async def stop(self) -> None:
         """Cancel every child and wait for them (idempotent)."""
         self._closed = True
-        tasks = [c.task for c in self._children.values() if c.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*(child.task for child in self._children.values()))

@@ -6,6 +6,7 @@ import asyncio
 import faulthandler
 import logging
 import random
+import sys
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
@@ -13,6 +14,7 @@ import grpc
 import nats.errors
 import orjson
 import pytest
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.js.errors import APIError
 from opentelemetry.sdk.trace import TracerProvider
@@ -27,14 +29,16 @@ from svckit.lifecycle import cancel_and_wait, report_slow_shutdown
 from svckit.logs import JsonFormatter
 from svckit.nats import (
     NO_PEERS_FOR_PLACEMENT,
+    close_nats,
     connect_nats,
     ensure_stream,
     jobs_stream_config,
     while_forming,
 )
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
-from tests.conftest import timeout
+from tests.conftest import eventually, timeout
 from tests.traces import in_memory_traces, json_lines, trace_id
+from tools.natsserver import NatsServer
 
 Code = common_pb2.ErrorCode
 
@@ -53,6 +57,25 @@ async def test_nats_connect_checks_version_and_streams_are_idempotent(nats_url: 
         assert info.config.subjects == ["switchboard.jobs.>"]
     finally:
         await nc.close()
+
+
+def test_closing_while_nats_is_gone_returns_on_uvloop(nats_server: NatsServer) -> None:
+    """The services' own loop: nats-py's close, with publishes still pending, writes to a
+    transport that is closed already, and uvloop raises where asyncio only warns."""
+
+    async def scenario() -> None:
+        nc = await connect_nats(nats_server.url, "test")
+        nats_server.stop()
+        await eventually(lambda: _true(nc.is_reconnecting))
+        await nc.publish("switchboard.test", b"pending")
+        await close_nats(nc)
+        assert nc.is_closed
+
+    uvloop.run(scenario())
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 class _Refusing(tasks_pb2_grpc.TaskServiceServicer):
@@ -280,3 +303,26 @@ async def test_a_stuck_shutdown_logs_what_each_task_waits_on(
     [record] = [r for r in caplog.records if r.getMessage() == "shutdown still running"]
     [line] = [t for t in record.tasks if t.startswith("shard 3:")]  # type: ignore[attr-defined]
     assert "hand_over_forever" in line and "test_svckit.py" in line
+
+
+async def test_a_cancel_lost_in_wait_for_is_made_again(caplog: pytest.LogCaptureFixture) -> None:
+    """Python 3.11's wait_for returns the result when its future completes in the loop turn
+    the cancel comes in; a loop of requests around it (nats-py's) goes on. A shutdown must
+    still end it."""
+    replies: asyncio.Queue[asyncio.Future[None]] = asyncio.Queue()
+
+    async def requests_forever() -> None:
+        while True:
+            reply = asyncio.get_running_loop().create_future()
+            replies.put_nowait(reply)
+            await asyncio.wait_for(reply, 10)
+
+    task = asyncio.create_task(requests_forever(), name="requests")
+    (await replies.get()).set_result(None)  # the reply lands in the turn the cancel does
+    with caplog.at_level(logging.WARNING, logger="svckit.lifecycle"):
+        async with asyncio.timeout(timeout(5)):
+            await cancel_and_wait(task, again_after_s=0.01)
+    assert task.cancelled()
+    if sys.version_info < (3, 12):  # 3.12's wait_for keeps the cancel
+        assert replies.qsize() == 1  # the first cancel was lost: it asked again
+        assert "a cancel was lost; cancelling again" in caplog.messages

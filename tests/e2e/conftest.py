@@ -48,7 +48,7 @@ async def running_stack(
             codes = await stack.stop()
             clean = all(code == 0 for code in codes.values())
             _dump_logs_on_failure(request, config.var_dir, clean)
-        assert clean, f"unclean shutdown: {codes}"
+        assert clean, f"unclean shutdown: {codes}\n{_stuck_shutdowns(config.var_dir, codes)}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -70,6 +70,18 @@ def _dump_logs_on_failure(request: pytest.FixtureRequest, var_dir: Path, clean: 
         for log in sorted((var_dir / "logs").glob("*.log")):
             print(f"----- {log.name} (last 150 lines)")
             print("\n".join(log.read_text(errors="replace").splitlines()[-150:]))
+
+
+def _stuck_shutdowns(var_dir: Path, codes: dict[str, int]) -> str:
+    """What each service that did not stop cleanly logged about its shutdown (what every
+    task waited on: svckit/lifecycle.py), so the failure says why on its first screen."""
+    lines = []
+    for service, code in codes.items():
+        log = var_dir / "logs" / f"{service}.log"
+        if code != 0 and log.exists():
+            text = log.read_text(errors="replace")
+            lines += [line for line in text.splitlines() if "shutdown still running" in line]
+    return "\n".join(lines)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
