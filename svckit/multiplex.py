@@ -65,7 +65,7 @@ class StreamMux(Generic[Item]):
         """Run one logical call (`key` must not be running: check `running` first)."""
         task = asyncio.create_task(self._guarded(key, run), name=f"mux call {key}")
         self._running[key] = task
-        task.add_done_callback(lambda _: self._ended(key, task))
+        task.add_done_callback(lambda _: self._ended(key, task, run))
 
     async def _guarded(self, key: int, run: Coroutine[Any, Any, None]) -> None:
         try:
@@ -85,7 +85,10 @@ class StreamMux(Generic[Item]):
         self._outbox.append(item)
         self._ready.set()
 
-    def _ended(self, key: int, task: asyncio.Task[None]) -> None:
+    def _ended(self, key: int, task: asyncio.Task[None], run: Coroutine[Any, Any, None]) -> None:
+        # A call cancelled before its first step never awaited `run`: closed here, it is not
+        # reported as a coroutine never awaited (and ended or failed, closing is a no-op).
+        run.close()
         if self._running.get(key) is task:
             del self._running[key]
         self._ready.set()  # the writer may be waiting for the last call to end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -82,3 +83,21 @@ async def test_commands_queued_one_loop_turn_apart_leave_in_one_message() -> Non
         await call.all_in.wait()
     await client.close()
     assert call.writes == [["start 1", "start 2"]]
+
+
+async def test_a_call_cancelled_before_it_ran_is_closed_not_left_unawaited() -> None:
+    mux: StreamMux[str] = StreamMux(list, lambda key, error: f"{key} failed: {error.message}")
+    ran = []
+
+    async def call() -> None:
+        ran.append(True)
+
+    run = call()
+    mux.spawn(1, run)
+    mux.cancel(1)  # the same turn: before its first step (a stream ending as it came)
+    [task] = [t for t in asyncio.all_tasks() if t.get_name() == "mux call 1"]
+    await asyncio.gather(task, return_exceptions=True)  # its done callbacks ran before this
+    assert not mux.running(1)
+    assert ran == []
+    # Closed: left as it was, it would warn "never awaited" when collected.
+    assert inspect.getcoroutinestate(run) == inspect.CORO_CLOSED
