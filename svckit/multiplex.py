@@ -62,19 +62,12 @@ class StreamMux(Generic[Item]):
         return key in self._running
 
     def spawn(self, key: int, run: Coroutine[Any, Any, None]) -> None:
-        """Run one logical call (`key` must not be running: check `running` first)."""
-        task = asyncio.create_task(self._guarded(key, run), name=f"mux call {key}")
+        """Run one logical call (`key` must not be running: check `running` first). The task
+        runs `run` itself, not a wrapper awaiting it: a call cancelled before its first step
+        then closes `run` too, instead of leaving it never awaited."""
+        task = asyncio.create_task(run, name=f"mux call {key}")
         self._running[key] = task
-        task.add_done_callback(lambda _: self._ended(key, task, run))
-
-    async def _guarded(self, key: int, run: Coroutine[Any, Any, None]) -> None:
-        try:
-            await run
-        except ServiceError as error:
-            self.send(self._failed(key, error))
-        except Exception:
-            log.exception("multiplexed call failed", extra={"call": key})
-            self.send(self._failed(key, ServiceError(Code.ERROR_CODE_INTERNAL, "it failed")))
+        task.add_done_callback(lambda _: self._ended(key, task))
 
     def cancel(self, key: int) -> None:
         task = self._running.get(key)
@@ -85,10 +78,13 @@ class StreamMux(Generic[Item]):
         self._outbox.append(item)
         self._ready.set()
 
-    def _ended(self, key: int, task: asyncio.Task[None], run: Coroutine[Any, Any, None]) -> None:
-        # A call cancelled before its first step never awaited `run`: closed here, it is not
-        # reported as a coroutine never awaited (and ended or failed, closing is a no-op).
-        run.close()
+    def _ended(self, key: int, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, ServiceError):
+            self.send(self._failed(key, error))
+        elif error is not None:
+            log.error("multiplexed call failed", extra={"call": key}, exc_info=error)
+            self.send(self._failed(key, ServiceError(Code.ERROR_CODE_INTERNAL, "it failed")))
         if self._running.get(key) is task:
             del self._running[key]
         self._ready.set()  # the writer may be waiting for the last call to end

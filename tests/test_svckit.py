@@ -36,7 +36,7 @@ from svckit.nats import (
     while_forming,
 )
 from switchboard.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc
-from tests.conftest import eventually, timeout
+from tests.conftest import timeout
 from tests.traces import in_memory_traces, json_lines, trace_id
 from tools.natsserver import NatsServer
 
@@ -64,18 +64,21 @@ def test_closing_while_nats_is_gone_returns_on_uvloop(nats_server: NatsServer) -
     transport that is closed already, and uvloop raises where asyncio only warns."""
 
     async def scenario() -> None:
-        nc = await connect_nats(nats_server.url, "test")
+        lost = asyncio.Event()
+
+        async def on_link(up: bool) -> None:
+            if not up:
+                lost.set()
+
+        nc = await connect_nats(nats_server.url, "test", on_link=on_link)
         nats_server.stop()
-        await eventually(lambda: _true(nc.is_reconnecting))
+        async with asyncio.timeout(timeout(10)):
+            await lost.wait()
         await nc.publish("switchboard.test", b"pending")
         await close_nats(nc)
         assert nc.is_closed
 
     uvloop.run(scenario())
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 class _Refusing(tasks_pb2_grpc.TaskServiceServicer):
