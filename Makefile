@@ -1,7 +1,8 @@
 # Switchboard: `make run` starts the whole stack, `make test` passes the tests.
 # Every target does its own set-up (virtualenv, dependencies, generated code).
 
-PYTHON ?= python3
+# The newest CPython (3.11 or newer) the machine has, pyenv's included: tools/python.sh.
+PYTHON ?= $(shell sh tools/python.sh)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed

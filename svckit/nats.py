@@ -233,6 +233,7 @@ async def close_nats(nc: Client) -> None:
     except (nats.errors.Error, OSError, TimeoutError) as error:
         log.warning("nats drain failed; closing", extra={"error": repr(error)})
         # The server may be gone. Then nats-py's close writes what it had pending to a
-        # transport already closed, which uvloop refuses with a RuntimeError.
-        with contextlib.suppress(nats.errors.Error, OSError, RuntimeError):
+        # transport already closed, which uvloop refuses with a RuntimeError and CPython
+        # 3.13.0's own transport with a TypeError (its write callback is cleared at close).
+        with contextlib.suppress(nats.errors.Error, OSError, RuntimeError, TypeError):
             await nc.close()

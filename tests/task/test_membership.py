@@ -6,14 +6,13 @@ no shard is ever held by two nodes at once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from nats.aio.client import Client
 
-from svckit.nats import connect_nats
+from svckit.nats import close_nats, connect_nats
 from svckit.shards import SHARD_COUNT, assignment
 from task_svc.membership import NodeMembership
 from tests.conftest import eventually, timeout
@@ -78,8 +77,7 @@ async def node(
         yield membership, owner, nc
     finally:
         await membership.close()
-        with contextlib.suppress(OSError):  # the server may be gone (the cut-off test)
-            await nc.close()
+        await close_nats(nc)  # the server may be gone (the cut-off test)
 
 
 def settled(holders: Holders, nodes: list[str]) -> Callable[[], asyncio.Future[bool]]:
