@@ -119,6 +119,7 @@ class LlmServer:
             return
         self._stopped = True
         await self.grpc.stop(self.settings.llm_shutdown_grace_s)
+        await self.servicer.settle()
         if self.fleet is not None:
             await self.fleet.close()
         for provider in self.providers.values():

@@ -3,8 +3,10 @@ the providers' health (breakers, metrics) for the operator dashboard."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable, Mapping, Sequence
-from contextlib import aclosing
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterable, Iterator, Mapping, Sequence
+from contextlib import aclosing, contextmanager
+from typing import Any
 
 import grpc
 
@@ -14,6 +16,7 @@ from llm_svc.coalesce import Window, coalesce
 from llm_svc.generation import Generator
 from llm_svc.metrics import ProviderTotals
 from llm_svc.multiplex import serve_many
+from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import llm_pb2, llm_pb2_grpc
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
@@ -37,6 +40,24 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         # and the configured providers (none given: the generator's).
         self.breakers = breakers if breakers is not None else Breakers()
         self.providers = tuple(providers) if providers is not None else None
+        self._handlers: set[asyncio.Task[Any]] = set()  # the generations' gRPC handlers
+
+    async def settle(self) -> None:
+        """Cancel the generations still running and wait until each is torn down (its
+        provider stream closed, the upstream request with it). Called after the gRPC
+        server's stop, which returns once it has cancelled the calls, possibly before
+        their handlers have run their cleanup."""
+        await cancel_and_wait(*self._handlers)
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            yield
+        finally:
+            self._handlers.discard(task)
 
     # A coroutine writing with `context.write`, not an async generator: when the client
     # cancels, grpc.aio cancels this task wherever it waits (writing included), and
@@ -45,16 +66,18 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     async def Generate(  # type: ignore[override]
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> None:
-        async with aclosing(self.events(request)) as events:
-            async for event in events:
-                await context.write(event)
+        with self._running():
+            async with aclosing(self.events(request)) as events:
+                async for event in events:
+                    await context.write(event)
 
     async def GenerateMany(  # type: ignore[override]
         self,
         request_iterator: AsyncIterable[llm_pb2.GenerateCommands],
         context: grpc.aio.ServicerContext[object, object],
     ) -> None:
-        await serve_many(request_iterator, context, self.events)
+        with self._running():
+            await serve_many(request_iterator, context, self.events)
 
     def events(self, request: llm_pb2.GenerateRequest) -> AsyncGenerator[llm_pb2.GenerateEvent]:
         """One generation's events, coalesced (coalesce.py)."""
