@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from google.protobuf.message import DecodeError
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError
 from opentelemetry.trace import Span
 
@@ -45,6 +45,7 @@ from persistence_svc.metrics import PersistenceMetrics
 from persistence_svc.repository import Repository
 from svckit import tracing
 from svckit.nats import TASK_EVENTS_STREAM, TASK_EVENTS_SUBJECT_PREFIX, is_snapshot
+from svckit.pull import PullFeed
 from svckit.tracing import TRACEPARENT
 from switchboard.v1 import events_pb2
 
@@ -96,7 +97,7 @@ class EventConsumer:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: Client,
         repository: Repository,
         *,
         batch_size: int = 256,
@@ -107,7 +108,7 @@ class EventConsumer:
         on_database: Callable[[bool], Awaitable[None]] | None = None,
         metrics: PersistenceMetrics | None = None,
     ) -> None:
-        self.js = js
+        self.js = nc.jetstream()
         self.repository = repository
         self.batch_size = batch_size
         self.ack_wait_s = ack_wait_s
@@ -126,7 +127,8 @@ class EventConsumer:
         self._failures = 0
         self._retry_in_s = 0.0  # set by a back-off: run() pauses this long before going on
         self._stopping = asyncio.Event()
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._feed = PullFeed(nc, TASK_EVENTS_STREAM, DURABLE_NAME, batch=batch_size)
+        self._started = False
 
     async def start(self) -> None:
         config = consumer_config(self.ack_wait_s)
@@ -137,9 +139,8 @@ class EventConsumer:
             # A setting JetStream cannot change in place: keep the existing consumer (and its
             # position in the stream) rather than lose it.
             log.warning("consumer settings not updated", extra={"error": str(error)})
-        self._sub = await self.js.pull_subscribe_bind(
-            durable=DURABLE_NAME, stream=TASK_EVENTS_STREAM
-        )
+        await self._feed.start()
+        self._started = True
         log.info("consuming lifecycle events", extra={"stream": TASK_EVENTS_STREAM})
 
     def stop(self) -> None:
@@ -147,7 +148,7 @@ class EventConsumer:
         self._stopping.set()
 
     async def run(self) -> None:
-        if self._sub is None:
+        if not self._started:
             raise RuntimeError("call start() first")
         ahead: asyncio.Task[list[Msg]] | None = None
         try:
@@ -189,7 +190,8 @@ class EventConsumer:
                 with contextlib.suppress(asyncio.CancelledError, NatsError):
                     await ahead
             with contextlib.suppress(NatsError):
-                await self._sub.unsubscribe()
+                # Delivered and never taken: back to JetStream at once, as a batch ahead.
+                await self._hand_back(await self._feed.close(), 0.0)
 
     async def process(self, messages: Sequence[Msg]) -> None:
         """Apply one fetched batch and settle every message in it."""
@@ -249,13 +251,10 @@ class EventConsumer:
     async def _fetch(self, linger_s: float = 0.0) -> list[Msg]:
         """The next batch, taken after `linger_s`; empty when nothing came within
         fetch_timeout_s."""
-        assert self._sub is not None
         if linger_s > 0:
             await self._pause(linger_s)
         try:
-            return await self._sub.fetch(self.batch_size, timeout=self.fetch_timeout_s)
-        except TimeoutError:
-            return []  # nothing new (nats.errors.TimeoutError is an asyncio.TimeoutError)
+            return await self._feed.take(self.fetch_timeout_s)
         except NatsError as error:
             # Disconnected: the client reconnects on its own; try again shortly.
             log.warning("fetch failed", extra={"error": str(error)})

@@ -87,7 +87,7 @@ class PersistenceServer:
         js = self._js = self.nc.jetstream()
         await ensure_stream(js, task_events_stream_config(settings.nats_stream_replicas))
         self.consumer = EventConsumer(
-            js,
+            self.nc,
             self.repository,
             batch_size=settings.persistence_batch_size,
             linger_s=settings.persistence_linger_ms / 1000,

@@ -158,7 +158,7 @@ async def consumer_rate(url: str, events: list[events_pb2.LifecycleEvent]) -> tu
                         for e in events[start : start + 500]
                     )
                 )
-            consumer = EventConsumer(js, repository, batch_size=BATCH_SIZE, fetch_timeout_s=0.2)
+            consumer = EventConsumer(nc, repository, batch_size=BATCH_SIZE, fetch_timeout_s=0.2)
             await consumer.start()
             started, cpu_started = time.perf_counter(), time.process_time()
             runner = asyncio.create_task(consumer.run(), name="bench-consumer")
@@ -244,7 +244,7 @@ class LiveConsumer:
             )
         else:
             repository = await Repository.open(self.database_url)
-        consumer = EventConsumer(nc.jetstream(), repository, fetch_timeout_s=0.2)
+        consumer = EventConsumer(nc, repository, fetch_timeout_s=0.2)
         await consumer.start()
         self._consumer, self._loop, self._stop = (
             consumer,

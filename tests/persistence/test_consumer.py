@@ -42,7 +42,7 @@ async def event_rows(repo: Repository) -> int:
 
 async def test_events_become_history(bus: Bus, repository: Repository) -> None:
     task_ids = [new_task_id() for _ in range(3)]
-    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+    async with running(EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)) as consumer:
         for task_id in task_ids:
             for event in completed_lifecycle(task_id):
                 await publish(bus.js, event)
@@ -71,7 +71,7 @@ async def test_redelivery_does_not_duplicate(bus: Bus, repository: Repository) -
         await msg.nak()  # as if we had died before acking: JetStream redelivers at once
     await sub.unsubscribe()
 
-    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+    async with running(EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)) as consumer:
         await until(lambda: consumer.stats.acked == 3)
     assert await event_rows(repository) == 3
     task = await repository.get_task(task_id, "alice")
@@ -85,7 +85,7 @@ async def test_same_event_published_twice_is_recorded_once(
 ) -> None:
     task_id = new_task_id()
     queued, started, done = completed_lifecycle(task_id)
-    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+    async with running(EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)) as consumer:
         await publish(bus.js, queued)
         await publish(bus.js, started)
         # A republish after JetStream's duplicate window (a different message id).
@@ -100,7 +100,7 @@ async def test_bad_message_is_terminated_and_does_not_block(
     bus: Bus, repository: Repository
 ) -> None:
     task_id = new_task_id()
-    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+    async with running(EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)) as consumer:
         await bus.js.publish(f"switchboard.tasks.{task_id}.queued", b"\xff not a protobuf")
         bad_id = completed_lifecycle("not-a-uuid")[0]
         await bus.js.publish("switchboard.tasks.not-a-uuid.queued", bad_id.SerializeToString())
@@ -141,7 +141,7 @@ async def test_database_down_keeps_events_until_it_is_back(bus: Bus, database_ur
             told.append(up)
 
         consumer = EventConsumer(
-            bus.js,
+            bus.nc,
             repo,
             fetch_timeout_s=FETCH_S,
             retry_delays_s=(0.1, 0.2),
@@ -167,7 +167,7 @@ async def test_database_down_keeps_events_until_it_is_back(bus: Bus, database_ur
 
 async def test_durable_position_survives_a_restart(bus: Bus, repository: Repository) -> None:
     first, second = new_task_id(), new_task_id()
-    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+    async with running(EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)) as consumer:
         for event in completed_lifecycle(first):
             await publish(bus.js, event)
         await until(lambda: consumer.stats.acked == 3)
@@ -175,7 +175,7 @@ async def test_durable_position_survives_a_restart(bus: Bus, repository: Reposit
     # and does not deliver the first task's events again.
     for event in completed_lifecycle(second):
         await publish(bus.js, event)
-    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)) as consumer:
+    async with running(EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)) as consumer:
         await eventually(lambda: completed(repository, second))
         await until(lambda: consumer.stats.acked == 3)
         assert consumer.stats.acked == 3
@@ -186,7 +186,7 @@ async def test_kinds_other_than_completed(bus: Bus, repository: Repository) -> N
 
     failed, cancelled = new_task_id(), new_task_id()
     error = common_pb2.Error(code=common_pb2.ERROR_CODE_TIMEOUT, message="provider timed out")
-    async with running(EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)):
+    async with running(EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)):
         await publish(bus.js, event(failed, 1, Kind.LIFECYCLE_KIND_QUEUED))
         await publish(bus.js, event(failed, 4, Kind.LIFECYCLE_KIND_FAILED, error=error))
         await publish(bus.js, event(cancelled, 1, Kind.LIFECYCLE_KIND_QUEUED))
@@ -224,7 +224,7 @@ async def test_refused_event_is_isolated_and_the_rest_applied(bus: Bus, database
         # Published before the consumer starts, so they come in one batch.
         for event in completed_lifecycle(bad) + completed_lifecycle(good):
             await publish(bus.js, event)
-        consumer = EventConsumer(bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,))
+        consumer = EventConsumer(bus.nc, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,))
         async with running(consumer):
             await eventually(functools.partial(completed, repo, good))
             # Each refused event is retried, then given up on its third delivery.
@@ -245,7 +245,7 @@ async def test_postgres_that_appears_later_gets_every_event(bus: Bus) -> None:
     repo = await Repository.open(sqlalchemy_url(admin, name))
     try:
         task_id = new_task_id()
-        consumer = EventConsumer(bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.2,))
+        consumer = EventConsumer(bus.nc, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.2,))
         async with running(consumer):
             for event in completed_lifecycle(task_id):
                 await publish(bus.js, event)
@@ -299,7 +299,7 @@ async def test_next_batch_is_fetched_while_one_is_written_one_ahead_at_most(
         for task_id in tasks:  # 12 events, in batches of 3
             for one in completed_lifecycle(task_id):
                 await publish(bus.js, one)
-        consumer = EventConsumer(bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S)
+        consumer = EventConsumer(bus.nc, repo, batch_size=3, fetch_timeout_s=FETCH_S)
         repo.consumer = consumer
         async with running(consumer):
             # While each batch is held in its write, the next one is fetched (6 handed out
@@ -328,7 +328,7 @@ async def test_batch_fetched_ahead_is_handed_back_at_stop(bus: Bus, database_url
         for task_id in (new_task_id(), new_task_id()):
             for one in completed_lifecycle(task_id):
                 await publish(bus.js, one)
-        consumer = EventConsumer(bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S)
+        consumer = EventConsumer(bus.nc, repo, batch_size=3, fetch_timeout_s=FETCH_S)
         repo.consumer = consumer
         async with running(consumer):
             await until(lambda: len(repo.writes) == 1)  # the first write is under way ...
@@ -340,7 +340,7 @@ async def test_batch_fetched_ahead_is_handed_back_at_stop(bus: Bus, database_url
         # Back in JetStream at once (nak'ed), not after ack_wait (60 s): the next run gets
         # them straight away.
         repo.gate = None
-        again = EventConsumer(bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S)
+        again = EventConsumer(bus.nc, repo, batch_size=3, fetch_timeout_s=FETCH_S)
         repo.consumer = again
         async with running(again):
             await until(lambda: again.stats.acked == 3, seconds=5)
@@ -360,7 +360,7 @@ async def test_batch_fetched_ahead_goes_back_when_the_database_is_down(
             for one in completed_lifecycle(task_id):
                 await publish(bus.js, one)
         consumer = EventConsumer(
-            bus.js, repo, batch_size=3, fetch_timeout_s=FETCH_S, retry_delays_s=(1.0,)
+            bus.nc, repo, batch_size=3, fetch_timeout_s=FETCH_S, retry_delays_s=(1.0,)
         )
         async with running(consumer):
             # The second batch is refused, and the third, fetched meanwhile, goes back with
@@ -380,7 +380,7 @@ async def test_events_arriving_while_it_lingers_are_written_in_one_batch(
     bus: Bus, repository: Repository
 ) -> None:
     first, later = new_task_id(), [new_task_id() for _ in range(3)]
-    consumer = EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S, linger_s=timeout(2))
+    consumer = EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S, linger_s=timeout(2))
     async with running(consumer):
         await publish(bus.js, completed_lifecycle(first)[0])
         await until(lambda: consumer.stats.batches == 1)
@@ -424,7 +424,7 @@ async def test_a_batch_logs_in_its_events_trace_only_when_it_holds_one(
             # Published before the consumer starts: one batch of two traces.
             first, second = new_task_id(), new_task_id()
             many = [await publish_traced(bus, completed_lifecycle(t)[0]) for t in (first, second)]
-            consumer = EventConsumer(bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,))
+            consumer = EventConsumer(bus.nc, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,))
             async with running(consumer):
                 await until(lambda: consumer.stats.batches == 1)
                 alone = await publish_traced(bus, completed_lifecycle(first)[1])

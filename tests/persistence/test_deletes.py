@@ -243,7 +243,7 @@ async def test_a_late_event_of_a_deleted_task_is_acked_and_dropped(
     task is not written again; a redelivered older event neither."""
     running_task, other = new_task_id(), new_task_id()
     queued, started, _ = completed_lifecycle(running_task)
-    consumer = EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)
+    consumer = EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)
     async with running(consumer):
         await publish(bus.js, queued)
         await publish(bus.js, started)
@@ -330,7 +330,7 @@ async def test_a_task_deleted_before_its_first_event_is_written_never_appears(
     assert await delete(history, hers, "alice") is False  # history has nothing of it yet
     assert await delete(history, kept, "bob") is False  # not his: touches nothing of hers
 
-    consumer = EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)
+    consumer = EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)
     async with running(consumer):
         for one in [*later, *kept_events[1:]]:
             await publish(bus.js, one)
@@ -357,7 +357,7 @@ async def test_delete_all_tombstones_the_tasks_whose_events_are_on_their_way(
     written, bobs_written = new_task_id(), new_task_id()
     on_way = [new_task_id() for _ in range(2)]
     bobs_on_way, afterwards = new_task_id(), new_task_id()
-    consumer = EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)
+    consumer = EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)
     async with running(consumer):
         for one in completed_lifecycle(written) + completed_lifecycle(bobs_written, user="bob"):
             await publish(bus.js, one)
@@ -372,7 +372,7 @@ async def test_delete_all_tombstones_the_tasks_whose_events_are_on_their_way(
     async with served(repository, Backlog(bus.js)) as stubs:
         assert await delete_all(stubs.history, "alice") == 3
 
-    consumer = EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)
+    consumer = EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)
     async with running(consumer):
         for one in lifecycles[on_way[0]][2:] + lifecycles[on_way[1]][1:]:
             await publish(bus.js, one)

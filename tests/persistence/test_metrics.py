@@ -118,7 +118,7 @@ async def test_failed_writes_are_counted_and_the_lag_spans_the_outage(
     metrics = PersistenceMetrics()
     registry = metrics.registry
     consumer = EventConsumer(
-        bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,), metrics=metrics
+        bus.nc, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,), metrics=metrics
     )
     try:
         async with running(consumer):

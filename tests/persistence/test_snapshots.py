@@ -53,7 +53,7 @@ def test_the_snapshot_service_is_gone_but_the_message_stays() -> None:
 
 async def test_a_snapshot_is_acked_and_writes_nothing(bus: Bus, repository: Repository) -> None:
     task_id = new_task_id()
-    consumer = EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)
+    consumer = EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)
     with statements(repository) as sent:
         async with running(consumer):
             await publish_snapshot(bus.js, snapshot(task_id, 6))  # before any event of its task
@@ -72,7 +72,7 @@ async def test_snapshots_beside_events_leave_only_the_events(
     bus: Bus, repository: Repository
 ) -> None:
     task_id = new_task_id()
-    consumer = EventConsumer(bus.js, repository, fetch_timeout_s=FETCH_S)
+    consumer = EventConsumer(bus.nc, repository, fetch_timeout_s=FETCH_S)
     async with running(consumer):
         await publish(bus.js, event(task_id, 1, Kind.LIFECYCLE_KIND_QUEUED))
         await publish_snapshot(bus.js, snapshot(task_id, 6, content="Rayleigh"))
@@ -97,7 +97,7 @@ async def test_snapshots_do_not_wait_for_a_database_outage(bus: Bus, database_ur
     repo = await DownRepository.open(database_url)
     try:
         task_id = new_task_id()
-        consumer = EventConsumer(bus.js, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,))
+        consumer = EventConsumer(bus.nc, repo, fetch_timeout_s=FETCH_S, retry_delays_s=(0.1,))
         async with running(consumer):
             await publish(bus.js, event(task_id, 1, Kind.LIFECYCLE_KIND_QUEUED))
             await publish_snapshot(bus.js, snapshot(task_id, 4))
