@@ -46,18 +46,23 @@ def names(msgs: list[Msg]) -> list[str]:
     return [msg.data.decode() for msg in msgs]
 
 
-async def asks_waiting(nc: Client) -> asyncio.Event:
-    """Set once the feed has asked the server to wait for messages (not `no_wait`): seen
-    on the API subject itself, as the server gets it."""
+async def first_to_come(nc: Client, feed: PullFeed, name: str) -> list[str]:
+    """What a take returns for `name`, stored only once the take, finding nothing, has
+    asked the server to wait (not `no_wait`): seen on the API subject as the server gets it."""
     asked = asyncio.Event()
 
     async def heard(msg: Msg) -> None:
         if "expires" in orjson.loads(msg.data):
             asked.set()
 
-    await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{CONSUMER}", cb=heard)
+    sub = await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{CONSUMER}", cb=heard)
     await nc.flush()
-    return asked
+    take = asyncio.create_task(feed.take(LONG_S))
+    await asyncio.wait_for(asked.wait(), timeout(5))
+    await sub.unsubscribe()
+    await store(nc, name)
+    async with asyncio.timeout(timeout(5)):
+        return names(await take)
 
 
 async def test_what_is_stored_comes_in_batches_without_waiting(nc: Client) -> None:
@@ -75,12 +80,7 @@ async def test_what_is_stored_comes_in_batches_without_waiting(nc: Client) -> No
 
 async def test_with_nothing_stored_a_take_returns_the_first_to_come(nc: Client) -> None:
     feed = await feed_of(nc, batch=10)
-    asked = await asks_waiting(nc)
-    take = asyncio.create_task(feed.take(LONG_S))
-    await asyncio.wait_for(asked.wait(), timeout(5))
-    await store(nc, "late")
-    async with asyncio.timeout(timeout(5)):
-        assert names(await take) == ["late"]
+    assert await first_to_come(nc, feed, "late") == ["late"]
     await store(nc, "later")  # the request still open delivers it: the next take has it
     async with asyncio.timeout(timeout(5)):
         assert names(await feed.take(LONG_S)) == ["later"]
@@ -98,11 +98,7 @@ async def test_a_take_gives_up_after_its_timeout(nc: Client) -> None:
 
 async def test_close_gives_back_what_was_delivered_and_never_taken(nc: Client) -> None:
     feed = await feed_of(nc, batch=10)
-    asked = await asks_waiting(nc)
-    take = asyncio.create_task(feed.take(LONG_S))
-    await asyncio.wait_for(asked.wait(), timeout(5))
-    await store(nc, "first")
-    assert names(await take) == ["first"]
+    assert await first_to_come(nc, feed, "first") == ["first"]
     await store(nc, "second", "third")
     await eventually(lambda: _async(feed.waiting == 2))
     left = await feed.close()
