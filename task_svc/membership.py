@@ -192,10 +192,31 @@ class NodeMembership:
                 continue
             wanted = preferred(shard, candidates)
             if shard in self.held:
-                if wanted not in (None, self.node):
+                if self._taken_by_another(shard):
+                    self._start(shard, self._lose(shard))
+                elif wanted not in (None, self.node):
                     self._start(shard, self._hand_over(shard))
             elif wanted == self.node and await self._may_take(shard, live):
                 self._start(shard, self._take(shard))
+
+    def _taken_by_another(self, shard: int) -> bool:
+        """Whether another node has written the shard's lease since this one took it. Its
+        compare-and-set made the shard its own (it judged this node gone: a view cut off
+        while a NATS node was lost), so this node must not run it any more, nor keep
+        recreating its consumer under the other's feet."""
+        held, ours = self.view.leases.get(shard), self.held.get(shard)
+        return (
+            held is not None
+            and ours is not None
+            and held.lease.node != self.node
+            and held.revision > ours
+        )
+
+    async def _lose(self, shard: int) -> None:
+        """Stop a shard another node took over, leaving its lease (now the other's) alone."""
+        log.warning("shard taken over by another node; stopped here", extra={"shard": shard})
+        if self.held.pop(shard, None) is not None:
+            await self.owner.lose(shard)
 
     async def _may_take(self, shard: int, live: dict[str, Member]) -> bool:
         held = self.view.leases.get(shard)
@@ -247,6 +268,10 @@ class NodeMembership:
             delay = min(delay * 2, self.tick_s * 5)
             if self.leaving or shard not in self.held:
                 return  # leaving, or fenced meanwhile
+            if self._taken_by_another(shard):
+                log.warning("shard taken over by another node first", extra={"shard": shard})
+                del self.held[shard]  # not acquired here: nothing to stop
+                return
         log.info("shard taken", extra={"shard": shard, "node": self.node})
 
     async def _hand_over(self, shard: int) -> None:

@@ -6,14 +6,26 @@ no shard is ever held by two nodes at once."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from nats.aio.client import Client
 
+from svckit.lifecycle import cancel_and_wait
 from svckit.nats import close_nats, connect_nats
-from svckit.shards import SHARD_COUNT, assignment
+from svckit.shards import (
+    NODES_BUCKET,
+    SHARD_COUNT,
+    SHARDS_BUCKET,
+    Lease,
+    Member,
+    assignment,
+    shard_key,
+)
 from task_svc.membership import NodeMembership
 from tests.conftest import eventually, timeout
 from tools.natsserver import start_nats
@@ -40,8 +52,13 @@ class Owner:
         self.holders = holders
         self.drain_s = drain_s
         self.lost: set[int] = set()
+        self.refused: set[int] = set()  # shards whose take-over fails (NATS timing out)
+        self.refusals = 0
 
     async def acquire(self, shard: int) -> None:
+        if shard in self.refused:
+            self.refusals += 1
+            raise TimeoutError
         other = self.holders.by_shard.get(shard)
         if other is not None and other != self.node:
             self.holders.overlaps.append((shard, other, self.node))
@@ -149,3 +166,72 @@ async def test_a_node_cut_off_from_nats_stops_its_shards(tmp_path: Path) -> None
             assert holders.of("task-1") == set()
     finally:
         server.stop()
+
+
+@asynccontextmanager
+async def intruder(nc: Client, shard: int) -> AsyncIterator[None]:
+    """Another node, alive (heartbeats every tenth of the lease), that takes `shard`'s lease
+    over by compare-and-set, as a node whose view had lost the holder would."""
+    js = nc.jetstream()
+    nodes, shards = await js.key_value(NODES_BUCKET), await js.key_value(SHARDS_BUCKET)
+
+    async def beat() -> None:
+        for count in itertools.count(1):
+            await nodes.put("intruder", Member("intruder", "intruder:7051", beat=count).encode())
+            await asyncio.sleep(LEASE_S / 10)
+
+    beating = asyncio.create_task(beat())
+    try:
+        current = await shards.get(shard_key(shard))
+        lease = Lease("intruder", "intruder:7051").encode()
+        await shards.update(shard_key(shard), lease, last=current.revision)
+        yield
+    finally:
+        await cancel_and_wait(beating)
+
+
+async def test_a_shard_another_node_took_over_is_stopped_here(tmp_path: Path) -> None:
+    server = await start_nats(tmp_path / "nats")
+    holders = Holders()
+    try:
+        async with node(server.url, "task-1", holders) as (one, owner, nc):
+            assert 3 in one.held
+            async with intruder(nc, 3):
+
+                async def stopped() -> bool:
+                    return 3 in owner.lost and 3 not in one.held
+
+                await eventually(stopped, timeout(10))
+                assert 3 not in holders.of("task-1")
+                assert owner.lost == {3}  # what it hands the live intruder goes drained
+    finally:
+        server.stop()
+
+
+async def test_a_take_over_that_keeps_failing_ends_once_another_node_has_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_nats(tmp_path / "nats")
+    holders = Holders()
+    try:
+        async with node(server.url, "task-1", holders) as (one, owner, nc):
+            owner.refused.add(3)  # the store cannot take shard 3 over: asked again and again
+            async with intruder(nc, 3):
+                await eventually(lambda: _async(3 in owner.lost), timeout(10))
+            # The intruder stopped: its heartbeat expires, and task-1 takes shard 3 back.
+            await eventually(lambda: _async(owner.refusals > 0), timeout(10))
+            assert 3 in one.held
+            gave_up = "shard taken over by another node first"
+            with caplog.at_level(logging.WARNING, logger="task_svc.membership"):
+                async with intruder(nc, 3):  # ...until the intruder is first again
+
+                    async def given_up() -> bool:
+                        return gave_up in caplog.messages and 3 not in one.held
+
+                    await eventually(given_up, timeout(10))
+    finally:
+        server.stop()
+
+
+async def _async(value: bool) -> bool | None:
+    return value or None
