@@ -128,7 +128,6 @@ class EventConsumer:
         self._retry_in_s = 0.0  # set by a back-off: run() pauses this long before going on
         self._stopping = asyncio.Event()
         self._feed = PullFeed(nc, TASK_EVENTS_STREAM, DURABLE_NAME, batch=batch_size)
-        self._started = False
 
     async def start(self) -> None:
         config = consumer_config(self.ack_wait_s)
@@ -140,7 +139,6 @@ class EventConsumer:
             # position in the stream) rather than lose it.
             log.warning("consumer settings not updated", extra={"error": str(error)})
         await self._feed.start()
-        self._started = True
         log.info("consuming lifecycle events", extra={"stream": TASK_EVENTS_STREAM})
 
     def stop(self) -> None:
@@ -148,7 +146,7 @@ class EventConsumer:
         self._stopping.set()
 
     async def run(self) -> None:
-        if not self._started:
+        if not self._feed.started:
             raise RuntimeError("call start() first")
         ahead: asyncio.Task[list[Msg]] | None = None
         try:

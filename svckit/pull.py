@@ -26,18 +26,9 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.client import JetStreamContext
 
-NO_MESSAGES = "404"  # a no_wait request found nothing (more) stored
-REQUEST_TIMEOUT = "408"  # a waiting request expired
-HEARTBEAT = "100"
-STATUS = "Status"
-
-
-def status_of(msg: Msg) -> str | None:
-    """The status code of a JetStream status message (no payload, a Status header)."""
-    if msg.data or not msg.headers:
-        return None
-    return msg.headers.get(STATUS)
+is_status = JetStreamContext.is_status_msg
 
 
 class PullFeed:
@@ -49,13 +40,16 @@ class PullFeed:
         self._sub: Subscription | None = None
         self._queued: collections.deque[Msg] = collections.deque()
         self._arrived = asyncio.Event()
-        self._asking = False  # a request of ours is still open on the server
-        self._left = 0  # messages the open request may still deliver
+        self._left = 0  # messages the request still open on the server may deliver
 
     @property
     def waiting(self) -> int:
         """Deliveries (status messages included) queued and not taken yet."""
         return len(self._queued)
+
+    @property
+    def started(self) -> bool:
+        return self._sub is not None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self._inbox, cb=self._delivered)
@@ -67,13 +61,13 @@ class PullFeed:
     async def take(self, timeout: float) -> list[Msg]:
         """What is stored, up to `batch` messages; if nothing is, the first to come within
         `timeout` and what came with it; empty if none did."""
-        assert self._sub is not None, "start() first"
+        assert self.started, "start() first"
         taken = self._take_queued()
-        if taken or self._asking:
+        if taken or self._left:
             return taken or await self._wait(timeout)
         await self._ask(no_wait=True)
         taken = await self._wait(timeout)
-        if taken or self._asking:
+        if taken or self._left:
             return taken
         await self._ask(expires_s=timeout)  # nothing was stored: wait on the server
         return await self._wait(timeout)
@@ -84,21 +78,20 @@ class PullFeed:
             request["no_wait"] = True
         else:
             request["expires"] = int(expires_s * 1e9)
-        self._asking, self._left = True, self.batch
+        self._left = self.batch
         await self.nc.publish(self._next_subject, orjson.dumps(request), reply=self._inbox)
 
     async def _wait(self, timeout: float) -> list[Msg]:
         """Until something is taken, the open request ends, or `timeout` passes."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._asking:
+        while self._left:
             self._arrived.clear()
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._arrived.wait()
             except TimeoutError:
-                # Lost (a reconnect) or never answered: the next take asks afresh.
-                self._asking = False
+                self._left = 0  # lost (a reconnect) or never answered: the next take asks
                 return []
             taken = self._take_queued()
             if taken:
@@ -109,14 +102,11 @@ class PullFeed:
         taken: list[Msg] = []
         while self._queued and len(taken) < self.batch:
             msg = self._queued.popleft()
-            status = status_of(msg)
-            if status is None:
+            if is_status(msg):
+                self._left = 0  # 404, 408, 409 (no heartbeats are asked for): it is over
+            else:
                 taken.append(msg)
-                self._left -= 1
-                if self._left <= 0:
-                    self._asking = False  # the request got all it asked for
-            elif status != HEARTBEAT:
-                self._asking = False  # 404, 408, 409 (and any other): the request is over
+                self._left = max(self._left - 1, 0)  # at 0 it got all it asked for
         return taken
 
     async def close(self) -> list[Msg]:
@@ -124,6 +114,6 @@ class PullFeed:
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await sub.unsubscribe()
-        left = [msg for msg in self._queued if status_of(msg) is None]
+        left = [msg for msg in self._queued if not is_status(msg)]
         self._queued.clear()
         return left

@@ -44,6 +44,15 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], seconds: float = 
         await asyncio.sleep(0.05)
 
 
+async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """`eventually` for a condition that needs no awaiting."""
+
+    async def probe() -> bool:
+        return condition()
+
+    await eventually(probe, seconds)
+
+
 async def publish_until_heard(
     nc: Client, messages: Sequence[tuple[str, bytes]], heard: Callable[[], bool]
 ) -> None:

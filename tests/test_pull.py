@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from svckit.pull import PullFeed
-from tests.conftest import eventually, timeout
+from tests.conftest import timeout, until
 
 STREAM, CONSUMER = "PULLS", "reader"
 LONG_S = 30.0  # far beyond each test's bound: a take that waited it out fails the test
@@ -100,7 +100,7 @@ async def test_close_gives_back_what_was_delivered_and_never_taken(nc: Client) -
     feed = await feed_of(nc, batch=10)
     assert await first_to_come(nc, feed, "first") == ["first"]
     await store(nc, "second", "third")
-    await eventually(lambda: _async(feed.waiting == 2))
+    await until(lambda: feed.waiting == 2)
     left = await feed.close()
     assert names(left) == ["second", "third"]
     for msg in left:  # handed back: delivered again to whoever reads next
@@ -112,7 +112,3 @@ async def test_close_gives_back_what_was_delivered_and_never_taken(nc: Client) -
             redelivered += names(await again.take(LONG_S))
     assert sorted(redelivered) == ["second", "third"]
     await again.close()
-
-
-async def _async(value: bool) -> bool | None:
-    return value or None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,7 +28,7 @@ from svckit.errors import ServiceError
 from svckit.grpc_server import GrpcServer, insecure_channel
 from svckit.lifecycle import cancel_and_wait
 from switchboard.v1 import events_pb2, history_pb2, history_pb2_grpc
-from tests.conftest import eventually, timeout
+from tests.conftest import timeout
 from tests.postgres import Cluster, sqlalchemy_url
 
 T = TypeVar("T")
@@ -47,13 +47,6 @@ async def running(consumer: EventConsumer) -> AsyncIterator[EventConsumer]:
         consumer.stop()
         await asyncio.wait_for(asyncio.shield(task), timeout(10))
         await cancel_and_wait(task)
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10) -> None:
-    async def probe() -> bool:
-        return condition()
-
-    await eventually(probe, seconds)
 
 
 async def publish(js: JetStreamContext, event: events_pb2.LifecycleEvent) -> None:

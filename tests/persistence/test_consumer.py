@@ -22,9 +22,9 @@ from svckit import tracing
 from svckit.nats import TASK_EVENTS_STREAM
 from svckit.tracing import TRACEPARENT
 from switchboard.v1 import common_pb2, events_pb2, history_pb2
-from tests.conftest import eventually, timeout
+from tests.conftest import eventually, timeout, until
 from tests.persistence.factory import Kind, completed_lifecycle, new_task_id
-from tests.persistence.helpers import FETCH_S, Bus, publish, running, until
+from tests.persistence.helpers import FETCH_S, Bus, publish, running
 from tests.postgres import postgres_admin_url, sqlalchemy_url
 from tests.traces import in_memory_traces, json_lines, trace_id
 

@@ -30,7 +30,7 @@ from svckit.errors import Code
 from svckit.nats import TASK_EVENTS_STREAM, task_events_stream_config
 from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
 from task_svc.deadletters import dead_letters_stream_config
-from tests.conftest import eventually, timeout
+from tests.conftest import eventually, timeout, until
 from tests.persistence.factory import (
     T0,
     Kind,
@@ -39,7 +39,7 @@ from tests.persistence.factory import (
     lifecycle_ending,
     new_task_id,
 )
-from tests.persistence.helpers import FETCH_S, Bus, publish, rpc_error, running, served, until
+from tests.persistence.helpers import FETCH_S, Bus, publish, rpc_error, running, served
 
 T = TypeVar("T")
 

@@ -18,9 +18,9 @@ from persistence_svc.consumer import DURABLE_NAME
 from persistence_svc.server import SERVICE_NAME, PersistenceServer
 from svckit.grpc_server import insecure_channel
 from svckit.metrics import sample
-from tests.conftest import eventually, timeout
+from tests.conftest import eventually, timeout, until
 from tests.persistence.factory import completed_lifecycle, new_task_id
-from tests.persistence.helpers import Bus, fresh_database_settings, publish, until
+from tests.persistence.helpers import Bus, fresh_database_settings, publish
 from tests.postgres import Cluster, own_cluster
 
 WATCH_S = 0.1  # the server's watch interval here: outages are seen within a few polls

@@ -32,9 +32,9 @@ from persistence_svc.server import SERVICE_NAME, PersistenceServer
 from svckit.grpc_server import insecure_channel
 from svckit.metrics import sample
 from switchboard.v1 import common_pb2
-from tests.conftest import eventually, timeout
+from tests.conftest import eventually, timeout, until
 from tests.persistence.factory import Kind, completed_lifecycle, event, new_task_id, snapshot
-from tests.persistence.helpers import FETCH_S, Bus, publish, publish_snapshot, running, until
+from tests.persistence.helpers import FETCH_S, Bus, publish, publish_snapshot, running
 from tools.natsserver import free_port
 
 EVENTS = "switchboard_history_events_total"

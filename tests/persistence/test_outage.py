@@ -26,16 +26,9 @@ from svckit.errors import Code, ServiceError
 from svckit.grpc_server import insecure_channel
 from svckit.nats import TASK_EVENTS_STREAM
 from switchboard.v1 import common_pb2, events_pb2, history_pb2, history_pb2_grpc
-from tests.conftest import eventually, timeout
+from tests.conftest import eventually, timeout, until
 from tests.persistence.factory import T0, Kind, completed_lifecycle, event, new_task_id
-from tests.persistence.helpers import (
-    Bus,
-    fresh_database_settings,
-    publish,
-    rpc_error,
-    served,
-    until,
-)
+from tests.persistence.helpers import Bus, fresh_database_settings, publish, rpc_error, served
 from tests.postgres import Cluster, own_cluster
 
 

@@ -15,16 +15,9 @@ from persistence_svc.events import ParsedEvent
 from persistence_svc.repository import ApplyResult, Repository
 from svckit.nats import TASK_EVENTS_STREAM, is_snapshot
 from switchboard.v1 import history_pb2
+from tests.conftest import until
 from tests.persistence.factory import Kind, event, new_task_id, snapshot
-from tests.persistence.helpers import (
-    FETCH_S,
-    Bus,
-    publish,
-    publish_snapshot,
-    running,
-    statements,
-    until,
-)
+from tests.persistence.helpers import FETCH_S, Bus, publish, publish_snapshot, running, statements
 
 
 async def row_counts(repo: Repository) -> dict[str, int]:

@@ -27,7 +27,7 @@ from svckit.shards import (
     shard_key,
 )
 from task_svc.membership import NodeMembership
-from tests.conftest import eventually, timeout
+from tests.conftest import eventually, timeout, until
 from tools.natsserver import start_nats
 
 LEASE_S = 1.0
@@ -217,9 +217,9 @@ async def test_a_take_over_that_keeps_failing_ends_once_another_node_has_it(
         async with node(server.url, "task-1", holders) as (one, owner, nc):
             owner.refused.add(3)  # the store cannot take shard 3 over: asked again and again
             async with intruder(nc, 3):
-                await eventually(lambda: _async(3 in owner.lost), timeout(10))
+                await until(lambda: 3 in owner.lost)
             # The intruder stopped: its heartbeat expires, and task-1 takes shard 3 back.
-            await eventually(lambda: _async(owner.refusals > 0), timeout(10))
+            await until(lambda: owner.refusals > 0)
             assert 3 in one.held
             gave_up = "shard taken over by another node first"
             with caplog.at_level(logging.WARNING, logger="task_svc.membership"):
@@ -231,7 +231,3 @@ async def test_a_take_over_that_keeps_failing_ends_once_another_node_has_it(
                     await eventually(given_up, timeout(10))
     finally:
         server.stop()
-
-
-async def _async(value: bool) -> bool | None:
-    return value or None
